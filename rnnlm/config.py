@@ -1,0 +1,322 @@
+"""Configuration: one dataclass per section, YAML loading, dotted overrides, validation.
+
+Defaults live here; a YAML file states only what differs, and ``KEY=VALUE`` overrides
+(``model.hidden_size=650``) are applied last. Values are parsed as YAML scalars, so
+``train.max_steps=null`` and ``data.split=[0.8,0.1,0.1]`` work. Every value is checked
+against its field's type and range; an unknown key names the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UsageError
+
+SECTIONS = ("data", "model", "train", "sample")
+
+
+def _f(default: Any, help: str, **rules: Any) -> Any:
+    """A dataclass field with a help text and validation rules in its metadata."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **rules})
+    return field(default=default, metadata={"help": help, **rules})
+
+
+@dataclass
+class DataConfig:
+    path: str | None = _f(None, "text file (split by `split`) or directory with train.txt [valid.txt test.txt]; "
+                                "null = the embedded default corpus (the Python standard library's source)")
+    split: list[float] = _f([0.9, 0.05, 0.05], "train/valid/test fractions for a single file, cut at line boundaries")
+    level: str = _f("char", "token level", choices=("char", "word"))
+    lowercase: bool = _f(False, "lowercase the text before tokenizing")
+    min_freq: int = _f(1, "tokens seen fewer times in train become <unk>", min=1)
+    max_vocab: int | None = _f(None, "cap on the vocabulary size, specials included", min=3)
+    eos: str = _f("auto", "where <eos> goes: after each line, after each blank-line separated paragraph, nowhere; "
+                          "auto = line for words, paragraph for chars", choices=("auto", "line", "paragraph", "none"))
+    tokenizer: str = _f("whitespace", "word tokenizer: whitespace (PTB-compatible) or simple (splits punctuation)",
+                        choices=("whitespace", "simple"))
+    normalize: str | None = _f(None, "Unicode normalisation applied before tokenizing", choices=(None, "NFC", "NFKC"))
+    encoding: str = _f("utf-8", "text encoding of the corpus files")
+    errors: str = _f("strict", "what to do with undecodable bytes", choices=("strict", "replace", "ignore"))
+    cache_dir: str | None = _f(None, "where encoded ids are cached; null = $RNNLM_CACHE or ~/.cache/rnnlm")
+
+
+@dataclass
+class ModelConfig:
+    cell: str = _f("lstm", "recurrent cell",
+                   choices=("rnn_tanh", "rnn_relu", "gru", "lstm", "lstm_peephole"))
+    embedding_size: int = _f(128, "token embedding size", min=1)
+    hidden_size: int = _f(256, "recurrent state size a<t> (and c<t>)", min=1)
+    num_layers: int = _f(2, "stacked recurrent layers", min=1)
+    dropout: float = _f(0.0, "dropout on embeddings, between layers and before the softmax", prob=True)
+    tie_weights: bool = _f(False, "share the embedding matrix with the output layer (a projection is added when "
+                                  "hidden_size != embedding_size)")
+    bidirectional: bool = _f(False, "two stacks (forward, and backward over reversed text), ELMo-style; "
+                                    "no direction sees the token it predicts")
+    head_layers: int = _f(0, "non-recurrent layers (linear + tanh) between the top recurrent layer and the softmax",
+                          min=0)
+    softmax: str = _f("full", "output layer", choices=("full", "adaptive"))
+    adaptive_cutoffs: list[int] | None = _f(None, "cluster cutoffs of the adaptive softmax; null = chosen from the "
+                                                  "vocabulary size")
+    forget_bias: float | None = _f(1.0, "initial LSTM forget-gate bias (null = PyTorch default)")
+    init_range: float | None = _f(None, "uniform(-r, r) initialisation of all weights (Zaremba et al.); "
+                                        "null = PyTorch defaults", gt=0)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = _f(32, "sequences trained in parallel (columns of the token stream)", min=1)
+    bptt: int = _f(128, "truncated backpropagation-through-time window, in tokens", min=1)
+    epochs: int = _f(1, "passes over the training split", min=1)
+    max_steps: int | None = _f(1500, "stop after this many optimizer steps (null = no limit)", min=1)
+    max_time: float | None = _f(None, "stop after this many seconds of wall time (null = no limit)", gt=0)
+    optimizer: str = _f("adam", "optimizer", choices=("sgd", "adam", "adamw"))
+    lr: float = _f(0.003, "learning rate", gt=0)
+    momentum: float = _f(0.0, "SGD momentum", min=0)
+    weight_decay: float = _f(0.0, "weight decay (decoupled for adamw)", min=0)
+    lr_schedule: str = _f("plateau", "plateau: divide by lr_decay when validation stops improving; "
+                                     "step: multiply by lr_decay every epoch after lr_decay_start; "
+                                     "cosine: linear warmup then cosine to 0; constant",
+                          choices=("plateau", "step", "cosine", "constant"))
+    lr_decay: float = _f(4.0, "plateau: divisor; step: multiplier per epoch", gt=0)
+    lr_decay_start: int = _f(4, "step schedule: first epoch after which the lr decays", min=0)
+    warmup_steps: int = _f(0, "linear warmup steps (cosine schedule)", min=0)
+    clip_grad_norm: float | None = _f(5.0, "clip gradients to this global L2 norm (null = off)", gt=0)
+    early_stopping_patience: int | None = _f(None, "stop after this many evaluations without improvement", min=1)
+    seed: int = _f(1234, "random seed (weights, dropout, data order)")
+    device: str = _f("auto", "auto = cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
+    precision: str = _f("fp32", "fp32; bf16 autocast (CPU and GPU); fp16 autocast + GradScaler (CUDA)",
+                        choices=("fp32", "bf16", "fp16"))
+    compile: bool = _f(False, "wrap the model in torch.compile")
+    log_every: int = _f(50, "optimizer steps between train events", min=1)
+    eval_every: int | None = _f(500, "optimizer steps between validations (also at each epoch end); null = epoch end",
+                                min=1)
+    save_every: int | None = _f(None, "also write last.pt every this many optimizer steps (null = at each "
+                                      "evaluation only)", min=1)
+    eval_batch_size: int = _f(16, "batch size of the validation passes during training (pieces warmed up on the "
+                                  "preceding tokens; `rnnlm eval-perplexity` defaults to the exact batch 1)", min=1)
+    eval_max_tokens: int | None = _f(None, "evaluate on at most this many validation tokens during training "
+                                           "(null = all)", min=1)
+    out: str | None = _f(None, "run directory; null = runs/<config-name>-<timestamp>")
+
+
+@dataclass
+class SampleConfig:
+    max_length: int = _f(500, "tokens per sample at most", min=0)
+    temperature: float = _f(0.8, "softmax temperature; 0 = greedy", min=0)
+    top_k: int = _f(0, "keep only the k most probable tokens (0 = off)", min=0)
+    top_p: float = _f(1.0, "nucleus sampling: keep the smallest set whose mass reaches p", prob=True, gt=0)
+    num_samples: int = _f(1, "samples to draw", min=0)
+    prime: str = _f("", "text the samples continue")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    name: str = "default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
+
+    def resolved_eos(self) -> str:
+        if self.data.eos != "auto":
+            return self.data.eos
+        return "line" if self.data.level == "word" else "paragraph"
+
+
+SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "sample": SampleConfig}
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTION_CLASSES.items() for f in dataclasses.fields(cls)]
+
+
+def _closest(word: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(word, options, n=1, cutoff=0.4)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _check_value(key: str, value: Any, hint: Any, meta: dict[str, Any]) -> Any:
+    """Coerce `value` to the annotated type `hint` and check the field's rules; return the value."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    optional = origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args
+    if optional:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if value is None and "choices" in meta and None in meta["choices"]:
+        return None
+
+    def bad(expected: str) -> UsageError:
+        return UsageError(f"config key '{key}' must be {expected}, got {value!r}")
+
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise bad("a finite number")
+    elif hint is str:
+        if not isinstance(value, str):
+            if "choices" in meta:
+                raise bad("one of " + ", ".join(str(c) for c in meta["choices"]))
+            raise bad("a string")
+    elif origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        value = [_check_value(f"{key}[{i}]", v, args[0], {k: meta[k] for k in ("min", "gt") if k in meta})
+                 for i, v in enumerate(value)]
+    if "choices" in meta and not isinstance(value, list) and value not in meta["choices"]:
+        raise UsageError(f"config key '{key}' must be one of "
+                         + ", ".join(str(c) for c in meta["choices"] if c is not None)
+                         + f"; got {value!r}" + _closest(str(value), [str(c) for c in meta["choices"] if c]))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "min" in meta and value < meta["min"]:
+            raise UsageError(f"config key '{key}' must be >= {meta['min']}, got {value!r}")
+        if "gt" in meta and value <= meta["gt"]:
+            raise UsageError(f"config key '{key}' must be > {meta['gt']}, got {value!r}")
+        if meta.get("prob") and not 0.0 <= value <= 1.0:
+            raise UsageError(f"config key '{key}' is a probability and must lie in [0, 1], got {value!r}")
+    return value
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in SECTION_CLASSES:
+        if parts[0] not in SECTION_CLASSES and len(parts) >= 1:
+            raise UsageError(f"unknown config section or key '{key}'"
+                             + _closest(key, all_keys() + list(SECTIONS)))
+        raise UsageError(f"unknown config key '{key}'" + _closest(key, all_keys()))
+    section, name = parts
+    cls = SECTION_CLASSES[section]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        raise UsageError(f"unknown config key '{key}'" + _closest(key, all_keys()))
+    hint = typing.get_type_hints(cls)[name]
+    setattr(getattr(cfg, section), name, _check_value(key, value, hint, dict(fields[name].metadata)))
+
+
+def _validate_whole(cfg: Config) -> None:
+    """Checks that involve more than one key."""
+    split = cfg.data.split
+    if len(split) != 3 or any(not 0.0 <= s <= 1.0 for s in split) or abs(sum(split) - 1.0) > 1e-6:
+        raise UsageError(f"config key 'data.split' must be three fractions in [0, 1] summing to 1, got {split}")
+    if split[0] <= 0:
+        raise UsageError("config key 'data.split' must give the training split a fraction > 0")
+    if cfg.model.softmax == "adaptive" and cfg.model.tie_weights:
+        raise UsageError("model.tie_weights cannot be combined with model.softmax=adaptive; set one of them off")
+    if cfg.model.adaptive_cutoffs is not None:
+        c = cfg.model.adaptive_cutoffs
+        if not c or any(a >= b for a, b in zip(c, c[1:])) or c[0] < 1:
+            raise UsageError(f"config key 'model.adaptive_cutoffs' must be a strictly increasing list of positive "
+                             f"integers, got {c}")
+    if cfg.train.precision == "fp16" and cfg.train.device == "cpu":
+        raise UsageError("train.precision=fp16 needs a CUDA device; on CPU use train.precision=bf16")
+
+
+def apply_dict(cfg: Config, data: Any, origin: str) -> None:
+    """Apply a nested mapping ({section: {key: value}}) onto cfg."""
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise UsageError(f"{origin}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
+    for section, values in data.items():
+        if section == "name":
+            cfg.name = str(values)
+            continue
+        if section not in SECTION_CLASSES:
+            raise UsageError(f"{origin}: unknown config section '{section}'" + _closest(str(section), list(SECTIONS)))
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise UsageError(f"{origin}: section '{section}' must be a mapping of keys to values")
+        for name, value in values.items():
+            _set(cfg, f"{section}.{name}", value)
+
+
+def load_yaml(path: str | Path) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read config file {p}: {e}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"YAML syntax error in {p}{where}: {problem}") from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise UsageError(f"override '{item}' must look like KEY=VALUE, e.g. model.hidden_size=650")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UsageError(f"override '{item}' has no key; write KEY=VALUE")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not a YAML scalar: take it as a plain string
+    return key, value
+
+
+def build_config(config_path: str | Path | None = None, overrides: list[str] | None = None,
+                 base: dict[str, Any] | None = None) -> Config:
+    """Defaults, then `base` (e.g. a checkpoint's config), then the YAML file, then KEY=VALUE overrides."""
+    cfg = Config()
+    if base is not None:
+        apply_dict(cfg, base, "saved config")
+    if config_path is not None:
+        apply_dict(cfg, load_yaml(config_path), str(config_path))
+        cfg.name = Path(config_path).stem
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set(cfg, key, value)
+    _validate_whole(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    apply_dict(cfg, data, "saved config")
+    _validate_whole(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump({"name": cfg.name, **cfg.to_dict()}, sort_keys=False, allow_unicode=True)
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """(key, default, help) for every key: used by the README's table and `--help`."""
+    rows = []
+    for s, cls in SECTION_CLASSES.items():
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((f"{s}.{f.name}", yaml.safe_dump(default, default_flow_style=True).strip().removesuffix(
+                "\n...").removesuffix("..."), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,201 @@
+"""The language model: embedding -> recurrent stack -> head -> softmax.
+
+Notation (as in the classic sequence-model course): x⟨t⟩ the token at step t, a⟨t⟩ the
+hidden state (a⁰ = 0), c⟨t⟩ the LSTM memory cell, ŷ⟨t⟩ = P(x⟨t+1⟩ | x⟨1..t⟩).
+
+Cells (``model.cell``), all sequence-first ``(T, B, ·)``:
+
+* ``rnn_tanh`` / ``rnn_relu`` -- a⟨t⟩ = g(W_aa a⟨t−1⟩ + W_ax x⟨t⟩ + b_a), the fused ``nn.RNN``;
+* ``gru``  -- update gate Γu and relevance (reset) gate Γr, the fused ``nn.GRU``:
+  c̃⟨t⟩ = tanh(W_c [Γr ⊙ c⟨t−1⟩, x⟨t⟩] + b_c), c⟨t⟩ = Γu ⊙ c̃⟨t⟩ + (1 − Γu) ⊙ c⟨t−1⟩, a⟨t⟩ = c⟨t⟩
+  (PyTorch's convention applies Γr after the recurrent matmul and its z weighs the *old* state);
+* ``lstm`` -- update/input Γu, forget Γf and output Γo gates, the fused ``nn.LSTM``:
+  c⟨t⟩ = Γu ⊙ c̃⟨t⟩ + Γf ⊙ c⟨t−1⟩, a⟨t⟩ = Γo ⊙ tanh(c⟨t⟩);
+* ``lstm_peephole`` -- the LSTM whose gates also see the cell (Gers & Schmidhuber 2000),
+  see :mod:`rnnlm.peephole`.
+
+Bidirectional (``model.bidirectional``) is done the ELMo way (Peters et al. 2018): a
+forward stack reads the text left to right and predicts the next token, a backward stack
+reads the reversed text and predicts the previous token; embedding, head and softmax are
+shared. Neither direction ever sees the token it predicts (a plain bidirectional RNN
+feeding next-token prediction would leak it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+State = Any  # None, a tensor (L, B, H), or an LSTM tuple (h, c) of such tensors
+
+
+def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float) -> nn.Module:
+    """A recurrent stack of `num_layers` cells with dropout between layers."""
+    inter = dropout if num_layers > 1 else 0.0
+    if cell in ("rnn_tanh", "rnn_relu"):
+        return nn.RNN(input_size, hidden_size, num_layers, nonlinearity=cell[4:], dropout=inter)
+    if cell == "gru":
+        return nn.GRU(input_size, hidden_size, num_layers, dropout=inter)
+    if cell == "lstm":
+        return nn.LSTM(input_size, hidden_size, num_layers, dropout=inter)
+    if cell == "lstm_peephole":
+        from .peephole import PeepholeLSTM
+        return PeepholeLSTM(input_size, hidden_size, num_layers, dropout=inter)
+    raise ValueError(f"unknown cell {cell!r}")
+
+
+def auto_cutoffs(vocab_size: int) -> list[int]:
+    """Adaptive-softmax clusters for a frequency-sorted vocabulary of `vocab_size` tokens.
+
+    The head keeps the most frequent ~2k words (Grave et al. 2017 use 2k-20k heads for
+    10^4-10^6 word vocabularies); tails grow by about 5x each.
+    """
+    cuts = [c for c in (2000, 10000, 50000, 250000) if c < vocab_size - 1]
+    return cuts or [max(1, vocab_size // 2)]
+
+
+class RNNLM(nn.Module):
+    """A recurrent language model (one direction, or ELMo-style forward + backward).
+
+    >>> from rnnlm.config import ModelConfig
+    >>> m = RNNLM(50, ModelConfig(hidden_size=16, embedding_size=8, num_layers=1))
+    >>> h, state = m(torch.zeros(7, 3, dtype=torch.long))   # (T, B) ids
+    >>> m.log_probs(h).shape                                 # (T, B, V)
+    torch.Size([7, 3, 50])
+    """
+
+    def __init__(self, vocab_size: int, cfg) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.cell = cfg.cell
+        self.hidden_size = cfg.hidden_size
+        self.num_layers = cfg.num_layers
+        self.num_directions = 2 if cfg.bidirectional else 1
+        E, H = cfg.embedding_size, cfg.hidden_size
+        self.drop = nn.Dropout(cfg.dropout)
+        self.embedding = nn.Embedding(vocab_size, E)
+        # One stack per direction; rnns[0] reads left to right, rnns[1] (if any) right to left.
+        self.rnns = nn.ModuleList(
+            make_rnn(cfg.cell, E, H, cfg.num_layers, cfg.dropout) for _ in range(self.num_directions))
+        # Deep output: non-recurrent layers on top of a⟨t⟩, no horizontal connections.
+        self.head = nn.Sequential(*[m for _ in range(cfg.head_layers) for m in (nn.Linear(H, H), nn.Tanh())])
+        out_dim = H
+        self.proj: nn.Module | None = None
+        if cfg.tie_weights and H != E:
+            self.proj = nn.Linear(H, E, bias=False)  # so the tied (V, E) matrix can score H-sized states
+            out_dim = E
+        self.out_dim = out_dim
+        self.adaptive = cfg.softmax == "adaptive"
+        if self.adaptive:
+            cutoffs = list(cfg.adaptive_cutoffs) if cfg.adaptive_cutoffs else auto_cutoffs(vocab_size)
+            cutoffs = [c for c in cutoffs if c < vocab_size - 1] or [max(1, vocab_size // 2)]
+            self.softmax = nn.AdaptiveLogSoftmaxWithLoss(out_dim, vocab_size, cutoffs, div_value=4.0)
+            self.decoder = None
+        else:
+            self.decoder = nn.Linear(out_dim, vocab_size)
+            if cfg.tie_weights:
+                self.decoder.weight = self.embedding.weight  # (V, E) shared
+        self._init_weights(cfg.init_range, getattr(cfg, "forget_bias", 1.0))
+
+    def _init_weights(self, init_range: float | None, forget_bias: float | None) -> None:
+        if init_range is not None:
+            for p in self.parameters():
+                nn.init.uniform_(p, -init_range, init_range)
+        if self.cell.startswith("lstm") and forget_bias is not None:
+            # Start with Γf ≈ σ(1): remember by default (Gers et al. 2000; Jozefowicz et al. 2015).
+            H = self.hidden_size
+            with torch.no_grad():
+                for rnn in self.rnns:
+                    for name, p in rnn.named_parameters():
+                        if name.startswith("bias_ih"):
+                            p[H:2 * H].fill_(forget_bias)
+                        elif name.startswith("bias_hh"):
+                            p[H:2 * H].zero_()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- recurrent part -------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, state: State = None, direction: int = 0) -> tuple[torch.Tensor, State]:
+        """x: (T, B) ids in the reading order of `direction` -> features (T, B, D), new state.
+
+        `direction` 1 is the backward stack; its input is the reversed text.
+        """
+        emb = self.drop(self.embedding(x))            # (T, B, E)
+        out, state = self.rnns[direction](emb, state)  # (T, B, H)
+        out = self.head(out)
+        if self.proj is not None:
+            out = self.proj(out)                       # (T, B, E)
+        return self.drop(out), state
+
+    # -- output layer ----------------------------------------------------------------------
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Unnormalised scores (..., V); full softmax only."""
+        if self.adaptive:
+            raise RuntimeError("an adaptive softmax has no single logit matrix; use log_probs")
+        return self.decoder(h)
+
+    def log_probs(self, h: torch.Tensor) -> torch.Tensor:
+        """Exact log P(next token) over the whole vocabulary: (..., D) -> (..., V), float32."""
+        shape = h.shape[:-1]
+        h2 = h.reshape(-1, h.size(-1))
+        if self.adaptive:
+            lp = self.softmax.log_prob(h2.float())
+        else:
+            lp = F.log_softmax(self.decoder(h2).float(), dim=-1)
+        return lp.reshape(*shape, self.vocab_size)
+
+    def nll(self, h: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Negative log-likelihood (nats) of targets y (...) given features h (..., D)."""
+        h2 = h.reshape(-1, h.size(-1))
+        y2 = y.reshape(-1)
+        if self.adaptive:
+            # AdaptiveLogSoftmaxWithLoss returns the mean; its output is log p of each target.
+            out = self.softmax(h2.float(), y2).output
+            return -(out.sum() if reduction == "sum" else out.mean()) if reduction != "none" else -out
+        logits = self.decoder(h2)
+        return F.cross_entropy(logits.float(), y2, reduction=reduction)
+
+
+def detach_state(state: State) -> State:
+    """Cut the graph at a window boundary (truncated BPTT) while keeping the values."""
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(s.detach() for s in state)
+    return state.detach()
+
+
+def select_state(state: State, index: torch.Tensor) -> State:
+    """Keep the batch entries `index` of a state (dim 1 of each (L, B, H) tensor)."""
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(s.index_select(1, index) for s in state)
+    return state.index_select(1, index)
+
+
+def state_to_list(state: State) -> list[torch.Tensor] | None:
+    """A checkpoint-friendly form of a state (tensors in a list)."""
+    if state is None:
+        return None
+    return [s.detach().cpu() for s in state] if isinstance(state, tuple) else [state.detach().cpu()]
+
+
+def state_from_list(items: list[torch.Tensor] | None, cell: str, device: torch.device) -> State:
+    if items is None:
+        return None
+    items = [t.to(device) for t in items]
+    return tuple(items) if cell.startswith("lstm") else items[0]
+
+
+def build_model(vocab_size: int, model_cfg) -> RNNLM:
+    return RNNLM(vocab_size, model_cfg)
+
+
+def bits(nats: float) -> float:
+    return nats / math.log(2)

@@ -1,0 +1,660 @@
+"""The Trainer: truncated BPTT with clipping, schedules, evaluation, checkpoints, resume.
+
+Read it top to bottom: `Trainer.__init__` builds everything from the config (or restores it
+from ``last.pt``), `Trainer.fit` runs the loop. One optimizer step per BPTT window; the
+hidden state is carried from window to window and detached at each boundary (truncated
+backpropagation through time); gradients are clipped by their global L2 norm.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import BEST, LAST, atomic_write_text, load_checkpoint, save_checkpoint
+from .config import Config, config_from_dict, dump_yaml
+from .data import Corpus, batchify, get_window, load_corpus, num_windows, with_start
+from .errors import RunError, UsageError
+from .evaluate import evaluate_ids
+from .models import RNNLM, detach_state, state_from_list, state_to_list
+from .text import Tokenizer, Vocab
+
+
+# -- building blocks -------------------------------------------------------------------------
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("train.device=mps but MPS is not available; use train.device=auto or cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "python": _py_rng_to_plain(random.getstate()),
+          "numpy": _np_rng_to_plain(np.random.get_state())}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(_py_rng_from_plain(st["python"]))
+    np.random.set_state(_np_rng_from_plain(st["numpy"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# RNG states are stored as plain lists/tensors so `torch.load(weights_only=True)` accepts them.
+def _py_rng_to_plain(s):
+    return [s[0], list(s[1]), s[2]]
+
+
+def _py_rng_from_plain(s):
+    return (s[0], tuple(s[1]), s[2])
+
+
+def _np_rng_to_plain(s):
+    return [s[0], torch.from_numpy(s[1].astype(np.int64)), int(s[2]), int(s[3]), float(s[4])]
+
+
+def _np_rng_from_plain(s):
+    return (s[0], s[1].numpy().astype(np.uint32), s[2], s[3], s[4])
+
+
+def build_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    if tc.optimizer == "adam":
+        return torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+
+
+class LRSchedule:
+    """Learning-rate policy; its whole state is a small dict saved in ``last.pt``.
+
+    * plateau  -- lr /= lr_decay whenever a validation loss is not better than the best so far
+                  (the PyTorch word-language-model example's /4);
+    * step     -- lr *= lr_decay at the end of every epoch after ``lr_decay_start``
+                  (Zaremba et al. 2014: x0.5 after epoch 4);
+    * cosine   -- linear warmup for ``warmup_steps``, then cosine from lr to 0 over ``total_steps``;
+    * constant -- unchanged.
+    """
+
+    def __init__(self, tc, total_steps: int | None):
+        self.kind = tc.lr_schedule
+        self.base_lr = tc.lr
+        self.decay = tc.lr_decay
+        self.decay_start = tc.lr_decay_start
+        self.warmup = tc.warmup_steps
+        self.total = total_steps
+        self.lr = tc.lr
+
+    def state_dict(self) -> dict:
+        return {"lr": self.lr}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.lr = float(d["lr"])
+
+    def on_step(self, step: int) -> float:
+        if self.kind == "cosine":
+            if self.warmup and step < self.warmup:
+                self.lr = self.base_lr * (step + 1) / self.warmup
+            elif self.total:
+                frac = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+                self.lr = 0.5 * self.base_lr * (1 + math.cos(math.pi * frac))
+        return self.lr
+
+    def on_eval(self, improved: bool) -> float:
+        if self.kind == "plateau" and not improved:
+            self.lr /= self.decay
+        return self.lr
+
+    def on_epoch_end(self, epochs_done: int) -> float:
+        if self.kind == "step" and epochs_done >= self.decay_start:
+            self.lr *= self.decay
+        return self.lr
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+class RunLock:
+    """One trainer per run directory: a lock file with the holder's pid; a dead holder's lock is taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.held = False
+
+    def acquire(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or "0")
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _pid_alive(pid):
+                    raise UsageError(f"run directory {self.path.parent} is in use by another rnnlm process "
+                                     f"(pid {pid}); wait for it or choose another --out") from None
+                try:
+                    self.path.unlink()  # stale lock of a dead process
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.held = True
+            return
+        raise UsageError(f"could not lock run directory {self.path.parent}")
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+            self.held = False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl (flushed, so a crash loses nothing logged)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._f = open(path, "a", encoding="utf-8") if path is not None else None
+
+    def write(self, event: dict) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps(event, allow_nan=True) + "\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+# -- the trainer ------------------------------------------------------------------------------
+
+class Trainer:
+    """Trains an RNNLM as the config says, writing a run directory.
+
+    >>> trainer = Trainer(cfg, run_dir="runs/demo")   # doctest: +SKIP
+    >>> summary = trainer.fit()                       # doctest: +SKIP
+    """
+
+    def __init__(self, cfg: Config, run_dir: str | Path | None = None, resume: bool = False,
+                 console=None, progress: bool | None = None, corpus: Corpus | None = None):
+        self.console = console
+        self.resume = resume
+        if resume:
+            if run_dir is None:
+                raise UsageError("--resume needs --out RUN_DIR (the run directory to continue)")
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(
+            cfg.train.out or f"runs/{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        ckpt = None
+        if resume:
+            if not (self.run_dir / LAST).is_file():
+                raise UsageError(f"nothing to resume in {self.run_dir}: no {LAST} (start without --resume)")
+            ckpt = load_checkpoint(self.run_dir / LAST)
+            cfg = _merge_resume_config(ckpt["config"], cfg)
+        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise UsageError(f"run directory {self.run_dir} already exists and is not empty; use --resume to "
+                             f"continue it, or choose another --out")
+        self.cfg = cfg
+        tc = cfg.train
+        self.device = select_device(tc.device)
+        if tc.precision == "fp16" and self.device.type != "cuda":
+            raise UsageError("train.precision=fp16 needs CUDA; on this device use bf16 or fp32")
+        seed_everything(tc.seed)
+
+        # Data: the vocabulary comes from the checkpoint on resume, so ids never shift.
+        if ckpt is not None:
+            vocab = Vocab.from_dict(ckpt["vocab"])
+            tok = Tokenizer(**ckpt["vocab"]["tokenizer"])
+            corpus = load_corpus(cfg.data, cfg.resolved_eos(), vocab, tok)
+        elif corpus is None:
+            corpus = load_corpus(cfg.data, cfg.resolved_eos())
+        self.corpus = corpus
+        self.vocab, self.tokenizer = corpus.vocab, corpus.tokenizer
+        self.train_data = batchify(with_start(corpus.train), tc.batch_size)       # (T, B)
+        self.n_windows = num_windows(self.train_data, tc.bptt)
+        self.bidirectional = cfg.model.bidirectional
+        if self.bidirectional:  # the backward stack reads the reversed text
+            self.train_data_rev = batchify(with_start(np.ascontiguousarray(corpus.train[::-1])), tc.batch_size)
+        self.valid = corpus.get("valid")
+        if self.valid is not None and tc.eval_max_tokens:
+            self.valid = self.valid[: tc.eval_max_tokens]
+
+        self.model = RNNLM(len(self.vocab), cfg.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, tc)
+        total = tc.max_steps or tc.epochs * self.n_windows
+        self.schedule = LRSchedule(tc, total)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
+        self.step_model = torch.compile(self.model) if tc.compile else self.model
+
+        # Progress counters (restored on resume).
+        self.step = 0
+        self.tokens = 0
+        self.epoch = 0
+        self.window = 0
+        self.elapsed = 0.0        # wall seconds of previous sessions
+        self.train_seconds = 0.0  # seconds spent in training steps (evaluation excluded)
+        self.best_loss = math.inf
+        self.best_step = None
+        self.bad_evals = 0
+        self.clipped = 0
+        self.state = None
+        self.state_rev = None
+        self.last_eval_step = -1
+        if ckpt is not None:
+            self._restore(ckpt)
+
+        self.progress_enabled = progress
+        self._stop_signal: str | None = None
+        self.stop_reason = ""
+
+    # -- state ---------------------------------------------------------------------------------
+    def _payload(self, with_trainer_state: bool) -> dict:
+        d = {"model": self.model.state_dict(), "config": {"name": self.cfg.name, **self.cfg.to_dict()},
+             "vocab": self.vocab.to_dict(self.tokenizer), "rnnlm_version": __version__,
+             "step": self.step, "tokens": self.tokens, "epoch": self.epoch,
+             "best_valid_loss": self.best_loss if math.isfinite(self.best_loss) else None}
+        if with_trainer_state:
+            d["trainer"] = {
+                "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rng_state(),
+                "window": self.window, "elapsed": self.elapsed + self._session_time(),
+                "train_seconds": self.train_seconds, "best_step": self.best_step, "bad_evals": self.bad_evals,
+                "clipped": self.clipped, "last_eval_step": self.last_eval_step,
+                "state": state_to_list(self.state), "state_rev": state_to_list(self.state_rev),
+            }
+        return d
+
+    def _restore(self, ck: dict) -> None:
+        t = ck["trainer"]
+        try:
+            self.model.load_state_dict(ck["model"])
+        except RuntimeError as e:
+            raise UsageError(f"cannot resume: {LAST} does not match the config ({str(e).splitlines()[0]})") from None
+        self.optimizer.load_state_dict(t["optimizer"])
+        self.schedule.load_state_dict(t["schedule"])
+        if t.get("scaler"):
+            self.scaler.load_state_dict(t["scaler"])
+        set_lr(self.optimizer, self.schedule.lr)
+        self.step, self.tokens, self.epoch = ck["step"], ck["tokens"], ck["epoch"]
+        self.window = t["window"]
+        self.elapsed, self.train_seconds = t["elapsed"], t["train_seconds"]
+        self.best_loss = ck["best_valid_loss"] if ck["best_valid_loss"] is not None else math.inf
+        self.best_step, self.bad_evals, self.clipped = t["best_step"], t["bad_evals"], t["clipped"]
+        self.last_eval_step = t["last_eval_step"]
+        self.state = state_from_list(t["state"], self.cfg.model.cell, self.device)
+        self.state_rev = state_from_list(t["state_rev"], self.cfg.model.cell, self.device)
+        set_rng_state(t["rng"])
+
+    def _session_time(self) -> float:
+        return time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0
+
+    def _now(self) -> float:
+        return self.elapsed + self._session_time()
+
+    def save(self, name: str) -> None:
+        save_checkpoint(self.run_dir / name, self._payload(with_trainer_state=name == LAST))
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, ids: np.ndarray) -> dict:
+        return evaluate_ids(self.model, ids, self.cfg.train.eval_batch_size, self.device,
+                            autocast_dtype=self.amp_dtype if self.amp_dtype == torch.bfloat16 else None)
+
+    def _eval_event(self, split: str, res: dict) -> dict:
+        ev = {"event": "eval", "step": self.step, "tokens": self.tokens, "time": round(self._now(), 3),
+              "split": split, "loss": res["loss"], "ppl": res["ppl"]}
+        if self.tokenizer.level == "char":
+            ev["bpc"] = res["bits_per_token"]
+        for k in ("forward_ppl", "backward_ppl"):
+            if k in res:
+                ev[k] = res[k]
+        return ev
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(self.run_dir)
+        lock.acquire()
+        try:
+            return self._fit()
+        finally:
+            lock.release()
+
+    def _log(self, msg: str) -> None:
+        if self.console is not None:
+            self.console.print(msg, highlight=False)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _fit(self) -> dict:
+        cfg, tc = self.cfg, self.cfg.train
+        if not self.resume:
+            atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
+            self.vocab.save(self.run_dir / "vocab.json", self.tokenizer)
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        n_params = self.model.num_parameters()
+        self._log(f"[bold]rnnlm[/] {'resuming' if self.resume else 'training'} {cfg.model.cell} "
+                  f"{cfg.model.num_layers}x{cfg.model.hidden_size}"
+                  f"{' bidirectional' if self.bidirectional else ''} · {n_params:,} parameters · "
+                  f"vocab {len(self.vocab):,} ({self.tokenizer.level}) · {len(self.corpus.train):,} train tokens · "
+                  f"device {self.device} {tc.precision}")
+        self._log(f"data: {self.corpus.description} · run directory: {self.run_dir}")
+        if self.resume:
+            self._log(f"continuing at step {self.step}, epoch {self.epoch + 1}, window {self.window}")
+
+        self._t0 = time.perf_counter()
+        old_handlers = self._install_signal_handlers()
+        params = [p for p in self.model.parameters()]
+        clip = tc.clip_grad_norm if tc.clip_grad_norm is not None else math.inf
+        loss_acc = torch.zeros((), device=self.device)
+        gnorm_acc = torch.zeros((), device=self.device)
+        clipped_acc = torch.zeros((), device=self.device)
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        interval_steps, interval_tokens, interval_time = 0, 0, 0.0
+        bar = _Progress(self, enabled=self.progress_enabled)
+        stop = False
+        self.stop_reason = ""
+        set_lr(self.optimizer, self.schedule.lr)
+        self.step_model.train()
+        try:
+            while self.epoch < tc.epochs and not stop:
+                if self.window == 0:
+                    self.state = self.state_rev = None  # a⁰ = 0 at the start of every epoch
+                for i in range(self.window, self.n_windows):
+                    t_step = time.perf_counter()
+                    lr = self.schedule.on_step(self.step)
+                    set_lr(self.optimizer, lr)
+                    x, y = get_window(self.train_data, i, tc.bptt)
+                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    with self._autocast():
+                        h, state = self.step_model(x, detach_state(self.state), 0)
+                        loss = self.model.nll(h, y)
+                        if self.bidirectional:
+                            xb, yb = get_window(self.train_data_rev, i, tc.bptt)
+                            hb, state_b = self.step_model(xb.to(self.device), detach_state(self.state_rev), 1)
+                            loss = 0.5 * (loss + self.model.nll(hb, yb.to(self.device)))
+                            self.state_rev = state_b
+                    self.state = state
+                    self.scaler.scale(loss).backward()
+                    self.scaler.unscale_(self.optimizer)
+                    gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    # Bookkeeping stays on the device: no host sync until the next log line.
+                    ld = loss.detach().float()
+                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(ld),
+                                            torch.full_like(first_bad, self.step + 1), first_bad)
+                    loss_acc += ld
+                    gnorm_acc += gnorm.detach().float()
+                    clipped_acc += (gnorm.detach() > clip).float()
+                    self.step += 1
+                    self.window = i + 1
+                    n_tok = x.numel()
+                    self.tokens += n_tok
+                    interval_steps += 1
+                    interval_tokens += n_tok
+                    dt = time.perf_counter() - t_step
+                    interval_time += dt
+                    self.train_seconds += dt
+
+                    last_window = self.window >= self.n_windows
+                    if self.step % tc.log_every == 0 or last_window:
+                        bad = int(first_bad.item())
+                        if bad >= 0:
+                            raise RunError(f"the training loss became {float(ld.item())} at step {bad}; stopped "
+                                           f"without saving it. The last good checkpoint is in {self.run_dir}. "
+                                           f"Try a lower train.lr or a smaller train.clip_grad_norm")
+                        self.clipped += int(clipped_acc.item())
+                        ev = {"event": "train", "step": self.step, "tokens": self.tokens,
+                              "time": round(self._now(), 3), "epoch": self.epoch + 1,
+                              "loss": loss_acc.item() / interval_steps, "lr": lr,
+                              "grad_norm": gnorm_acc.item() / interval_steps,
+                              "tokens_per_sec": interval_tokens / max(interval_time, 1e-9)}
+                        metrics.write(ev)
+                        bar.update(ev)
+                        loss_acc.zero_(), gnorm_acc.zero_(), clipped_acc.zero_()
+                        interval_steps, interval_tokens, interval_time = 0, 0, 0.0
+
+                    reason = self._should_stop()
+                    if tc.eval_every and self.step % tc.eval_every == 0 and not last_window:
+                        self._validate(metrics, bar)
+                        reason = reason or self._should_stop()
+                    elif tc.save_every and self.step % tc.save_every == 0:
+                        self._check_finite(first_bad)
+                        self.save(LAST)
+                    if reason:
+                        self.stop_reason = reason
+                        stop = True
+                        break
+                if not stop:  # the epoch is complete
+                    self.epoch += 1
+                    self.window = 0
+                    self.schedule.on_epoch_end(self.epoch)
+                    self._validate(metrics, bar)
+                    if not self.stop_reason:
+                        self.stop_reason = self._should_stop() or ""
+                    stop = bool(self.stop_reason) and self.epoch < tc.epochs
+            if not self.stop_reason:
+                self.stop_reason = "epochs"
+            if self.last_eval_step != self.step:
+                self._validate(metrics, bar)
+            self._check_finite(first_bad)
+            self.save(LAST)
+            if self.valid is None or not (self.run_dir / BEST).exists():
+                self.save(BEST)  # without validation data the final weights are the best we know
+        except BaseException:
+            metrics.close()
+            raise
+        finally:
+            bar.close()
+            self._restore_signal_handlers(old_handlers)
+
+        end = {"event": "end", "step": self.step, "tokens": self.tokens, "time": round(self._now(), 3),
+               "best_valid_loss": self.best_loss if math.isfinite(self.best_loss) else None,
+               "best_valid_ppl": math.exp(self.best_loss) if math.isfinite(self.best_loss) else None,
+               "train_tokens_per_sec": self.tokens_per_sec_overall(),
+               "clipped_fraction": self.clipped / max(1, self.step), "stop_reason": self.stop_reason,
+               "epochs_completed": self.epoch}
+        if self.tokenizer.level == "char" and end["best_valid_loss"] is not None:
+            end["best_valid_bpc"] = end["best_valid_loss"] / math.log(2)
+        metrics.write(end)
+        metrics.close()
+        try:
+            from .plot import plot_run
+            plot_run(self.run_dir)
+        except Exception as e:  # a missing plotting backend must not fail a finished run
+            self._log(f"[yellow]note:[/] could not draw loss.png ({e})")
+        if self._stop_signal:
+            self._log(f"[yellow]stopped by {self._stop_signal}[/] at step {self.step}; {LAST} saved. Resume with:\n"
+                      f"  rnnlm train --resume --out {self.run_dir}")
+        best = f"best valid loss {self.best_loss:.4f} (ppl {math.exp(self.best_loss):.2f})" \
+            if math.isfinite(self.best_loss) else "no validation split"
+        self._log(f"done: {self.step} steps, {self.tokens:,} tokens, {self._now():.1f} s "
+                  f"({end['train_tokens_per_sec']:,.0f} tokens/s); {best}; stopped by {self.stop_reason}")
+        return end
+
+    def tokens_per_sec_overall(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    def _check_finite(self, first_bad: torch.Tensor) -> None:
+        bad = int(first_bad.item())
+        if bad >= 0:
+            raise RunError(f"the training loss became non-finite at step {bad}; stopped without saving it. The last "
+                           f"good checkpoint is in {self.run_dir}. Try a lower train.lr or a smaller "
+                           f"train.clip_grad_norm")
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _should_stop(self) -> str:
+        tc = self.cfg.train
+        if self._stop_signal:
+            return self._stop_signal
+        if tc.max_steps is not None and self.step >= tc.max_steps:
+            return "max_steps"
+        if tc.max_time is not None and self._now() >= tc.max_time:
+            return "max_time"
+        if tc.early_stopping_patience is not None and self.bad_evals >= tc.early_stopping_patience:
+            return "early_stopping"
+        return ""
+
+    def _validate(self, metrics: MetricsLog, bar: "_Progress") -> None:
+        """Evaluate on the validation split, adjust the lr, save best/last."""
+        self.last_eval_step = self.step
+        if self.valid is None:
+            self.save(LAST)
+            return
+        res = self.evaluate(self.valid)
+        ev = self._eval_event("valid", res)
+        metrics.write(ev)
+        bar.eval(ev)
+        loss = res["loss"]
+        if not math.isfinite(loss):
+            raise RunError(f"the validation loss is {loss} at step {self.step}; stopped without saving. Try a lower "
+                           f"train.lr or a smaller train.clip_grad_norm")
+        improved = loss < self.best_loss
+        if improved:
+            self.best_loss, self.best_step, self.bad_evals = loss, self.step, 0
+            self.save(BEST)
+        else:
+            self.bad_evals += 1
+        set_lr(self.optimizer, self.schedule.on_eval(improved))
+        self.save(LAST)
+
+    # -- signals -----------------------------------------------------------------------------
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        old = {}
+
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if self._stop_signal:  # a second Ctrl-C: stop now (the last checkpoint on disk is intact)
+                raise KeyboardInterrupt
+            self._stop_signal = name
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old[s] = signal.signal(s, handler)
+        return old
+
+    def _restore_signal_handlers(self, old) -> None:
+        if old:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def _merge_resume_config(saved: dict, given: Config) -> Config:
+    """The saved run's config with train.* changes from the command line (e.g. a larger max_steps)."""
+    base = config_from_dict(saved)
+    defaults = Config()
+    for section in ("data", "model"):
+        if getattr(given, section) != getattr(defaults, section) and getattr(given, section) != getattr(base, section):
+            raise UsageError(f"cannot change {section}.* settings when resuming; only train.* and sample.* may "
+                             f"change (the saved run's values are in its config.yaml)")
+    for section in ("train", "sample"):
+        g, d = getattr(given, section), getattr(defaults, section)
+        for k in g.__dataclass_fields__:
+            if getattr(g, k) != getattr(d, k):
+                setattr(getattr(base, section), k, getattr(g, k))
+    return base
+
+
+class _Progress:
+    """A rich progress bar on a terminal; plain periodic lines otherwise."""
+
+    def __init__(self, trainer: Trainer, enabled: bool | None):
+        self.t = trainer
+        console = trainer.console
+        if enabled is None:
+            enabled = bool(console is not None and console.is_terminal)
+        self.rich = None
+        tc = trainer.cfg.train
+        total = trainer.n_windows * tc.epochs
+        if tc.max_steps:
+            total = min(total, tc.max_steps)
+        self.total = total
+        if enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            self.rich = Progress(TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                 TimeRemainingColumn(), console=console, transient=False)
+            self.rich.start()
+            self.task = self.rich.add_task("train", total=total, completed=trainer.step, info="")
+
+    def update(self, ev: dict) -> None:
+        ppl = math.exp(min(ev["loss"], 50))
+        info = (f"epoch {ev['epoch']} loss {ev['loss']:.3f} ppl {ppl:.1f} lr {ev['lr']:.3g} "
+                f"{ev['tokens_per_sec']:,.0f} tok/s")
+        if self.rich is not None:
+            self.rich.update(self.task, completed=ev["step"], info=info)
+        else:
+            self.t._log(f"step {ev['step']}/{self.total} {info} |g| {ev['grad_norm']:.2f}")
+
+    def eval(self, ev: dict) -> None:
+        extra = f" bpc {ev['bpc']:.3f}" if "bpc" in ev else ""
+        msg = f"step {ev['step']}: valid loss {ev['loss']:.4f} ppl {ev['ppl']:.2f}{extra}"
+        if self.rich is not None:
+            self.rich.console.print(msg, highlight=False)
+        else:
+            self.t._log(msg)
+
+    def close(self) -> None:
+        if self.rich is not None:
+            self.rich.stop()
+            self.rich = None
+
+
+def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False, console=None) -> dict:
+    """Convenience wrapper: build a Trainer and fit."""
+    return Trainer(cfg, run_dir, resume, console=console).fit()
