@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,26 +144,57 @@ def all_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in SECTION_CLASSES.items() for f in dataclasses.fields(cls)]
 
 
+# Names other tools use for our keys: suggested when a key is unknown (not accepted silently).
+_OTHER_NAMES = {
+    "learning_rate": "train.lr", "nhid": "model.hidden_size", "hidden": "model.hidden_size",
+    "emsize": "model.embedding_size", "embed_size": "model.embedding_size", "embedding_dim": "model.embedding_size",
+    "nlayers": "model.num_layers", "layers": "model.num_layers", "rnn_type": "model.cell", "model": "model.cell",
+    "tied": "model.tie_weights", "tie": "model.tie_weights", "clip": "train.clip_grad_norm",
+    "grad_clip": "train.clip_grad_norm", "seq_len": "train.bptt", "block_size": "train.bptt",
+    "steps": "train.max_steps", "max_iters": "train.max_steps", "batch": "train.batch_size",
+    "patience": "train.early_stopping_patience", "data": "data.path", "dataset": "data.path",
+    "vocab_size": "data.max_vocab", "temp": "sample.temperature", "length": "sample.max_length",
+}
+
+
 def _closest(word: str, options: list[str]) -> str:
+    name = word.rsplit(".", 1)[-1].lower()
+    if "." in word and name in _OTHER_NAMES and _OTHER_NAMES[name] in options:
+        return f" (did you mean '{_OTHER_NAMES[name]}'?)"
     match = difflib.get_close_matches(word, options, n=1, cutoff=0.4)
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+_REPR.maxlevel = 2
+
+
+def _show(value: Any) -> str:
+    """A short repr for error messages: bounded even for huge or self-referencing YAML values."""
+    try:
+        return _REPR.repr(value)
+    except Exception:  # e.g. an int too long to print
+        return f"<{type(value).__name__}>"
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
 def _check_value(key: str, value: Any, hint: Any, meta: dict[str, Any]) -> Any:
     """Coerce `value` to the annotated type `hint` and check the field's rules; return the value."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    optional = origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args
-    if optional:
+    if _is_union(hint) and type(None) in typing.get_args(hint):
         if value is None:
             return None
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if value is None and "choices" in meta and None in meta["choices"]:
         return None
 
     def bad(expected: str) -> UsageError:
-        return UsageError(f"config key '{key}' must be {expected}, got {value!r}")
+        return UsageError(f"config key '{key}' must be {expected}, got {_show(value)}")
 
     if hint is bool:
         if not isinstance(value, bool):
@@ -170,15 +203,24 @@ def _check_value(key: str, value: Any, hint: Any, meta: dict[str, Any]) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
     elif hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-3` (no dot) as a string; accept what Python reads as a number.
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise bad("a number") from None
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise bad("a finite number") from None
         if not math.isfinite(value):
             raise bad("a finite number")
     elif hint is str:
         if not isinstance(value, str):
             if "choices" in meta:
-                raise bad("one of " + ", ".join(str(c) for c in meta["choices"]))
+                raise bad("one of " + ", ".join(str(c) for c in meta["choices"] if c is not None))
             raise bad("a string")
     elif origin is list:
         if not isinstance(value, (list, tuple)):
@@ -188,31 +230,42 @@ def _check_value(key: str, value: Any, hint: Any, meta: dict[str, Any]) -> Any:
     if "choices" in meta and not isinstance(value, list) and value not in meta["choices"]:
         raise UsageError(f"config key '{key}' must be one of "
                          + ", ".join(str(c) for c in meta["choices"] if c is not None)
-                         + f"; got {value!r}" + _closest(str(value), [str(c) for c in meta["choices"] if c]))
+                         + f"; got {_show(value)}" + _closest(str(value), [str(c) for c in meta["choices"] if c]))
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if "min" in meta and value < meta["min"]:
-            raise UsageError(f"config key '{key}' must be >= {meta['min']}, got {value!r}")
+            raise UsageError(f"config key '{key}' must be >= {meta['min']}, got {_show(value)}")
         if "gt" in meta and value <= meta["gt"]:
-            raise UsageError(f"config key '{key}' must be > {meta['gt']}, got {value!r}")
+            raise UsageError(f"config key '{key}' must be > {meta['gt']}, got {_show(value)}")
         if meta.get("prob") and not 0.0 <= value <= 1.0:
-            raise UsageError(f"config key '{key}' is a probability and must lie in [0, 1], got {value!r}")
+            raise UsageError(f"config key '{key}' is a probability and must lie in [0, 1], got {_show(value)}")
     return value
 
 
-def _set(cfg: Config, key: str, value: Any) -> None:
+def _lookup(key: str) -> tuple[str, dataclasses.Field]:
+    """The (section, field) a dotted key names; an unknown key -> UsageError naming the closest one."""
     parts = key.split(".")
-    if len(parts) != 2 or parts[0] not in SECTION_CLASSES:
-        if parts[0] not in SECTION_CLASSES and len(parts) >= 1:
-            raise UsageError(f"unknown config section or key '{key}'"
-                             + _closest(key, all_keys() + list(SECTIONS)))
+    if len(parts) == 1 and parts[0] in SECTION_CLASSES:
+        example = next(k for k in all_keys() if k.startswith(key + "."))
+        raise UsageError(f"'{key}' is a config section, not a key; set one of its keys, e.g. {example}=VALUE")
+    if len(parts) == 2 and parts[0] in SECTION_CLASSES:
+        fields = {f.name: f for f in dataclasses.fields(SECTION_CLASSES[parts[0]])}
+        if parts[1] in fields:
+            return parts[0], fields[parts[1]]
         raise UsageError(f"unknown config key '{key}'" + _closest(key, all_keys()))
-    section, name = parts
-    cls = SECTION_CLASSES[section]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if name not in fields:
-        raise UsageError(f"unknown config key '{key}'" + _closest(key, all_keys()))
-    hint = typing.get_type_hints(cls)[name]
-    setattr(getattr(cfg, section), name, _check_value(key, value, hint, dict(fields[name].metadata)))
+    if parts[0] not in SECTION_CLASSES:
+        raise UsageError(f"unknown config section or key '{key}' (sections: {', '.join(SECTIONS)})"
+                         + _closest(key, all_keys() + list(SECTIONS)))
+    raise UsageError(f"unknown config key '{key}'" + _closest(key, all_keys()))
+
+
+def _hint(section: str, name: str) -> Any:
+    return typing.get_type_hints(SECTION_CLASSES[section])[name]
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    section, f = _lookup(key)
+    value = _check_value(key, value, _hint(section, f.name), dict(f.metadata))
+    setattr(getattr(cfg, section), f.name, value)
 
 
 def _validate_whole(cfg: Config) -> None:
@@ -228,9 +281,15 @@ def _validate_whole(cfg: Config) -> None:
         c = cfg.model.adaptive_cutoffs
         if not c or any(a >= b for a, b in zip(c, c[1:])) or c[0] < 1:
             raise UsageError(f"config key 'model.adaptive_cutoffs' must be a strictly increasing list of positive "
-                             f"integers, got {c}")
+                             f"integers, got {_show(c)}")
     if cfg.train.precision == "fp16" and cfg.train.device == "cpu":
         raise UsageError("train.precision=fp16 needs a CUDA device; on CPU use train.precision=bf16")
+
+
+def _set_name(cfg: Config, value: Any, origin: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
+        raise UsageError(f"{origin}: 'name' must be a non-empty string, got {_show(value)}")
+    cfg.name = str(value).strip()
 
 
 def apply_dict(cfg: Config, data: Any, origin: str) -> None:
@@ -238,29 +297,39 @@ def apply_dict(cfg: Config, data: Any, origin: str) -> None:
     if data is None:
         return
     if not isinstance(data, dict):
-        raise UsageError(f"{origin}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
+        raise UsageError(f"{origin}: the top level must be a mapping of sections ({', '.join(SECTIONS)}), "
+                         f"got {_show(data)}")
     for section, values in data.items():
         if section == "name":
-            cfg.name = str(values)
+            _set_name(cfg, values, origin)
             continue
         if section not in SECTION_CLASSES:
-            raise UsageError(f"{origin}: unknown config section '{section}'" + _closest(str(section), list(SECTIONS)))
+            raise UsageError(f"{origin}: unknown config section '{_show(section).strip(chr(39))}' "
+                             f"(sections: {', '.join(SECTIONS)})" + _closest(str(section), list(SECTIONS)))
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise UsageError(f"{origin}: section '{section}' must be a mapping of keys to values")
+            raise UsageError(f"{origin}: section '{section}' must be a mapping of keys to values, "
+                             f"got {_show(values)}")
         for name, value in values.items():
-            _set(cfg, f"{section}.{name}", value)
+            try:
+                _set(cfg, f"{section}.{name}", value)
+            except UsageError as e:
+                raise UsageError(f"{origin}: {e}") from None
 
 
 def load_yaml(path: str | Path) -> Any:
     p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"config path {p} is a directory; give a YAML file")
     if not p.is_file():
         raise UsageError(f"config file not found: {p}")
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read config file {p}: {e}") from None
+        text = p.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise UsageError(f"cannot read config file {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"config file {p} is not UTF-8 text (invalid byte at offset {e.start})") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -268,20 +337,41 @@ def load_yaml(path: str | Path) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise UsageError(f"YAML syntax error in {p}{where}: {problem}") from None
+    except RecursionError:
+        raise UsageError(f"config file {p} is nested too deeply to be a config") from None
+    except Exception as e:  # e.g. `!!timestamp 2020-13-45`: valid YAML syntax, an impossible value
+        raise UsageError(f"cannot read config file {p}: {type(e).__name__}: {e}") from None
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise UsageError(f"override '{item}' must look like KEY=VALUE, e.g. model.hidden_size=650")
+    """'model.hidden_size=650' -> ('model.hidden_size', 650). The value is read as a YAML scalar."""
+    key, value, _ = _parse_override(item)
+    return key, value
+
+
+def _parse_override(item: str) -> tuple[str, Any, str]:
+    if not isinstance(item, str) or "=" not in item:
+        raise UsageError(f"override {_show(item)} must look like KEY=VALUE, e.g. model.hidden_size=650")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key:
-        raise UsageError(f"override '{item}' has no key; write KEY=VALUE")
+        raise UsageError(f"override {_show(item)} has no key; write KEY=VALUE, e.g. model.hidden_size=650")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw  # not a YAML scalar: take it as a plain string
-    return key, value
+    except Exception:  # not a YAML scalar (bad syntax, an impossible date, ...): take it as plain text
+        value = raw
+    return key, value, raw
+
+
+def _apply_override(cfg: Config, item: str) -> None:
+    key, value, raw = _parse_override(item)
+    section, f = _lookup(key)
+    hint = _hint(section, f.name)
+    plain_str = hint is str or (_is_union(hint) and str in typing.get_args(hint) and len(typing.get_args(hint)) == 2)
+    if plain_str and "choices" not in f.metadata and value is not None and not isinstance(value, (str, list, dict)):
+        # A path or a name that YAML reads as a number, boolean or date (`train.out=2024`): keep the text.
+        value = raw.strip()
+    _set(cfg, key, value)
 
 
 def build_config(config_path: str | Path | None = None, overrides: list[str] | None = None,
@@ -291,11 +381,10 @@ def build_config(config_path: str | Path | None = None, overrides: list[str] | N
     if base is not None:
         apply_dict(cfg, base, "saved config")
     if config_path is not None:
+        cfg.name = Path(config_path).stem  # unless the file names itself
         apply_dict(cfg, load_yaml(config_path), str(config_path))
-        cfg.name = Path(config_path).stem
     for item in overrides or []:
-        key, value = parse_override(item)
-        _set(cfg, key, value)
+        _apply_override(cfg, item)
     _validate_whole(cfg)
     return cfg
 

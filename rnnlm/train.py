@@ -24,7 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
+import torch.nn as nn
+
 from . import __version__
+from . import distributed as D
 from .checkpoint import BEST, LAST, atomic_write_text, load_checkpoint, save_checkpoint
 from .config import Config, config_from_dict, dump_yaml
 from .data import Corpus, batchify, get_window, load_corpus, num_windows, with_start
@@ -245,7 +248,15 @@ class Trainer:
                              f"continue it, or choose another --out")
         self.cfg = cfg
         tc = cfg.train
+        self.dist = D.from_env()
         self.device = select_device(tc.device)
+        if self.dist.enabled:
+            if tc.batch_size % self.dist.world_size:
+                raise UsageError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes "
+                                 f"({self.dist.world_size}): each rank trains on an equal share of the columns")
+            D.init(self.dist, self.device.type)
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", self.dist.local_rank)
         if tc.precision == "fp16" and self.device.type != "cuda":
             raise UsageError("train.precision=fp16 needs CUDA; on this device use bf16 or fp32")
         seed_everything(tc.seed)
@@ -259,11 +270,12 @@ class Trainer:
             corpus = load_corpus(cfg.data, cfg.resolved_eos())
         self.corpus = corpus
         self.vocab, self.tokenizer = corpus.vocab, corpus.tokenizer
-        self.train_data = batchify(with_start(corpus.train), tc.batch_size)       # (T, B)
+        self.train_data = self._my_columns(batchify(with_start(corpus.train), tc.batch_size))       # (T, B)
         self.n_windows = num_windows(self.train_data, tc.bptt)
         self.bidirectional = cfg.model.bidirectional
         if self.bidirectional:  # the backward stack reads the reversed text
-            self.train_data_rev = batchify(with_start(np.ascontiguousarray(corpus.train[::-1])), tc.batch_size)
+            self.train_data_rev = self._my_columns(
+                batchify(with_start(np.ascontiguousarray(corpus.train[::-1])), tc.batch_size))
         self.valid = corpus.get("valid")
         if self.valid is not None and tc.eval_max_tokens:
             self.valid = self.valid[: tc.eval_max_tokens]
@@ -274,7 +286,14 @@ class Trainer:
         self.schedule = LRSchedule(tc, total)
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
-        self.step_model = torch.compile(self.model) if tc.compile else self.model
+        self.step_module: nn.Module = _StepModule(self.model)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+            self.step_module = DistributedDataParallel(
+                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            torch.manual_seed(tc.seed + 1_000_003 * self.dist.rank)  # distinct dropout masks per rank
+        if tc.compile:
+            self.step_module = torch.compile(self.step_module)
 
         # Progress counters (restored on resume).
         self.step = 0
@@ -304,13 +323,18 @@ class Trainer:
              "step": self.step, "tokens": self.tokens, "epoch": self.epoch,
              "best_valid_loss": self.best_loss if math.isfinite(self.best_loss) else None}
         if with_trainer_state:
+            # Every rank contributes its columns of the carried state and its RNG state, so the
+            # checkpoint is the same as a single process's (and resumes on any number of ranks).
+            rngs = D.gather_objects(rng_state(), self.dist)
+            states = D.gather_objects(state_to_list(self.state), self.dist)
+            states_rev = D.gather_objects(state_to_list(self.state_rev), self.dist)
             d["trainer"] = {
                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rng_state(),
+                "scaler": self.scaler.state_dict(), "rng": rngs[0], "rng_ranks": rngs,
                 "window": self.window, "elapsed": self.elapsed + self._session_time(),
                 "train_seconds": self.train_seconds, "best_step": self.best_step, "bad_evals": self.bad_evals,
                 "clipped": self.clipped, "last_eval_step": self.last_eval_step,
-                "state": state_to_list(self.state), "state_rev": state_to_list(self.state_rev),
+                "state": _cat_states(states), "state_rev": _cat_states(states_rev),
             }
         return d
 
@@ -331,9 +355,10 @@ class Trainer:
         self.best_loss = ck["best_valid_loss"] if ck["best_valid_loss"] is not None else math.inf
         self.best_step, self.bad_evals, self.clipped = t["best_step"], t["bad_evals"], t["clipped"]
         self.last_eval_step = t["last_eval_step"]
-        self.state = state_from_list(t["state"], self.cfg.model.cell, self.device)
-        self.state_rev = state_from_list(t["state_rev"], self.cfg.model.cell, self.device)
-        set_rng_state(t["rng"])
+        self.state = state_from_list(self._my_state_columns(t["state"]), self.cfg.model.cell, self.device)
+        self.state_rev = state_from_list(self._my_state_columns(t["state_rev"]), self.cfg.model.cell, self.device)
+        ranks = t.get("rng_ranks") or [t["rng"]]
+        set_rng_state(ranks[self.dist.rank] if len(ranks) == self.dist.world_size else t["rng"])
 
     def _session_time(self) -> float:
         return time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0
@@ -342,7 +367,23 @@ class Trainer:
         return self.elapsed + self._session_time()
 
     def save(self, name: str) -> None:
-        save_checkpoint(self.run_dir / name, self._payload(with_trainer_state=name == LAST))
+        """Write a checkpoint (collective under torchrun: every rank calls it, rank 0 writes)."""
+        payload = self._payload(with_trainer_state=name == LAST)
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir / name, payload)
+
+    def _my_columns(self, data: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous share of the batch columns (all of them in a single process)."""
+        if not self.dist.enabled:
+            return data
+        b = data.size(1) // self.dist.world_size
+        return data[:, self.dist.rank * b:(self.dist.rank + 1) * b].contiguous()
+
+    def _my_state_columns(self, items):
+        if items is None or not self.dist.enabled:
+            return items
+        b = items[0].size(1) // self.dist.world_size
+        return [t[:, self.dist.rank * b:(self.dist.rank + 1) * b].contiguous() for t in items]
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, ids: np.ndarray) -> dict:
@@ -361,15 +402,21 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        D.barrier(self.dist)  # every rank has checked the run directory before rank 0 writes into it
         lock = RunLock(self.run_dir)
-        lock.acquire()
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
         try:
             return self._fit()
         finally:
             lock.release()
+            if self.dist.enabled:
+                D.shutdown()
 
     def _log(self, msg: str) -> None:
+        if not self.dist.is_main:
+            return
         if self.console is not None:
             self.console.print(msg, highlight=False)
         else:
@@ -377,16 +424,17 @@ class Trainer:
 
     def _fit(self) -> dict:
         cfg, tc = self.cfg, self.cfg.train
-        if not self.resume:
+        if not self.resume and self.dist.is_main:
             atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
             self.vocab.save(self.run_dir / "vocab.json", self.tokenizer)
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None)
         n_params = self.model.num_parameters()
         self._log(f"[bold]rnnlm[/] {'resuming' if self.resume else 'training'} {cfg.model.cell} "
                   f"{cfg.model.num_layers}x{cfg.model.hidden_size}"
                   f"{' bidirectional' if self.bidirectional else ''} · {n_params:,} parameters · "
                   f"vocab {len(self.vocab):,} ({self.tokenizer.level}) · {len(self.corpus.train):,} train tokens · "
-                  f"device {self.device} {tc.precision}")
+                  f"device {self.device} {tc.precision}"
+                  f"{f' · {self.dist.world_size} processes' if self.dist.enabled else ''}")
         self._log(f"data: {self.corpus.description} · run directory: {self.run_dir}")
         if self.resume:
             self._log(f"continuing at step {self.step}, epoch {self.epoch + 1}, window {self.window}")
@@ -400,11 +448,11 @@ class Trainer:
         clipped_acc = torch.zeros((), device=self.device)
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         interval_steps, interval_tokens, interval_time = 0, 0, 0.0
-        bar = _Progress(self, enabled=self.progress_enabled)
+        bar = _Progress(self, enabled=self.progress_enabled if self.dist.is_main else False)
         stop = False
         self.stop_reason = ""
         set_lr(self.optimizer, self.schedule.lr)
-        self.step_model.train()
+        self.step_module.train()
         try:
             while self.epoch < tc.epochs and not stop:
                 if self.window == 0:
@@ -416,15 +464,13 @@ class Trainer:
                     x, y = get_window(self.train_data, i, tc.bptt)
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                     self.optimizer.zero_grad(set_to_none=True)
+                    xb = yb = None
+                    if self.bidirectional:
+                        xb, yb = get_window(self.train_data_rev, i, tc.bptt)
+                        xb, yb = xb.to(self.device), yb.to(self.device)
                     with self._autocast():
-                        h, state = self.step_model(x, detach_state(self.state), 0)
-                        loss = self.model.nll(h, y)
-                        if self.bidirectional:
-                            xb, yb = get_window(self.train_data_rev, i, tc.bptt)
-                            hb, state_b = self.step_model(xb.to(self.device), detach_state(self.state_rev), 1)
-                            loss = 0.5 * (loss + self.model.nll(hb, yb.to(self.device)))
-                            self.state_rev = state_b
-                    self.state = state
+                        loss, self.state, self.state_rev = self.step_module(
+                            x, y, detach_state(self.state), xb, yb, detach_state(self.state_rev))
                     self.scaler.scale(loss).backward()
                     self.scaler.unscale_(self.optimizer)
                     gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -439,7 +485,7 @@ class Trainer:
                     clipped_acc += (gnorm.detach() > clip).float()
                     self.step += 1
                     self.window = i + 1
-                    n_tok = x.numel()
+                    n_tok = x.numel() * self.dist.world_size  # global tokens (all ranks)
                     self.tokens += n_tok
                     interval_steps += 1
                     interval_tokens += n_tok
@@ -449,6 +495,10 @@ class Trainer:
 
                     last_window = self.window >= self.n_windows
                     if self.step % tc.log_every == 0 or last_window:
+                        if self.dist.enabled:  # the global mean over all ranks' tokens
+                            for acc in (loss_acc, clipped_acc):
+                                D.all_reduce_mean(acc, self.dist)
+                            D.all_reduce_max(first_bad, self.dist)
                         bad = int(first_bad.item())
                         if bad >= 0:
                             raise RunError(f"the training loss became {float(ld.item())} at step {bad}; stopped "
@@ -465,10 +515,10 @@ class Trainer:
                         loss_acc.zero_(), gnorm_acc.zero_(), clipped_acc.zero_()
                         interval_steps, interval_tokens, interval_time = 0, 0, 0.0
 
-                    reason = self._should_stop()
+                    reason = self._should_stop(at_log=self.step % tc.log_every == 0 or last_window)
                     if tc.eval_every and self.step % tc.eval_every == 0 and not last_window:
                         self._validate(metrics, bar)
-                        reason = reason or self._should_stop()
+                        reason = reason or self._should_stop(at_log=True)
                     elif tc.save_every and self.step % tc.save_every == 0:
                         self._check_finite(first_bad)
                         self.save(LAST)
@@ -482,7 +532,7 @@ class Trainer:
                     self.schedule.on_epoch_end(self.epoch)
                     self._validate(metrics, bar)
                     if not self.stop_reason:
-                        self.stop_reason = self._should_stop() or ""
+                        self.stop_reason = self._should_stop(at_log=True) or ""
                     stop = bool(self.stop_reason) and self.epoch < tc.epochs
             if not self.stop_reason:
                 self.stop_reason = "epochs"
@@ -509,6 +559,8 @@ class Trainer:
             end["best_valid_bpc"] = end["best_valid_loss"] / math.log(2)
         metrics.write(end)
         metrics.close()
+        if not self.dist.is_main:
+            return end
         try:
             from .plot import plot_run
             plot_run(self.run_dir)
@@ -538,17 +590,25 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _should_stop(self) -> str:
+    def _should_stop(self, at_log: bool = True) -> str:
+        """Why training should stop now ('' = go on). Under torchrun every rank must agree, so the
+        time- and signal-based reasons are decided by rank 0 at log steps and broadcast."""
         tc = self.cfg.train
-        if self._stop_signal:
-            return self._stop_signal
         if tc.max_steps is not None and self.step >= tc.max_steps:
             return "max_steps"
-        if tc.max_time is not None and self._now() >= tc.max_time:
-            return "max_time"
         if tc.early_stopping_patience is not None and self.bad_evals >= tc.early_stopping_patience:
             return "early_stopping"
-        return ""
+        if self.dist.enabled and not at_log:
+            return ""
+        reason = ""
+        if self._stop_signal:
+            reason = self._stop_signal
+        elif tc.max_time is not None and self._now() >= tc.max_time:
+            reason = "max_time"
+        reason = D.broadcast_object(reason, self.dist)
+        if reason.startswith("SIG"):
+            self._stop_signal = reason
+        return reason
 
     def _validate(self, metrics: MetricsLog, bar: "_Progress") -> None:
         """Evaluate on the validation split, adjust the lr, save best/last."""
@@ -556,7 +616,7 @@ class Trainer:
         if self.valid is None:
             self.save(LAST)
             return
-        res = self.evaluate(self.valid)
+        res = D.broadcast_object(self.evaluate(self.valid), self.dist)  # every rank takes rank 0's branch
         ev = self._eval_event("valid", res)
         metrics.write(ev)
         bar.eval(ev)
@@ -592,6 +652,35 @@ class Trainer:
         if old:
             for s, h in old.items():
                 signal.signal(s, h)
+
+
+class _StepModule(nn.Module):
+    """One training step's forward pass and loss (both directions for a bidirectional model).
+
+    Wrapping loss computation in one module gives DistributedDataParallel and torch.compile a
+    single forward call per step.
+    """
+
+    def __init__(self, model: RNNLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y, state, xb=None, yb=None, state_b=None):
+        h, state = self.model(x, state, 0)                 # (T, B, D)
+        loss = self.model.nll(h, y)
+        if xb is not None:                                   # backward stack over the reversed text
+            hb, state_b = self.model(xb, state_b, 1)
+            loss = 0.5 * (loss + self.model.nll(hb, yb))
+        return loss, state, state_b
+
+
+def _cat_states(per_rank: list):
+    """Join the ranks' state columns (dim 1) into one full-batch state."""
+    if per_rank[0] is None:
+        return None
+    if len(per_rank) == 1:
+        return per_rank[0]
+    return [torch.cat([r[k] for r in per_rank], dim=1) for k in range(len(per_rank[0]))]
 
 
 def _merge_resume_config(saved: dict, given: Config) -> Config:
