@@ -14,11 +14,12 @@ checkpoint intact and loadable.
 
 from __future__ import annotations
 
+import glob
 import io
 import os
 import pickle
 import tempfile
-import zipfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,15 +33,79 @@ FORMAT_VERSION = 1
 BEST, LAST = "best.pt", "last.pt"
 
 
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temp files of `path` left behind by writers that died mid-write (e.g. SIGKILL).
+
+    A temp name carries its writer's pid; files of live processes are left alone.
+    """
+    try:
+        candidates = list(path.parent.glob(f"{glob.escape(_temp_prefix(path))}*.tmp"))
+    except OSError:
+        return
+    for tmp in candidates:
+        try:
+            pid = int(tmp.name[len(_temp_prefix(path)):].split(".", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _default_mode() -> int:
+    """0o666 less the process umask: the mode `open()` would give a new file."""
+    try:  # Linux: read it without changing it (os.umask is process-wide, not thread-safe)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old or the new file, never a torn one."""
+    """Write `data` to `path` so that readers see either the old or the new file, never a torn one.
+
+    The bytes go to a temp file in the same directory (named after this process's pid), which is
+    flushed, fsync'ed and renamed over `path`. On any failure the temp file is removed and the
+    old `path`, if any, is untouched. Raises OSError (e.g. ENOSPC) to the caller.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:  # keep the permissions of the file being replaced (mkstemp would make it 0600)
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        mode = _default_mode()
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        try:
+            os.chmod(tmp, mode)
+        except OSError:  # a file system without permissions: keep what mkstemp gave
+            pass
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -56,6 +121,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.close(dfd)
     except OSError:
         pass
+    _remove_stale_temps(path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -87,30 +153,76 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _refusal(err: BaseException) -> tuple[str, bool]:
+    """(what the weights-only unpickler refused, whether it was a Python object that could run code)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or ln.startswith(("Trying to call reduce", "Can only build", "Unsupported class")):
+            return ln[:200], True
+    for i, ln in enumerate(lines):
+        if "WeightsUnpickler error" in ln and i + 1 < len(lines):
+            return lines[i + 1][:200], False
+    return (lines[0] if lines else type(err).__name__)[:200], False
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely (no arbitrary unpickling); any problem -> UsageError."""
+    """Load a checkpoint safely (no arbitrary unpickling); any problem -> UsageError.
+
+    Only the zip format that ``torch.save`` writes is accepted, and it is read with
+    ``torch.load(weights_only=True)``: tensors and plain containers only, no Python objects.
+    """
     p = resolve_checkpoint(path)
     try:
-        data = torch.load(p, map_location=map_location, weights_only=True)
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise UsageError(f"cannot read checkpoint {p}: {e.strerror or e}") from None
+    if not head:
+        raise UsageError(f"checkpoint {p} is empty (0 bytes); it was not written completely. Use the run's "
+                         f"other checkpoint ({BEST} or {LAST}) or train again")
+    if head != _ZIP_MAGIC:
+        raise UsageError(f"{p} is not an rnnlm checkpoint (not a file written by torch.save; an rnnlm "
+                         f"checkpoint is a zip archive)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise UsageError(f"refusing to load {p}: it is not a plain rnnlm checkpoint ({first[:200]}). "
-                         f"Checkpoints are loaded with weights_only=True, so files that would run code "
-                         f"are rejected") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError) as e:
+        reason, unsafe = _refusal(e)
+        if unsafe:
+            raise UsageError(f"refusing to load {p}: it holds Python objects that could run code when loaded "
+                             f"({reason}). rnnlm checkpoints hold only tensors and plain data; do not use "
+                             f"this file") from None
+        raise UsageError(f"cannot read checkpoint {p}: it is corrupt or not an rnnlm checkpoint "
+                         f"({reason})") from None
+    except MemoryError:
+        raise UsageError(f"cannot read checkpoint {p}: it is corrupt (it asks for more memory than "
+                         f"there is)") from None
+    except Exception as e:  # zip/stream errors of a truncated or damaged file, and anything else odd
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot read checkpoint {p}: truncated or not a checkpoint file ({msg[:200]})") from None
+        raise UsageError(f"cannot read checkpoint {p}: it is truncated or corrupt ({msg[:200]}). Use the "
+                         f"run's other checkpoint ({BEST} or {LAST}) or train again") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise UsageError(f"{p} is not an rnnlm checkpoint")
+        raise UsageError(f"{p} is not an rnnlm checkpoint (a torch file without rnnlm's format marker)")
     version = data.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise UsageError(f"{p} has no valid checkpoint format version ({_short(version)})")
+    if version > FORMAT_VERSION:
         raise UsageError(f"{p} has checkpoint format version {version}, newer than this rnnlm reads "
-                         f"({FORMAT_VERSION}); upgrade rnnlm")
-    for key in ("model", "config", "vocab"):
-        if key not in data:
-            raise UsageError(f"{p} is not a complete rnnlm checkpoint (missing '{key}')")
+                         f"({FORMAT_VERSION}); upgrade rnnlm (pip install -U rnnlm)")
+    for key, kind in (("model", dict), ("config", dict), ("vocab", dict)):
+        if not isinstance(data.get(key), kind):
+            raise UsageError(f"{p} is not a complete rnnlm checkpoint ('{key}' is missing or malformed)")
     data["path"] = str(p)
     return data
+
+
+def _short(value: Any) -> str:
+    r = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return r[:60]
 
 
 @dataclass
@@ -129,19 +241,30 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     from .text import Tokenizer, Vocab
 
     ck = load_checkpoint(path)
+    where = ck["path"]
     try:
         cfg = config_from_dict(ck["config"])
     except UsageError as e:
-        raise UsageError(f"{ck['path']}: its stored config is invalid: {e}") from None
-    vocab = Vocab.from_dict(ck["vocab"])
-    tok_settings = ck["vocab"].get("tokenizer")
-    tokenizer = Tokenizer(**tok_settings) if tok_settings else Tokenizer.from_config(cfg.data, cfg.resolved_eos())
-    model = RNNLM(len(vocab), cfg.model)
+        raise UsageError(f"{where}: its stored config is invalid: {e}") from None
+    try:
+        vocab = Vocab.from_dict(ck["vocab"])
+        tok_settings = ck["vocab"].get("tokenizer")
+        tokenizer = Tokenizer(**tok_settings) if tok_settings else Tokenizer.from_config(cfg.data, cfg.resolved_eos())
+    except UsageError as e:
+        raise UsageError(f"{where}: its stored vocabulary is invalid: {e}") from None
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        raise UsageError(f"{where}: its stored vocabulary is malformed ({type(e).__name__}: {str(e)[:200]})") from None
+    try:
+        model = RNNLM(len(vocab), cfg.model)
+    except UsageError as e:
+        raise UsageError(f"{where}: cannot build the model its config describes: {e}") from None
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise UsageError(f"{where}: cannot build the model its config describes ({str(e)[:200]})") from None
     try:
         model.load_state_dict(ck["model"])
-    except (RuntimeError, KeyError) as e:
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
         first = str(e).strip().splitlines()
-        raise UsageError(f"{ck['path']}: weights do not match its config/vocabulary ({len(vocab)} tokens): "
+        raise UsageError(f"{where}: the weights do not match its config and vocabulary ({len(vocab)} tokens): "
                          f"{' '.join(first[:2])[:300]}") from None
     model.to(device).eval()
     return LoadedModel(model, cfg, vocab, tokenizer, ck)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -47,35 +49,69 @@ def main_callback(
     _state["debug"] = debug
 
 
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _from_rnnlm(filename: str) -> bool:
+    try:
+        return Path(filename).resolve().is_relative_to(_PACKAGE_DIR)
+    except (OSError, ValueError):
+        return False
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Print warnings that rnnlm's own code raised (e.g. unknown prime tokens); drop library noise.
+
+    The issuer is the innermost frame outside the warnings machinery, not `filename`: with
+    `stacklevel` and decorators such as `torch.no_grad`, `filename` may name a torch file.
+    """
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename == warnings.__file__:
+        frame = frame.f_back
+    if (frame is not None and _from_rnnlm(frame.f_code.co_filename)) or _from_rnnlm(filename):
+        err_console.print(f"[yellow]warning:[/] {escape(str(message))}", soft_wrap=True)
+
+
+def _error(message: str) -> None:
+    """One error message on stderr; markup characters in it (paths, user text) are shown as is."""
+    err_console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+
+
 def _run(fn: Callable[[], None]) -> None:
     """Run a command body, mapping errors to one message and an exit code."""
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
-            try:
-                fn()
-            finally:
-                for w in caught:
-                    if issubclass(w.category, UserWarning) and w.filename.find("rnnlm") >= 0:
-                        err_console.print(f"[yellow]warning:[/] {w.message}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", UserWarning)
+            warnings.showwarning = _show_warning
+            fn()
     except RnnlmError as e:
         if _state["debug"]:
             raise
-        err_console.print(f"[red]error:[/] {e}", soft_wrap=True)
+        _error(str(e))
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         raise typer.Exit(130)
     except BrokenPipeError:
+        _silence_stdout()
         raise typer.Exit(0)
     except typer.Exit:
         raise
     except Exception as e:  # an unexpected failure: still no traceback unless --debug
         if _state["debug"]:
             raise
-        err_console.print(f"[red]error:[/] {type(e).__name__}: {e}\n(run `rnnlm --debug ...` for the traceback)",
-                          soft_wrap=True)
+        _error(f"{type(e).__name__}: {e}\n(this is a bug or an unexpected environment problem; run "
+               f"`rnnlm --debug ...` for the traceback)")
         raise typer.Exit(1)
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe (`rnnlm sample | head`), keep Python from complaining at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _device(name: str):
@@ -112,7 +148,7 @@ def train(
         run_dir = out if out is not None else (Path(cfg.train.out) if cfg.train.out else None)
         trainer = Trainer(cfg, run_dir, resume=resume, console=err_console, progress=progress)
         trainer.fit()
-        out_console.print(f"run directory: {trainer.run_dir}")
+        out_console.print(f"run directory: {escape(str(trainer.run_dir))}", soft_wrap=True)
     _run(body)
 
 
@@ -139,6 +175,7 @@ def sample(
         from .checkpoint import load_model
         from .sample import Sampler
 
+        _check_sample_options(temperature, top_k, top_p, max_length, num_samples)
         dev = _device(device)
         lm = load_model(checkpoint, dev)
         sc = lm.config.sample
@@ -148,16 +185,7 @@ def sample(
         t = temperature if temperature is not None else sc.temperature
         k = top_k if top_k is not None else sc.top_k
         tp = top_p if top_p is not None else sc.top_p
-        if t < 0:
-            raise UsageError(f"--temperature must be >= 0, got {t}")
-        if k < 0:
-            raise UsageError(f"--top-k must be >= 0, got {k}")
-        if not (0 < tp <= 1) or math.isnan(tp):
-            raise UsageError(f"--top-p must lie in (0, 1], got {tp}")
-        if L < 0:
-            raise UsageError(f"--max-length must be >= 0, got {L}")
-        if n < 0:
-            raise UsageError(f"--num-samples must be >= 0, got {n}")
+        _check_sample_options(t, k, tp, L, n)
         sampler = Sampler(lm.model, lm.vocab, lm.tokenizer, dev)
         stream = n == 1 and not as_json
         if stream:
@@ -178,6 +206,20 @@ def sample(
                 sys.stdout.write(s.text + "\n\n")
         sys.stdout.flush()
     _run(body)
+
+
+def _check_sample_options(t: Optional[float], k: Optional[int], tp: Optional[float], length: Optional[int],
+                          n: Optional[int]) -> None:
+    if t is not None and (not math.isfinite(t) or t < 0):
+        raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {t}")
+    if k is not None and k < 0:
+        raise UsageError(f"--top-k must be >= 0 (0 = off), got {k}")
+    if tp is not None and not (0 < tp <= 1):  # also false for NaN
+        raise UsageError(f"--top-p must lie in (0, 1], got {tp}")
+    if length is not None and length < 0:
+        raise UsageError(f"--max-length must be >= 0, got {length}")
+    if n is not None and n < 0:
+        raise UsageError(f"--num-samples must be >= 0, got {n}")
 
 
 # -- eval-perplexity -----------------------------------------------------------------------------
@@ -201,6 +243,8 @@ def eval_perplexity(
 
         if batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+        if data.is_dir():
+            raise UsageError(f"--data {data} is a directory; give the text file to evaluate (e.g. {data}/test.txt)")
         if not data.is_file():
             raise UsageError(f"evaluation file not found: {data}")
         dev = _device(device)
@@ -210,7 +254,7 @@ def eval_perplexity(
         if as_json:
             sys.stdout.write(json.dumps(res) + "\n")
             return
-        table = Table(title=f"{data}", show_header=True)
+        table = Table(title=escape(str(data)), show_header=True)
         table.add_column("metric")
         table.add_column("value", justify="right")
         rows = [("tokens", f"{res['tokens']:,}"), ("oov", f"{res['oov']:,} ({100 * res['oov_rate']:.2f} %)"),
@@ -257,7 +301,7 @@ def score(
         table.add_column("log p", justify="right")
         table.add_column("ppl", justify="right")
         for i, r in enumerate(results, 1):
-            table.add_row(str(i), r["text"], str(r["tokens"]), f"{r['logprob']:.3f}", f"{r['ppl']:.2f}")
+            table.add_row(str(i), escape(r["text"]), str(r["tokens"]), f"{r['logprob']:.3f}", f"{r['ppl']:.2f}")
         out_console.print(table)
     _run(body)
 
@@ -268,6 +312,8 @@ def _read_sentences(src: str) -> list[str]:
         name = "standard input"
     else:
         p = Path(src)
+        if p.is_dir():
+            raise UsageError(f"--input {p} is a directory; give a text file with one sentence per line")
         if not p.is_file():
             raise UsageError(f"input file not found: {p}")
         data = p.read_bytes()
@@ -295,7 +341,7 @@ def plot(
     def body() -> None:
         from .plot import plot_run
         path = plot_run(run_dir, out)
-        out_console.print(f"wrote {path}")
+        out_console.print(f"wrote {escape(str(path))}", soft_wrap=True)
     _run(body)
 
 

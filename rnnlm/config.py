@@ -48,6 +48,8 @@ class DataConfig:
     normalize: str | None = _f(None, "Unicode normalisation applied before tokenizing", choices=(None, "NFC", "NFKC"))
     encoding: str = _f("utf-8", "text encoding of the corpus files")
     errors: str = _f("strict", "what to do with undecodable bytes", choices=("strict", "replace", "ignore"))
+    cache: bool = _f(True, "reuse encoded ids cached on disk (keyed by file contents and tokenizer settings); "
+                           "false = always encode in memory")
     cache_dir: str | None = _f(None, "where encoded ids are cached; null = $RNNLM_CACHE or ~/.cache/rnnlm")
 
 
@@ -93,11 +95,13 @@ class TrainConfig:
     warmup_steps: int = _f(0, "linear warmup steps (cosine schedule)", min=0)
     clip_grad_norm: float | None = _f(5.0, "clip gradients to this global L2 norm (null = off)", gt=0)
     early_stopping_patience: int | None = _f(None, "stop after this many evaluations without improvement", min=1)
-    seed: int = _f(1234, "random seed (weights, dropout, data order)")
+    seed: int = _f(1234, "random seed (weights, dropout)")
     device: str = _f("auto", "auto = cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
     precision: str = _f("fp32", "fp32; bf16 autocast (CPU and GPU); fp16 autocast + GradScaler (CUDA)",
                         choices=("fp32", "bf16", "fp16"))
     compile: bool = _f(False, "wrap the model in torch.compile")
+    tensorboard: bool = _f(False, "also write TensorBoard event files to RUN_DIR/tensorboard (needs the "
+                                  "tensorboard package)")
     log_every: int = _f(50, "optimizer steps between train events", min=1)
     eval_every: int | None = _f(500, "optimizer steps between validations (also at each epoch end); null = epoch end",
                                 min=1)

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .ops import linear_cross_entropy
+
 State = Any  # None, a tensor (L, B, H), or an LSTM tuple (h, c) of such tensors
 
 
@@ -157,8 +159,8 @@ class RNNLM(nn.Module):
             # AdaptiveLogSoftmaxWithLoss returns the mean; its output is log p of each target.
             out = self.softmax(h2.float(), y2).output
             return -(out.sum() if reduction == "sum" else out.mean()) if reduction != "none" else -out
-        logits = self.decoder(h2)
-        return F.cross_entropy(logits.float(), y2, reduction=reduction)
+        # Fused linear + cross-entropy: far less memory traffic than logits -> log_softmax -> nll.
+        return linear_cross_entropy(h2, self.decoder.weight, self.decoder.bias, y2, reduction)
 
 
 def detach_state(state: State) -> State:

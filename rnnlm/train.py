@@ -36,6 +36,12 @@ from .evaluate import evaluate_ids
 from .models import RNNLM, detach_state, state_from_list, state_to_list
 from .text import Tokenizer, Vocab
 
+try:
+    from rich.markup import escape
+except ImportError:  # pragma: no cover - rich is a dependency
+    def escape(text: str) -> str:
+        return text
+
 
 # -- building blocks -------------------------------------------------------------------------
 
@@ -159,6 +165,20 @@ class RunLock:
         self.path = run_dir / ".lock"
         self.held = False
 
+    def holder(self) -> int | None:
+        """The pid of a live process holding the lock, if any."""
+        try:
+            pid = int(self.path.read_text().strip() or "0")
+        except (OSError, ValueError):
+            return None
+        return pid if pid and pid != os.getpid() and _pid_alive(pid) else None
+
+    def check(self) -> None:
+        pid = self.holder()
+        if pid is not None:
+            raise UsageError(f"run directory {self.path.parent} is in use by another rnnlm process (pid {pid}); "
+                             f"wait for it or choose another --out")
+
     def acquire(self) -> None:
         for _ in range(2):
             try:
@@ -202,21 +222,46 @@ def _pid_alive(pid: int) -> bool:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl (flushed, so a crash loses nothing logged)."""
+    """Appends one JSON object per line to metrics.jsonl (flushed, so a crash loses nothing logged),
+    and mirrors the numbers to TensorBoard when asked to."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, tensorboard: bool = False, warn=None):
         self.path = path
-        self._f = open(path, "a", encoding="utf-8") if path is not None else None
+        self._f = None
+        if path is not None:
+            # A crash can leave a torn last line: start on a fresh line so events never merge.
+            torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+            self._f = open(path, "a", encoding="utf-8")
+            if torn:
+                self._f.write("\n")
+        self._tb = None
+        if tensorboard and path is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(log_dir=str(path.parent / "tensorboard"))
+            except ImportError:
+                if warn is not None:
+                    warn("[yellow]warning:[/] train.tensorboard=true but the tensorboard package is not installed "
+                         "(pip install tensorboard); metrics.jsonl is still written")
 
     def write(self, event: dict) -> None:
         if self._f is not None:
             self._f.write(json.dumps(event, allow_nan=True) + "\n")
             self._f.flush()
+        if self._tb is not None and event["event"] in ("train", "eval"):
+            prefix = "train" if event["event"] == "train" else event.get("split", "eval")
+            for k, v in event.items():
+                if k not in ("event", "step", "tokens", "time", "split", "epoch") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"{prefix}/{k}", v, event["step"])
+            self._tb.flush()
 
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
             self._f = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 # -- the trainer ------------------------------------------------------------------------------
@@ -232,31 +277,37 @@ class Trainer:
                  console=None, progress: bool | None = None, corpus: Corpus | None = None):
         self.console = console
         self.resume = resume
-        if resume:
-            if run_dir is None:
-                raise UsageError("--resume needs --out RUN_DIR (the run directory to continue)")
-        self.run_dir = Path(run_dir) if run_dir is not None else Path(
-            cfg.train.out or f"runs/{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        if resume and run_dir is None and cfg.train.out is None:
+            raise UsageError("--resume needs --out RUN_DIR (the run directory to continue)")
+        # Under torchrun, start the process group first so that every rank agrees on the run directory.
+        self.dist = D.from_env()
+        if self.dist.enabled:
+            if cfg.train.batch_size % self.dist.world_size:
+                raise UsageError(f"train.batch_size={cfg.train.batch_size} must be divisible by the number of "
+                                 f"processes ({self.dist.world_size}): each rank trains on an equal share")
+            D.init(self.dist, select_device(cfg.train.device).type)
+        self.default_run_dir = run_dir is None and cfg.train.out is None
+        if run_dir is None:
+            run_dir = cfg.train.out or f"runs/{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        self.run_dir = Path(D.broadcast_object(str(run_dir), self.dist))
         ckpt = None
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UsageError(f"--out {self.run_dir} exists and is not a directory; choose another --out")
+        if self.run_dir.is_dir():
+            RunLock(self.run_dir).check()  # another live trainer here: say so before anything else
         if resume:
             if not (self.run_dir / LAST).is_file():
                 raise UsageError(f"nothing to resume in {self.run_dir}: no {LAST} (start without --resume)")
             ckpt = load_checkpoint(self.run_dir / LAST)
             cfg = _merge_resume_config(ckpt["config"], cfg)
-        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
+        elif self.run_dir.exists() and ((self.run_dir / LAST).exists() or (self.run_dir / BEST).exists()):
             raise UsageError(f"run directory {self.run_dir} already exists and is not empty; use --resume to "
                              f"continue it, or choose another --out")
         self.cfg = cfg
         tc = cfg.train
-        self.dist = D.from_env()
         self.device = select_device(tc.device)
-        if self.dist.enabled:
-            if tc.batch_size % self.dist.world_size:
-                raise UsageError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes "
-                                 f"({self.dist.world_size}): each rank trains on an equal share of the columns")
-            D.init(self.dist, self.device.type)
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", self.dist.local_rank)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         if tc.precision == "fp16" and self.device.type != "cuda":
             raise UsageError("train.precision=fp16 needs CUDA; on this device use bf16 or fp32")
         seed_everything(tc.seed)
@@ -425,9 +476,13 @@ class Trainer:
     def _fit(self) -> dict:
         cfg, tc = self.cfg, self.cfg.train
         if not self.resume and self.dist.is_main:
+            # A directory left by a run killed before its first checkpoint starts over cleanly.
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
             self.vocab.save(self.run_dir / "vocab.json", self.tokenizer)
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None)
+            if self.default_run_dir:
+                _point_latest(self.run_dir)
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None, tc.tensorboard, self._log)
         n_params = self.model.num_parameters()
         self._log(f"[bold]rnnlm[/] {'resuming' if self.resume else 'training'} {cfg.model.cell} "
                   f"{cfg.model.num_layers}x{cfg.model.hidden_size}"
@@ -435,7 +490,7 @@ class Trainer:
                   f"vocab {len(self.vocab):,} ({self.tokenizer.level}) · {len(self.corpus.train):,} train tokens · "
                   f"device {self.device} {tc.precision}"
                   f"{f' · {self.dist.world_size} processes' if self.dist.enabled else ''}")
-        self._log(f"data: {self.corpus.description} · run directory: {self.run_dir}")
+        self._log(f"data: {escape(self.corpus.description)} · run directory: {escape(str(self.run_dir))}")
         if self.resume:
             self._log(f"continuing at step {self.step}, epoch {self.epoch + 1}, window {self.window}")
 
@@ -494,7 +549,9 @@ class Trainer:
                     self.train_seconds += dt
 
                     last_window = self.window >= self.n_windows
-                    if self.step % tc.log_every == 0 or last_window:
+                    at_log = self.step % tc.log_every == 0 or last_window
+                    reason = self._should_stop(at_log=at_log)
+                    if at_log or reason:
                         if self.dist.enabled:  # the global mean over all ranks' tokens
                             for acc in (loss_acc, clipped_acc):
                                 D.all_reduce_mean(acc, self.dist)
@@ -515,7 +572,6 @@ class Trainer:
                         loss_acc.zero_(), gnorm_acc.zero_(), clipped_acc.zero_()
                         interval_steps, interval_tokens, interval_time = 0, 0, 0.0
 
-                    reason = self._should_stop(at_log=self.step % tc.log_every == 0 or last_window)
                     if tc.eval_every and self.step % tc.eval_every == 0 and not last_window:
                         self._validate(metrics, bar)
                         reason = reason or self._should_stop(at_log=True)
@@ -565,10 +621,10 @@ class Trainer:
             from .plot import plot_run
             plot_run(self.run_dir)
         except Exception as e:  # a missing plotting backend must not fail a finished run
-            self._log(f"[yellow]note:[/] could not draw loss.png ({e})")
+            self._log(f"[yellow]note:[/] could not draw loss.png ({escape(str(e))})")
         if self._stop_signal:
             self._log(f"[yellow]stopped by {self._stop_signal}[/] at step {self.step}; {LAST} saved. Resume with:\n"
-                      f"  rnnlm train --resume --out {self.run_dir}")
+                      f"  rnnlm train --resume --out {escape(str(self.run_dir))}")
         best = f"best valid loss {self.best_loss:.4f} (ppl {math.exp(self.best_loss):.2f})" \
             if math.isfinite(self.best_loss) else "no validation split"
         self._log(f"done: {self.step} steps, {self.tokens:,} tokens, {self._now():.1f} s "
@@ -582,7 +638,7 @@ class Trainer:
         bad = int(first_bad.item())
         if bad >= 0:
             raise RunError(f"the training loss became non-finite at step {bad}; stopped without saving it. The last "
-                           f"good checkpoint is in {self.run_dir}. Try a lower train.lr or a smaller "
+                           f"good checkpoint is in {escape(str(self.run_dir))}. Try a lower train.lr or a smaller "
                            f"train.clip_grad_norm")
 
     def _autocast(self):
@@ -652,6 +708,19 @@ class Trainer:
         if old:
             for s, h in old.items():
                 signal.signal(s, h)
+
+
+def _point_latest(run_dir: Path) -> None:
+    """Keep runs/latest pointing at the newest default run directory (best effort)."""
+    link = run_dir.parent / "latest"
+    try:
+        tmp = run_dir.parent / f".latest.{os.getpid()}"
+        if tmp.is_symlink():
+            tmp.unlink()
+        tmp.symlink_to(run_dir.name)
+        os.replace(tmp, link)
+    except OSError:
+        pass
 
 
 class _StepModule(nn.Module):

@@ -13,16 +13,16 @@ if "$PY" -c "import torch" >/dev/null 2>&1; then
     echo "torch $("$PY" -c 'import torch; print(torch.__version__)') already installed"
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "NVIDIA GPU found: installing the default (CUDA) build of torch"
-    "$PY" -m pip install "torch>=2.2"
+    "$PY" -m pip install "torch>=2.4"
 elif [ -n "${RNNLM_TORCH_INDEX:-}" ]; then
-    "$PY" -m pip install "torch>=2.2" --index-url "$RNNLM_TORCH_INDEX"
+    "$PY" -m pip install "torch>=2.4" --index-url "$RNNLM_TORCH_INDEX"
 else
     echo "no GPU: installing the CPU build of torch"
     # 1) a CPU wheel pip can already see offline (e.g. a wheel directory in pip's find-links),
     #    without its dependencies, which the normal install below brings in;
     # 2) else PyTorch's own CPU-only index.
-    if ! "$PY" -m pip install --no-index --no-deps "torch>=2.2" 2>/dev/null; then
-        "$PY" -m pip install "torch>=2.2" --index-url https://download.pytorch.org/whl/cpu
+    if ! "$PY" -m pip install --no-index --no-deps "torch>=2.4" 2>/dev/null; then
+        "$PY" -m pip install "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu
     fi
 fi
 "$PY" -m pip install -e ".[dev]"

@@ -168,3 +168,10 @@ def test_torchrun_two_processes_match_single_process(corpus, tmp_path):
     assert [e["loss"] for e in va] == pytest.approx([e["loss"] for e in vb], abs=1e-4)
     # rank 0 alone writes: one metrics file with one end event
     assert len(_events(tmp_path / "d", "end")) == 1
+
+
+def test_tensorboard_event_files(corpus, tmp_path):
+    pytest.importorskip("torch.utils.tensorboard")
+    Trainer(_cfg(corpus, "train.max_steps=10", "train.tensorboard=true"), tmp_path / "r", progress=False).fit()
+    files = list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))
+    assert files and files[0].stat().st_size > 0

@@ -1,0 +1,91 @@
+"""A fused linear + softmax cross-entropy for large vocabularies.
+
+With a 10k-word vocabulary the output layer of a small LSTM LM is most of the work, and in
+PyTorch's composed path (``linear -> float() -> log_softmax -> nll_loss``) most of *that*
+is memory traffic: the (N, V) logits are copied to fp32, a log-softmax is written, a
+zero-filled one-hot gradient is scattered, the log-softmax backward reads both back... about
+ten passes over an (N, V) array per step.
+
+:func:`linear_cross_entropy` does it in three: the logits matmul, one chunked pass that turns
+logits into probabilities *in place* (fp32 arithmetic on a cache-sized block of rows; only
+the per-row log-sum-exp is kept), and in backward the in-place ``p - onehot`` followed by the
+two gradient matmuls. The probabilities are stored in the matmul's dtype (bf16 under bf16
+autocast, fp32 otherwise), which is exactly the precision autocast would feed the backward
+matmuls anyway; in fp32 the result equals ``F.cross_entropy(F.linear(h, W, b), y)`` to
+rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_CHUNK_ELEMS = 1 << 18  # fp32 elements per block (1 MiB): stays in cache
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                compute_dtype: torch.dtype, reduction: str):
+        hc, wc = h.to(compute_dtype), weight.to(compute_dtype)
+        if bias is not None:
+            logits = torch.addmm(bias.to(compute_dtype), hc, wc.t())   # (N, V)
+        else:
+            logits = hc @ wc.t()
+        N, V = logits.shape
+        rows = max(1, _CHUNK_ELEMS // V)
+        acc = torch.float64 if compute_dtype == torch.float64 else torch.float32  # softmax arithmetic
+        loss = torch.empty(N, dtype=acc, device=h.device)
+        ar = torch.arange(N, device=h.device)
+        for r0 in range(0, N, rows):
+            blk = logits[r0:r0 + rows]
+            f = blk.to(acc)
+            lse = torch.logsumexp(f, dim=1)                                # (n,)
+            loss[r0:r0 + rows] = lse - f[ar[: f.size(0)], target[r0:r0 + rows]]
+            blk.copy_(f.sub_(lse.unsqueeze(1)).exp_())                    # probabilities, in place
+        ctx.save_for_backward(hc, wc, target)
+        ctx.probs = logits  # not saved_tensors: backward consumes it in place, exactly once
+        ctx.has_bias = bias is not None
+        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.reduction = reduction
+        if reduction == "mean":
+            return loss.mean()
+        if reduction == "sum":
+            return loss.sum()
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # backward reuses the saved probabilities in place
+    def backward(ctx, grad_out: torch.Tensor):
+        hc, wc, target = ctx.saved_tensors
+        probs, ctx.probs = ctx.probs, None
+        if probs is None:
+            raise RuntimeError("linear_cross_entropy supports one backward pass per forward (no retain_graph)")
+        N = probs.size(0)
+        g = probs  # reused in place: d loss_i / d logits_i = p_i - onehot(y_i)
+        g[torch.arange(N, device=g.device), target] -= 1
+        if ctx.reduction == "none":
+            g.mul_(grad_out.to(g.dtype).unsqueeze(1))
+        else:
+            scale = grad_out / N if ctx.reduction == "mean" else grad_out
+            g.mul_(scale.to(g.dtype))
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_h = (g @ wc).to(h_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (g.t() @ hc).to(w_dtype) if ctx.needs_input_grad[1] else None
+        grad_b = g.sum(0, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32).to(b_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                         reduction: str = "mean") -> torch.Tensor:
+    """``F.cross_entropy(F.linear(h, weight, bias).float(), target, reduction=...)``, fused.
+
+    h: (N, D), weight: (V, D), bias: (V,) or None, target: (N,) int64. Honours autocast:
+    under CPU/CUDA autocast the matmuls run in the autocast dtype, the softmax in fp32.
+    """
+    dt = h.dtype
+    if torch.is_autocast_enabled(h.device.type):
+        dt = torch.get_autocast_dtype(h.device.type)
+    elif weight.dtype != h.dtype:
+        dt = torch.promote_types(h.dtype, weight.dtype)
+    with torch.autocast(h.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(h, weight, bias, target, dt, reduction)

@@ -1,0 +1,53 @@
+"""Shared test fixtures: an isolated rnnlm cache and a helper that writes small corpora."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Point RNNLM_CACHE at a temporary folder for the whole session, so tests never read or
+    write the user's ~/.cache/rnnlm (subprocesses inherit it)."""
+    old = os.environ.get("RNNLM_CACHE")
+    os.environ["RNNLM_CACHE"] = str(tmp_path_factory.mktemp("rnnlm-cache"))
+    yield
+    if old is None:
+        os.environ.pop("RNNLM_CACHE", None)
+    else:
+        os.environ["RNNLM_CACHE"] = old
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """A fresh, empty RNNLM_CACHE for one test."""
+    d = tmp_path / "cache"
+    monkeypatch.setenv("RNNLM_CACHE", str(d))
+    return d
+
+
+@pytest.fixture
+def write_corpus(tmp_path):
+    """write_corpus(name, text_or_bytes, **splits) -> Path.
+
+    With only `text`, writes one file `name`; with keyword splits (train=..., valid=...), writes
+    a directory `name` holding train.txt etc. Text is written as UTF-8 bytes, untranslated.
+    """
+    def write(name: str, text: str | bytes | None = None, **splits: str | bytes) -> Path:
+        def put(path: Path, content: str | bytes) -> None:
+            path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8", "surrogatepass"))
+
+        if splits:
+            d = tmp_path / name
+            d.mkdir(parents=True, exist_ok=True)
+            for split, content in splits.items():
+                put(d / f"{split}.txt", content)
+            return d
+        p = tmp_path / name
+        put(p, text or "")
+        return p
+
+    return write

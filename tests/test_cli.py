@@ -1,0 +1,608 @@
+"""The `rnnlm` command end to end, through the installed command, on small corpora written here.
+
+Training and the main paths run as real processes (`python -m rnnlm` and the `rnnlm` console
+script). The long list of bad inputs runs in-process through Typer's CliRunner (same code, no
+interpreter start-up per case); a sample of them also runs as a real process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from rnnlm import __version__
+from rnnlm.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint
+from rnnlm.cli import app
+
+TINY = ["model.hidden_size=32", "model.embedding_size=16", "model.num_layers=1", "train.batch_size=4",
+        "train.bptt=16", "train.max_steps=30", "train.eval_every=10", "train.log_every=5", "train.device=cpu"]
+COMMANDS = ["train", "sample", "eval-perplexity", "score", "plot"]
+WORDS = ("the cat dog sat ran on under a mat rug big small red old house tree and saw quickly slowly").split()
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def word_text(n_lines: int, seed: int) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        subj, verb, obj = rng.choice(WORDS[:3]), rng.choice(WORDS[3:5]), rng.choice(WORDS[9:13])
+        lines.append(f"the {subj} {verb} on the {rng.choice(['big', 'small', 'red'])} {obj}")
+    return "\n".join(lines) + "\n"
+
+
+def char_text(n_par: int, seed: int) -> str:
+    rng = random.Random(seed)
+    pars = []
+    for _ in range(n_par):
+        pars.append("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
+                              for _ in range(rng.randint(1, 3))))
+    return "\n\n".join(pars) + "\n"
+
+
+def env_for(cache: Path) -> dict:
+    env = dict(os.environ)
+    # one intra-op thread: the models are tiny and the suite shares two cores
+    env.update(RNNLM_CACHE=str(cache), PYTHONWARNINGS="ignore", COLUMNS="200", NO_COLOR="1", OMP_NUM_THREADS="1")
+    env.pop("RNNLM_DEBUG", None)
+    return env
+
+
+def run(args: list[str], cwd: Path, cache: Path, stdin: str | bytes | None = None, script: bool = False,
+        timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run the real command: `python -m rnnlm ARGS`, or the `rnnlm` console script."""
+    cmd = [shutil.which("rnnlm")] if script else [sys.executable, "-m", "rnnlm"]
+    if isinstance(stdin, str):
+        stdin = stdin.encode("utf-8")
+    proc = subprocess.run(cmd + [str(a) for a in args], cwd=cwd, env=env_for(cache), input=stdin,
+                          capture_output=True, timeout=timeout)
+    proc.stdout, proc.stderr = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+    return proc
+
+
+def ok(proc) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+def invoke(args: list[str], stdin: str | None = None):
+    """Run the CLI in-process (CliRunner); stderr is kept apart from stdout."""
+    return CliRunner().invoke(app, [str(a) for a in args], input=stdin)
+
+
+def assert_usage_error(result, *needles: str) -> str:
+    """Exit 2, a short message naming the problem, no traceback. Works for CliRunner and subprocess results."""
+    rc = getattr(result, "exit_code", getattr(result, "returncode", None))
+    err, out = result.stderr, result.stdout
+    assert rc == 2, f"exit {rc}\nstdout:\n{out}\nstderr:\n{err}\nexception: {getattr(result, 'exception', None)!r}"
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert 1 <= len(lines) <= 6, err
+    low = err.lower()
+    for n in needles:
+        assert n.lower() in low, f"{n!r} not in:\n{err}"
+    return err
+
+
+# -- module fixtures: one word-level and one char-level run ------------------------------------
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("cli")
+    (d / "cache").mkdir()
+    (d / "word.txt").write_text(word_text(400, 1), encoding="utf-8")
+    (d / "word_test.txt").write_text(word_text(40, 2), encoding="utf-8")
+    (d / "chars").mkdir()
+    (d / "chars" / "train.txt").write_text(char_text(120, 3), encoding="utf-8")
+    (d / "chars" / "valid.txt").write_text(char_text(10, 4), encoding="utf-8")
+    (d / "chars" / "test.txt").write_text(char_text(10, 5), encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="module")
+def word_run(work) -> Path:
+    run_dir = work / "word_run"
+    proc = ok(run(["train", "--data", work / "word.txt", "--out", run_dir, "data.level=word", *TINY],
+                  work, work / "cache", script=True))
+    assert f"run directory: {run_dir}" in proc.stdout
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def char_run(work) -> Path:
+    cfg = work / "char.yaml"
+    cfg.write_text("data:\n  level: char\nmodel:\n  cell: gru\n  hidden_size: 32\n  embedding_size: 16\n"
+                   "  num_layers: 1\ntrain:\n  batch_size: 4\n  bptt: 16\n  max_steps: 30\n  eval_every: 10\n"
+                   "  log_every: 5\n  device: cpu\n", encoding="utf-8")
+    run_dir = work / "char_run"
+    ok(run(["train", "--config", cfg, "--data", work / "chars", "--out", run_dir], work, work / "cache"))
+    return run_dir
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+# -- the run directory -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("level", ["word", "char"])
+def test_run_directory_contents(level, word_run, char_run):
+    run_dir = word_run if level == "word" else char_run
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "vocab.json", "best.pt", "last.pt", "metrics.jsonl", "loss.png"} <= names
+    assert not [n for n in names if n.endswith(".tmp") or n == ".lock"], names
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["data"]["level"] == level and cfg["model"]["hidden_size"] == 32 and cfg["train"]["max_steps"] == 30
+    assert set(cfg) >= {"data", "model", "train"}
+    if level == "char":
+        assert cfg["model"]["cell"] == "gru" and cfg["name"] == "char"
+
+    vocab = json.loads((run_dir / "vocab.json").read_text())
+    assert vocab["tokens"][:2] == ["<unk>", "<eos>"] and len(vocab["tokens"]) == len(set(vocab["tokens"]))
+    if level == "word":
+        assert set(WORDS[:13]) & set(vocab["tokens"]) and all(" " not in t for t in vocab["tokens"])
+    else:
+        assert all(len(t) == 1 for t in vocab["tokens"][2:])
+
+    last, best = load_checkpoint(run_dir / "last.pt"), load_checkpoint(run_dir / "best.pt")
+    assert last["format"] == FORMAT and "trainer" in last and "trainer" not in best
+    assert last["vocab"]["tokens"] == vocab["tokens"]
+
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("level", ["word", "char"])
+def test_metrics_jsonl_events_and_fields(level, word_run, char_run):
+    events = read_metrics(word_run if level == "word" else char_run)
+    for e in events:
+        assert {"event", "step", "tokens", "time"} <= set(e), e
+        assert isinstance(e["step"], int) and isinstance(e["tokens"], int) and e["time"] >= 0
+    kinds = [e["event"] for e in events]
+    assert kinds.count("end") == 1 and kinds[-1] == "end"
+    train = [e for e in events if e["event"] == "train"]
+    evals = [e for e in events if e["event"] == "eval"]
+    assert len(train) == 6 and len(evals) >= 3
+    for e in train:
+        assert {"loss", "lr", "grad_norm", "tokens_per_sec"} <= set(e)
+        assert e["loss"] > 0 and e["lr"] > 0 and e["grad_norm"] >= 0 and e["tokens_per_sec"] > 0
+    assert [e["step"] for e in train] == [5, 10, 15, 20, 25, 30]
+    assert all(b["tokens"] > a["tokens"] for a, b in zip(train, train[1:]))
+    assert train[-1]["tokens"] == 30 * 4 * 16
+    for e in evals:
+        assert e["split"] == "valid" and math.isclose(e["ppl"], math.exp(e["loss"]), rel_tol=1e-6)
+        if level == "char":
+            assert math.isclose(e["bpc"], e["loss"] / math.log(2), rel_tol=1e-6)
+    end = events[-1]
+    assert {"best_valid_loss", "best_valid_ppl", "train_tokens_per_sec"} <= set(end)
+    assert end["step"] == 30 and end["best_valid_loss"] == min(e["loss"] for e in evals)
+    assert math.isclose(end["best_valid_ppl"], math.exp(end["best_valid_loss"]), rel_tol=1e-6)
+    assert end["train_tokens_per_sec"] > 0
+    assert train[-1]["loss"] < train[0]["loss"]  # it learned something
+
+
+# -- sample --------------------------------------------------------------------------------------
+
+def test_sample_json_shape_length_and_seed(work, word_run):
+    args = ["sample", "--checkpoint", word_run, "--json", "--num-samples", "4", "--max-length", "7", "--seed", "3"]
+    first = ok(run(args, work, work / "cache"))
+    lines = first.stdout.splitlines()
+    assert len(lines) == 4
+    vocab = set(json.loads((word_run / "vocab.json").read_text())["tokens"])
+    for ln in lines:
+        s = json.loads(ln)
+        assert {"text", "tokens", "stop"} <= set(s)
+        assert 0 <= s["tokens"] <= 7 and s["stop"] in ("eos", "length")
+        assert (s["stop"] == "length") == (s["tokens"] == 7)
+        words = s["text"].split()
+        assert len(words) == s["tokens"] and set(words) <= vocab - {"<unk>", "<eos>"}
+    again = invoke(args)
+    assert again.exit_code == 0 and again.stdout == first.stdout  # the same seed, the same text
+
+
+def test_sample_plain_output_and_prime(work, word_run):
+    r = invoke(["sample", "--checkpoint", word_run, "--num-samples", "2", "--max-length", "5", "--seed", "1",
+                "--prime", "the cat"])
+    assert r.exit_code == 0, r.stderr
+    blocks = r.stdout.split("\n\n")
+    assert len(blocks) == 3 and blocks[2] == ""  # each sample followed by a blank line
+    for b in blocks[:2]:
+        assert b.startswith("the cat") and len(b.split()) <= 2 + 5
+
+
+def test_sample_single_streams_and_stops(word_run):
+    r = invoke(["sample", "-m", word_run, "-l", "0", "--seed", "1", "--prime", "the dog"])
+    assert r.exit_code == 0 and r.stdout == "the dog\n\n"
+    r = invoke(["sample", "-m", word_run, "--json", "-l", "0", "-n", "2"])
+    assert [json.loads(x)["stop"] for x in r.stdout.splitlines()] == ["length", "length"]
+    r = invoke(["sample", "-m", word_run, "--json", "-n", "0"])
+    assert r.exit_code == 0 and r.stdout == ""
+    greedy = [invoke(["sample", "-m", word_run, "--json", "-l", "12", "--seed", str(s), *flag]).stdout
+              for s, flag in ((1, ["--greedy"]), (2, ["--greedy"]), (3, ["--temperature", "0"]))]
+    assert greedy[0] == greedy[1] == greedy[2]
+
+
+def test_sample_eos_stops_early(word_run):
+    """Lines are 7 words long: a sample from the line model ends at EOS well before 40 tokens."""
+    r = invoke(["sample", "-m", word_run, "--json", "-n", "8", "-l", "40", "--seed", "0", "--temperature", "0.5"])
+    stops = [json.loads(x) for x in r.stdout.splitlines()]
+    assert any(s["stop"] == "eos" and s["tokens"] < 40 for s in stops)
+
+
+def test_sample_prime_of_unknown_words_warns_but_works(work, word_run):
+    proc = ok(run(["sample", "--checkpoint", word_run, "--prime", "zebra xylophone", "--max-length", "3",
+                   "--seed", "2"], work, work / "cache"))
+    assert "warning" in proc.stderr.lower() and "vocabulary" in proc.stderr
+    assert proc.stdout.startswith("zebra xylophone")
+    assert "<unk>" not in proc.stdout
+
+
+def test_char_sample(char_run):
+    r = invoke(["sample", "-m", char_run, "--json", "-n", "2", "-l", "25", "--seed", "5", "--prime", "the "])
+    assert r.exit_code == 0, r.stderr
+    for ln in r.stdout.splitlines():
+        s = json.loads(ln)
+        assert s["text"].startswith("the ") and s["tokens"] <= 25
+        assert len(s["text"]) == 4 + s["tokens"]  # one character per token
+
+
+# -- eval-perplexity ---------------------------------------------------------------------------
+
+def test_eval_perplexity_json_word(work, word_run):
+    proc = ok(run(["eval-perplexity", "--checkpoint", word_run, "--data", work / "word_test.txt", "--json"],
+                  work, work / "cache", script=True))
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    res = json.loads(lines[0])
+    assert {"tokens", "oov", "loss", "ppl", "bits_per_token"} <= set(res)
+    assert res["tokens"] == 40 * 8  # 7 words + EOS per line
+    assert res["oov"] == 0
+    assert math.isclose(res["ppl"], math.exp(res["loss"]), rel_tol=1e-6)
+    assert math.isclose(res["bits_per_token"], res["loss"] / math.log(2), rel_tol=1e-6)
+    assert 1 < res["ppl"] < 25  # a 25-word vocabulary; the model learned the pattern a little
+    # batched evaluation agrees to 0.5 %
+    r = invoke(["eval-perplexity", "-m", word_run, "-d", work / "word_test.txt", "--json", "--batch-size", "4"])
+    assert r.exit_code == 0 and math.isclose(json.loads(r.stdout)["ppl"], res["ppl"], rel_tol=5e-3)
+
+
+def test_eval_perplexity_counts_oov_and_human_table(work, word_run):
+    f = work / "oov.txt"
+    f.write_text("the zebra sat on the rug\n", encoding="utf-8")
+    r = invoke(["eval-perplexity", "-m", word_run, "-d", f, "--json"])
+    res = json.loads(r.stdout)
+    assert res["oov"] == 1 and res["tokens"] == 7
+    r = invoke(["eval-perplexity", "-m", word_run, "-d", f])
+    assert r.exit_code == 0 and "perplexity" in r.stdout and "oov" in r.stdout
+
+
+def test_eval_perplexity_char(work, char_run):
+    r = invoke(["eval-perplexity", "-m", char_run, "-d", work / "chars" / "test.txt", "--json"])
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert math.isclose(res["bpc"], res["loss"] / math.log(2), rel_tol=1e-6)
+    text = (work / "chars" / "test.txt").read_text()
+    paragraphs = [q for q in text.strip("\n").split("\n\n")]
+    assert res["tokens"] == sum(len(q) + 1 for q in paragraphs)  # every character, and one EOS per paragraph
+    assert res["oov"] == 0 and res["words"] == len(text.split()) + len(paragraphs)
+
+
+# -- score ---------------------------------------------------------------------------------------
+
+def test_score_json_from_stdin(work, word_run):
+    sentences = "the cat sat on the red rug\nthe dog ran on the small rug\nrug the on sat\n"
+    proc = ok(run(["score", "--checkpoint", word_run, "--json"], work, work / "cache", stdin=sentences))
+    rows = [json.loads(x) for x in proc.stdout.splitlines()]
+    assert [r["text"] for r in rows] == sentences.splitlines()
+    for r in rows:
+        assert {"text", "tokens", "logprob", "ppl"} <= set(r)
+        assert r["tokens"] == len(r["text"].split()) + 1 and r["logprob"] < 0
+        assert math.isclose(r["ppl"], math.exp(-r["logprob"] / r["tokens"]), rel_tol=1e-6)
+    assert rows[0]["logprob"] / rows[0]["tokens"] > rows[2]["logprob"] / rows[2]["tokens"]  # grammatical wins
+
+
+def test_score_file_and_table(work, word_run):
+    f = work / "sents.txt"
+    f.write_text("the cat sat on the rug\n\n[bold]the dog[/] ran\n", encoding="utf-8")
+    r = invoke(["score", "-m", word_run, "-i", f])
+    assert r.exit_code == 0, r.stderr
+    assert "[bold]the dog[/] ran" in r.stdout  # user text is shown as is, never as markup
+    r = invoke(["score", "-m", word_run, "-i", f, "--json"])
+    assert len(r.stdout.splitlines()) == 2  # the blank line is not a sentence
+
+
+# -- the command itself ------------------------------------------------------------------------
+
+def test_version_and_help_via_python_m(work):
+    proc = ok(run(["--version"], work, work / "cache"))
+    assert proc.stdout.strip() == f"rnnlm {__version__}"
+    proc = ok(run(["--help"], work, work / "cache", script=True))
+    for c in COMMANDS:
+        assert c in proc.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_on_every_command(command):
+    r = invoke([command, "--help"])
+    assert r.exit_code == 0 and "Usage" in r.stdout and "--help" in r.stdout
+    r2 = invoke([command, "-h"])
+    assert r2.exit_code == 0 and r2.stdout == r.stdout
+
+
+def test_bare_command_shows_help():
+    r = invoke([])
+    assert "Usage" in r.stdout + r.stderr and r.exit_code in (0, 2)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["sample", "--checkpoint"], "requires an argument"),
+    (["sample"], "--checkpoint"),
+    (["eval-perplexity", "--checkpoint", "x"], "--data"),
+    (["train", "--no-such-option"], "No such option"),
+    (["frobnicate"], "No such command"),
+    (["sample", "-m", "x", "--num-samples", "many"], "--num-samples"),
+    (["sample", "-m", "x", "--temperature", "hot"], "--temperature"),
+])
+def test_click_usage_errors_exit_2(args, needle):
+    r = invoke(args)
+    assert r.exit_code == 2 and needle in r.stderr and "Traceback" not in r.stderr + r.stdout
+
+
+def test_quickstart_default_corpus(tmp_path):
+    """`rnnlm train` with no --config and no --data: the embedded corpus, offline, a default run dir."""
+    cache = tmp_path / "cache"
+    proc = ok(run(["train", "train.max_steps=3", "model.hidden_size=16", "model.embedding_size=8",
+                   "model.num_layers=1", "train.batch_size=4", "train.bptt=16", "train.eval_max_tokens=2000",
+                   "train.log_every=1", "train.device=cpu"], tmp_path, cache, script=True))
+    runs = [d for d in (tmp_path / "runs").iterdir() if not d.is_symlink()]  # (runs/latest may point to it)
+    assert len(runs) == 1 and runs[0].name.startswith("default-")
+    assert f"run directory: {Path('runs') / runs[0].name}" in proc.stdout
+    assert "standard library" in proc.stderr
+    events = read_metrics(runs[0])
+    assert [e["step"] for e in events if e["event"] == "train"] == [1, 2, 3]
+    assert (runs[0] / "best.pt").is_file() and (runs[0] / "loss.png").is_file()
+    assert yaml.safe_load((runs[0] / "config.yaml").read_text())["data"]["path"] is None
+    r = invoke(["sample", "-m", runs[0], "-l", "20", "--seed", "0"])
+    assert r.exit_code == 0 and len(r.stdout) >= 2
+
+
+def test_short_run_still_logs_a_train_event(work):
+    out = work / "short_run"
+    r = invoke(["train", "--data", work / "word.txt", "--out", out, "data.level=word", *TINY,
+                "train.max_steps=3", "train.log_every=50"])
+    assert r.exit_code == 0, r.stderr
+    assert [e["step"] for e in read_metrics(out) if e["event"] == "train"] == [3]
+
+
+def test_plot(work, word_run):
+    target = work / "curves.png"
+    r = invoke(["plot", word_run, "--out", target])
+    assert r.exit_code == 0 and target.read_bytes()[:4] == b"\x89PNG" and str(target) in r.stdout
+    (word_run / "loss.png").unlink()
+    r = invoke(["plot", word_run])
+    assert r.exit_code == 0 and (word_run / "loss.png").is_file()
+    assert_usage_error(invoke(["plot", work]), "metrics.jsonl")
+
+
+def test_markup_in_paths_is_printed_as_is(work):
+    r = invoke(["sample", "--checkpoint", work / "[/bold]x[red]"])
+    err = assert_usage_error(r, "checkpoint not found")
+    assert "[/bold]x[red]" in err
+
+
+def test_markup_in_training_paths(work):
+    d = work / "data[/b]"  # a folder "data[" holding a folder "b]"
+    d.mkdir(parents=True)
+    (d / "train.txt").write_text(word_text(100, 7), encoding="utf-8")
+    r = invoke(["train", "--data", d, "--out", work / "run[/i]", "data.level=word", *TINY, "train.max_steps=2"])
+    assert r.exit_code == 0, r.stderr
+
+
+# -- bad input: exit 2, one clear message, no traceback ------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad(work) -> Path:
+    """Bad data and config files (written once)."""
+    d = work / "bad"
+    d.mkdir()
+    (d / "empty.txt").write_bytes(b"")
+    (d / "binary.bin").write_bytes(bytes(range(256)) * 8)
+    (d / "latin1.txt").write_bytes("line one\nline two\ncaf\xe9 au lait\n".encode("latin-1"))
+    (d / "notrain").mkdir()
+    (d / "notrain" / "valid.txt").write_text(word_text(5, 9))
+    for split in ("valid", "test"):
+        sub = d / f"empty_{split}"
+        sub.mkdir()
+        (sub / "train.txt").write_text(word_text(50, 9))
+        (sub / split).with_suffix(".txt").write_text("\n\n   \n\n")
+    (d / "tiny.txt").write_text("a b\n")
+    (d / "syntax.yaml").write_text("model:\n  hidden_size: 64\n  cell: [lstm\ntrain: {}\n")
+    (d / "unknown_section.yaml").write_text("modle:\n  hidden_size: 64\n")
+    (d / "unknown_key.yaml").write_text("train:\n  learning_rate: 0.1\n")
+    (d / "wrong_type.yaml").write_text("model:\n  hidden_size: large\n")
+    return d
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("missing", ["not found", "nope.txt"]),
+    ("empty", ["empty.txt", "empty"]),
+    ("binary", ["binary.bin", "binary"]),
+    ("latin1", ["latin1.txt", "line 3", "byte offset 21", "data.encoding"]),
+    ("notrain", ["train.txt"]),
+    ("empty_valid", ["valid", "tokenizes to nothing"]),
+    ("empty_test", ["test", "tokenizes to nothing"]),
+    ("tiny", ["too small", "tokens", "train.batch_size"]),
+])
+def test_bad_data(work, bad, case, needles):
+    path = {"missing": bad / "nope.txt", "empty": bad / "empty.txt", "binary": bad / "binary.bin",
+            "latin1": bad / "latin1.txt", "notrain": bad / "notrain", "empty_valid": bad / "empty_valid",
+            "empty_test": bad / "empty_test", "tiny": bad / "tiny.txt"}[case]
+    out = work / f"never_{case}"
+    # char level: blank-line separated paragraphs, so a file of blank lines has no token at all (at word level
+    # with eos=line every blank line is an empty sentence, i.e. one <eos>, as in PTB/WikiText)
+    level = "data.level=char" if case.startswith("empty_") else "data.level=word"
+    assert_usage_error(invoke(["train", "--data", path, "--out", out, *TINY, level]), *needles)
+    assert not (out / "best.pt").exists()
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--config", "missing.yaml"], ["config file not found", "missing.yaml"]),
+    (["--config", "syntax.yaml"], ["syntax.yaml", "line 4", "column"]),
+    (["--config", "unknown_section.yaml"], ["unknown config section 'modle'", "'model'"]),
+    (["--config", "unknown_key.yaml"], ["train.learning_rate", "'train.lr'"]),
+    (["--config", "wrong_type.yaml"], ["model.hidden_size", "integer"]),
+    (["model.hiden_size=10"], ["model.hiden_size", "did you mean 'model.hidden_size'"]),
+    (["trian.lr=1"], ["trian.lr", "'train.lr'"]),
+    (["train.lr=fast"], ["train.lr", "number"]),
+    (["model.hidden_size=0"], ["model.hidden_size", ">= 1"]),
+    (["train.batch_size=-4"], ["train.batch_size", ">= 1"]),
+    (["train.bptt=0"], ["train.bptt"]),
+    (["model.dropout=1.5"], ["model.dropout", "[0, 1]"]),
+    (["sample.top_p=2"], ["sample.top_p", "[0, 1]"]),
+    (["model.cell=lstmm"], ["model.cell", "lstm"]),
+    (["train.optimizer=adamax"], ["train.optimizer", "sgd"]),
+    (["train.lr_schedule=linear"], ["train.lr_schedule", "cosine"]),
+    (["train.precision=fp8"], ["train.precision", "bf16"]),
+    (["hidden_size=3"], ["hidden_size", "model.hidden_size"]),
+    (["model.hidden_size"], ["KEY=VALUE"]),
+])
+def test_bad_config(work, bad, args, needles):
+    cmd = ["train", "--data", work / "word.txt", "--out", work / "never"]
+    cmd += [bad / a if a.endswith(".yaml") else a for a in args]
+    assert_usage_error(invoke(cmd), *needles)
+    assert not (work / "never").exists()
+
+
+def test_resume_with_nothing_to_resume(work):
+    assert_usage_error(invoke(["train", "--resume", "--out", work / "no_such_run"]), "nothing to resume")
+    (work / "empty_run").mkdir()
+    assert_usage_error(invoke(["train", "--resume", "--out", work / "empty_run"]), "nothing to resume")
+    assert_usage_error(invoke(["train", "--resume", "train.max_steps=1"]), "--out")
+
+
+def test_existing_run_directory_without_resume(work, word_run):
+    before = sorted(p.name for p in word_run.iterdir())
+    err = assert_usage_error(invoke(["train", "--data", work / "word.txt", "--out", word_run, "data.level=word"]),
+                             "already exists", "--resume")
+    assert str(word_run) in err
+    assert sorted(p.name for p in word_run.iterdir()) == before
+
+
+# -- bad checkpoints -----------------------------------------------------------------------------
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+@pytest.fixture(scope="module")
+def bad_ckpts(work, word_run) -> Path:
+    d = work / "bad_ckpts"
+    d.mkdir()
+    good = (word_run / "best.pt").read_bytes()
+    (d / "truncated.pt").write_bytes(good[: len(good) // 2])
+    (d / "random.pt").write_bytes(random.Random(0).randbytes(30000))
+    data = torch.load(word_run / "best.pt", weights_only=True)
+    torch.save({**data, "format_version": FORMAT_VERSION + 1}, d / "newer.pt")
+    vocab = dict(data["vocab"])
+    vocab["tokens"] = vocab["tokens"] + ["extra1", "extra2"]
+    vocab.pop("counts", None)
+    torch.save({**data, "vocab": vocab}, d / "mismatch.pt")
+    torch.save({**data, "model": {"x": _Evil(d / "PWNED")}}, d / "evil.pt")
+    (d / "run_without_checkpoints").mkdir()
+    return d
+
+
+@pytest.mark.parametrize("command", ["sample", "eval-perplexity", "score"])
+@pytest.mark.parametrize("name, needles", [
+    ("missing.pt", ["checkpoint not found"]),
+    ("truncated.pt", ["truncated or corrupt"]),
+    ("random.pt", ["not an rnnlm checkpoint"]),
+    ("newer.pt", ["format version", "newer", "upgrade"]),
+    ("mismatch.pt", ["do not match"]),
+    ("evil.pt", ["refusing to load", "could run code"]),
+    ("run_without_checkpoints", ["no checkpoint"]),
+])
+def test_bad_checkpoint(work, bad_ckpts, command, name, needles):
+    path = bad_ckpts / name
+    extra = {"sample": ["-l", "3"], "eval-perplexity": ["--data", work / "word_test.txt"],
+             "score": ["--input", work / "word_test.txt"]}[command]
+    err = assert_usage_error(invoke([command, "--checkpoint", path, *extra]), *needles)
+    assert str(path) in err
+    assert not (bad_ckpts / "PWNED").exists()
+
+
+def test_bad_checkpoints_through_the_real_command(work, bad_ckpts):
+    proc = run(["sample", "--checkpoint", bad_ckpts / "evil.pt"], work, work / "cache")
+    assert_usage_error(proc, "refusing to load")
+    assert not (bad_ckpts / "PWNED").exists()
+
+
+# -- bad sampling / evaluation arguments ---------------------------------------------------------
+
+@pytest.mark.parametrize("args, needles", [
+    (["--temperature", "-1"], ["--temperature", ">= 0"]),
+    (["--temperature", "nan"], ["--temperature"]),
+    (["--temperature", "inf"], ["--temperature"]),
+    (["--top-p", "0"], ["--top-p", "(0, 1]"]),
+    (["--top-p", "1.5"], ["--top-p"]),
+    (["--top-p", "-0.2"], ["--top-p"]),
+    (["--top-k", "-1"], ["--top-k", ">= 0"]),
+    (["--max-length", "-1"], ["--max-length"]),
+    (["--num-samples", "-2"], ["--num-samples"]),
+])
+def test_bad_sampling_arguments(word_run, args, needles):
+    assert_usage_error(invoke(["sample", "--checkpoint", word_run, *args]), *needles)
+    # the arguments are checked before the checkpoint is even read
+    assert_usage_error(invoke(["sample", "--checkpoint", "missing.pt", *args]), *needles)
+
+
+@pytest.mark.parametrize("command", ["eval-perplexity", "score"])
+@pytest.mark.parametrize("case, needles", [
+    ("missing", ["not found"]),
+    ("empty", ["empty.txt"]),
+    ("binary", ["binary"]),
+    ("latin1", ["latin1.txt", "line 3"]),
+    ("directory", ["directory"]),
+])
+def test_eval_and_score_bad_files(work, bad, word_run, command, case, needles):
+    path = {"missing": bad / "nope.txt", "empty": bad / "empty.txt", "binary": bad / "binary.bin",
+            "latin1": bad / "latin1.txt", "directory": bad / "notrain"}[case]
+    opt = "--data" if command == "eval-perplexity" else "--input"
+    assert_usage_error(invoke([command, "--checkpoint", word_run, opt, path]), *needles)
+
+
+def test_eval_bad_batch_size_and_empty_stdin(word_run, work):
+    assert_usage_error(invoke(["eval-perplexity", "-m", word_run, "-d", work / "word_test.txt", "-b", "0"]),
+                       "--batch-size")
+    assert_usage_error(invoke(["score", "-m", word_run], stdin=""), "no sentences")
+    assert_usage_error(invoke(["score", "-m", word_run], stdin="a\x00b\n"), "binary")
+
+
+def test_bad_input_through_the_real_command(work, bad):
+    """A few of the cases above as a real process: the exit code and stderr a shell sees."""
+    proc = run(["train", "--data", bad / "nope.txt", "--out", work / "never"], work, work / "cache")
+    assert_usage_error(proc, "data path not found")
+    proc = run(["train", "--config", bad / "syntax.yaml"], work, work / "cache", script=True)
+    assert_usage_error(proc, "line 4")
+    proc = run(["sample", "--checkpoint"], work, work / "cache")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_debug_flag_shows_the_traceback(work, bad):
+    proc = run(["--debug", "train", "--data", bad / "nope.txt", "--out", work / "never"], work, work / "cache")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "UsageError" in proc.stderr

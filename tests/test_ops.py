@@ -1,0 +1,56 @@
+"""The fused linear + cross-entropy equals the composed PyTorch ops."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rnnlm.ops import linear_cross_entropy
+
+
+def _inputs(N=37, D=16, V=3001, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=g, dtype=torch.float64).requires_grad_()
+    W = (torch.randn(V, D, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
+    b = torch.randn(V, generator=g, dtype=torch.float64).requires_grad_() if bias else None
+    y = torch.randint(0, V, (N,), generator=g)
+    return h, W, b, y
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_cross_entropy_and_its_gradients(reduction, bias):
+    h, W, b, y = _inputs(bias=bias)
+    params = [h, W] + ([b] if bias else [])
+    w_out = torch.rand(h.size(0), dtype=torch.float64) if reduction == "none" else None
+    ours = linear_cross_entropy(h, W, b, y, reduction)
+    ref = F.cross_entropy(F.linear(h, W, b), y, reduction=reduction)
+    assert torch.allclose(ours, ref, atol=1e-10)
+    go = torch.autograd.grad((ours * w_out).sum() if w_out is not None else ours, params)
+    gr = torch.autograd.grad((ref * w_out).sum() if w_out is not None else ref, params)
+    for a, c in zip(go, gr):
+        assert torch.allclose(a, c, atol=1e-10)
+
+
+def test_second_backward_is_refused_not_wrong():
+    h, W, b, y = _inputs(N=5, D=3, V=7)
+    loss = linear_cross_entropy(h, W, b, y, "sum")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        loss.backward()
+
+
+def test_bf16_autocast_close_to_reference():
+    h, W, b, y = _inputs(N=64, D=32, V=5000)
+    h, W, b = (t.detach().float().requires_grad_() for t in (h, W, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(h, W, b, y)
+    ref = F.cross_entropy(F.linear(h, W, b), y)
+    assert ours.dtype == torch.float32
+    assert abs(ours.item() - ref.item()) / ref.item() < 5e-3
+    ours.backward()
+    assert W.grad.dtype == torch.float32 and torch.isfinite(W.grad).all()
+    gW = W.grad.clone()
+    W.grad = None
+    ref.backward()
+    cos = F.cosine_similarity(gW.flatten(), W.grad.flatten(), dim=0)
+    assert cos > 0.99

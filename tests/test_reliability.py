@@ -1,0 +1,305 @@
+"""Nothing is lost: SIGKILL at random moments, a full disk, two trainers on one run, Ctrl-C / SIGTERM.
+
+Training runs as real processes (`python -m rnnlm train ...`) that the tests kill, signal or
+starve of disk space; every check afterwards goes through the public loaders and the CLI.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rnnlm import checkpoint as ck
+from rnnlm.checkpoint import LAST, load_checkpoint, load_model
+from rnnlm.cli import app
+from rnnlm.errors import RunError
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and rlimits")
+
+TINY = ["model.hidden_size=32", "model.embedding_size=16", "model.num_layers=1", "train.batch_size=4",
+        "train.bptt=16", "train.log_every=5", "train.device=cpu", "data.level=word"]
+WORDS = "the a cat dog bird sat ran flew on under over mat rug tree big small red old".split()
+
+
+def corpus(path: Path, n_lines: int = 600, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9)))
+                              for _ in range(n_lines)) + "\n", encoding="utf-8")
+    return path
+
+
+def cli_env(tmp_path: Path) -> dict:
+    # one intra-op thread: these models are tiny, and the tests share two cores with each other
+    env = dict(os.environ, RNNLM_CACHE=str(tmp_path / "cache"), PYTHONWARNINGS="ignore", COLUMNS="200",
+               OMP_NUM_THREADS="1")
+    env.pop("RNNLM_DEBUG", None)
+    return env
+
+
+def start(args: list, tmp_path: Path, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "rnnlm", *[str(a) for a in args]], cwd=tmp_path,
+                            env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def run(args: list, tmp_path: Path, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rnnlm", *[str(a) for a in args]], cwd=tmp_path,
+                          env=cli_env(tmp_path), capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def wait_for(cond, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"process ended (exit {proc.returncode}) before {what}\n{out}\n{err}")
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def saved_step(run_dir: Path) -> int:
+    return int(load_checkpoint(run_dir / LAST)["step"])
+
+
+def metrics(run_dir: Path) -> tuple[list[dict], int]:
+    """The parsed events and the number of lines that are not JSON (torn by a kill)."""
+    events, torn = [], 0
+    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                torn += 1
+    return events, torn
+
+
+def temp_files(run_dir: Path) -> list[str]:
+    return [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def invoke(args: list):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+# -- (a) SIGKILL at random moments -----------------------------------------------------------------
+
+def test_sigkill_at_random_moments_then_resume(tmp_path):
+    seed = int(time.time())
+    rng = random.Random(seed)
+    info = f"(random seed {seed})"
+    data = corpus(tmp_path / "corpus.txt")
+    run_dir = tmp_path / "run"
+    # frequent checkpoints: last.pt after every step, an evaluation (best.pt + last.pt) every 3 steps
+    args = ["train", "--data", data, "--out", run_dir, *TINY, "train.save_every=1", "train.eval_every=3",
+            "train.max_steps=100000", "train.epochs=1000", "train.eval_max_tokens=200"]
+    t0 = time.monotonic()
+    kills, steps = 0, [0]
+    proc = start(args, tmp_path)
+    # the first kill only once a checkpoint exists (see test_kill_before_the_first_checkpoint)
+    wait_for(lambda: (run_dir / LAST).exists(), 60, proc, "the first checkpoint")
+    while True:
+        time.sleep(rng.uniform(0.5, 4.0))
+        assert proc.poll() is None, f"training ended by itself {info}: {proc.communicate()}"
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        kills += 1
+        # after every kill: the checkpoints load, and progress never goes backwards
+        step = saved_step(run_dir)
+        assert step >= steps[-1], info
+        steps.append(step)
+        lm = load_model(run_dir)
+        assert len(lm.vocab) > 2
+        if kills == 3 or time.monotonic() - t0 > 35:
+            break
+        proc = start(["train", "--resume", "--out", run_dir], tmp_path)
+    assert kills >= 2
+    # the run continues from where the last checkpoint left off, and finishes
+    target = steps[-1] + 12
+    done = run(["train", "--resume", "--out", run_dir, f"train.max_steps={target}"], tmp_path)
+    assert done.returncode == 0, f"{info}\n{done.stdout}\n{done.stderr}"
+    assert "Traceback" not in done.stderr
+    assert f"continuing at step {steps[-1]}" in done.stderr, done.stderr
+    events, torn = metrics(run_dir)
+    assert torn <= kills, info  # at most the line being written at each kill
+    assert events[-1]["event"] == "end" and events[-1]["step"] == target
+    assert saved_step(run_dir) == target
+    assert temp_files(run_dir) == [], info  # temp files of killed writers are cleaned up
+    assert not (run_dir / ".lock").exists()
+    assert time.monotonic() - t0 < 60
+
+
+def test_kill_before_the_first_checkpoint_can_be_restarted(tmp_path):
+    data = corpus(tmp_path / "corpus.txt", n_lines=100)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # what a SIGKILL during start-up leaves behind: the resolved config and vocabulary, no checkpoint
+    (run_dir / "config.yaml").write_text("name: corpus\n")
+    (run_dir / "vocab.json").write_text("{}")
+    (run_dir / "metrics.jsonl").write_text("")
+    args = ["train", "--data", data, "--out", run_dir, *TINY, "train.max_steps=2"]
+    results = [invoke(args).exit_code, invoke(["train", "--resume", "--out", run_dir, "train.max_steps=2"]).exit_code]
+    assert 0 in results
+
+
+# -- (b) disk full / unwritable run directory ------------------------------------------------------
+
+@pytest.fixture()
+def trained(tmp_path) -> Path:
+    """A finished tiny run (in-process, for speed)."""
+    run_dir = tmp_path / "run"
+    r = invoke(["train", "--data", corpus(tmp_path / "corpus.txt", n_lines=200), "--out", run_dir, *TINY,
+                "train.max_steps=6", "train.eval_every=3"])
+    assert r.exit_code == 0, r.stderr
+    return run_dir
+
+
+def test_disk_full_during_save_in_process(trained, monkeypatch):
+    from rnnlm.config import build_config
+    from rnnlm.train import Trainer
+
+    before = (trained / LAST).read_bytes()
+    calls = []
+
+    def full(path, data):
+        calls.append(Path(path).name)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "atomic_write_bytes", full)
+    trainer = Trainer(build_config(overrides=["train.max_steps=9"]), trained, resume=True)
+    with pytest.raises(RunError) as e:
+        trainer.fit()
+    msg = str(e.value)
+    assert "No space left on device" in msg and "previous checkpoint is intact" in msg
+    assert calls and calls[0] in ("best.pt", "last.pt")
+    monkeypatch.undo()
+    assert (trained / LAST).read_bytes() == before and temp_files(trained) == []
+    assert saved_step(trained) == 6
+    assert not (trained / ".lock").exists()  # the lock is released on failure too
+
+
+def test_disk_full_during_save_through_the_cli(trained, monkeypatch):
+    before = (trained / LAST).read_bytes()
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "atomic_write_bytes", full)
+    r = invoke(["train", "--resume", "--out", trained, "train.max_steps=9"])
+    assert r.exit_code == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr + r.stdout
+    assert "could not write checkpoint" in r.stderr and "No space left on device" in r.stderr
+    assert (trained / LAST).read_bytes() == before
+
+
+def test_file_size_limit_in_a_real_process(trained, tmp_path):
+    """A real failing write (RLIMIT_FSIZE: EFBIG, as a full disk gives ENOSPC) in a real process."""
+    before = (trained / LAST).read_bytes()
+    limit = len(before) // 2
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = run(["train", "--resume", "--out", trained, "train.max_steps=9"], tmp_path, preexec_fn=limit_file_size)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    err = " ".join(proc.stderr.split())
+    assert "could not write checkpoint" in err and "File too large" in err and "intact" in err
+    assert (trained / LAST).read_bytes() == before and temp_files(trained) == []
+    assert not (trained / ".lock").exists()
+
+
+# -- (c) two trainers, one run directory; (d) SIGTERM / SIGINT --------------------------------------
+
+def long_run(tmp_path: Path, name: str) -> tuple[subprocess.Popen, Path]:
+    run_dir = tmp_path / name
+    data = corpus(tmp_path / "corpus.txt")
+    proc = start(["train", "--data", data, "--out", run_dir, *TINY, "train.max_steps=100000", "train.epochs=1000",
+                  "train.eval_every=10", "train.eval_max_tokens=200"], tmp_path)
+    wait_for(lambda: (run_dir / LAST).exists() and (run_dir / ".lock").exists(), 60, proc, "a running trainer")
+    return proc, run_dir
+
+
+def stop_with(proc: subprocess.Popen, sig: int, run_dir: Path) -> str:
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{err}"
+    assert "Traceback" not in err
+    err = " ".join(err.split())
+    assert f"rnnlm train --resume --out {run_dir}" in err  # says how to resume
+    return err
+
+
+def test_second_trainer_refused_then_sigterm_then_resume(tmp_path):
+    proc, run_dir = long_run(tmp_path, "run")
+    try:
+        pid = int((run_dir / ".lock").read_text().strip())
+        assert pid == proc.pid
+        second = run(["train", "--resume", "--out", run_dir], tmp_path)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        err = " ".join(second.stderr.split())
+        assert "in use" in err and str(proc.pid) in err
+        fresh = invoke(["train", "--data", tmp_path / "corpus.txt", "--out", run_dir, *TINY])
+        assert fresh.exit_code == 2 and "Traceback" not in fresh.stderr
+        assert proc.poll() is None  # the first one is unharmed
+    finally:
+        if proc.poll() is None:
+            err = stop_with(proc, signal.SIGTERM, run_dir)
+    assert "SIGTERM" in err
+    step = saved_step(run_dir)
+    events, torn = metrics(run_dir)
+    assert torn == 0 and events[-1]["event"] == "end" and events[-1]["step"] == step
+    assert not (run_dir / ".lock").exists()
+    done = invoke(["train", "--resume", "--out", run_dir, f"train.max_steps={step + 5}"])
+    assert done.exit_code == 0, done.stderr
+    assert saved_step(run_dir) == step + 5
+
+
+def test_sigint_finishes_the_step_and_saves(tmp_path):
+    proc, run_dir = long_run(tmp_path, "run_int")
+    time.sleep(random.uniform(0.2, 1.0))
+    err = stop_with(proc, signal.SIGINT, run_dir)
+    assert "SIGINT" in err
+    step = saved_step(run_dir)
+    ckpt = load_checkpoint(run_dir / LAST)
+    assert ckpt["trainer"]["window"] >= 0 and step > 0
+    done = invoke(["train", "--resume", "--out", run_dir, f"train.max_steps={step + 3}"])
+    assert done.exit_code == 0, done.stderr
+    assert f"continuing at step {step}" in " ".join(done.stderr.split())
+    assert saved_step(run_dir) == step + 3
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(trained):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (trained / ".lock").write_text(str(dead.pid))
+    r = invoke(["train", "--resume", "--out", trained, "train.max_steps=8"])
+    assert r.exit_code == 0, r.stderr
+    assert saved_step(trained) == 8 and not (trained / ".lock").exists()
+    (trained / ".lock").write_text("garbage")  # an unreadable lock counts as stale too
+    r = invoke(["train", "--resume", "--out", trained, "train.max_steps=9"])
+    assert r.exit_code == 0, r.stderr
+
+
+def test_lock_of_a_live_process_is_respected(trained):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (trained / ".lock").write_text(str(holder.pid))
+        r = invoke(["train", "--resume", "--out", trained, "train.max_steps=8"])
+        assert r.exit_code == 2 and "in use" in r.stderr and str(holder.pid) in r.stderr
+        assert saved_step(trained) == 6
+        assert (trained / ".lock").read_text() == str(holder.pid)  # not stolen
+    finally:
+        holder.kill()
+        holder.wait()
