@@ -107,8 +107,8 @@ class TrainConfig:
                                 min=1)
     save_every: int | None = _f(None, "also write last.pt every this many optimizer steps (null = at each "
                                       "evaluation only)", min=1)
-    eval_batch_size: int = _f(16, "batch size of the validation passes during training (pieces warmed up on the "
-                                  "preceding tokens; `rnnlm eval-perplexity` defaults to the exact batch 1)", min=1)
+    eval_batch_size: int = _f(16, "batch size of the validation passes during training (contiguous pieces in "
+                                  "parallel, each start state checked against the exact carried one)", min=1)
     eval_max_tokens: int | None = _f(None, "evaluate on at most this many validation tokens during training "
                                            "(null = all)", min=1)
     out: str | None = _f(None, "run directory; null = runs/<config-name>-<timestamp>")

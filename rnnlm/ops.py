@@ -37,11 +37,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.empty(N, dtype=acc, device=h.device)
         ar = torch.arange(N, device=h.device)
         for r0 in range(0, N, rows):
-            blk = logits[r0:r0 + rows]
+            blk = logits[r0:r0 + rows]                                     # (n, V) view
             f = blk.to(acc)
-            lse = torch.logsumexp(f, dim=1)                                # (n,)
-            loss[r0:r0 + rows] = lse - f[ar[: f.size(0)], target[r0:r0 + rows]]
-            blk.copy_(f.sub_(lse.unsqueeze(1)).exp_())                    # probabilities, in place
+            n = f.size(0)
+            picked = f[ar[:n], target[r0:r0 + rows]]                       # logit of each target
+            mx = f.amax(dim=1, keepdim=True)
+            e = f.sub_(mx).exp_()                                          # one exp pass
+            s = e.sum(dim=1, keepdim=True)
+            loss[r0:r0 + rows] = (mx + s.log()).squeeze(1) - picked        # log-sum-exp - target logit
+            blk.copy_(e.mul_(s.reciprocal_()))                             # probabilities, in place
         ctx.save_for_backward(hc, wc, target)
         ctx.probs = logits  # not saved_tensors: backward consumes it in place, exactly once
         ctx.has_bias = bias is not None

@@ -1,28 +1,50 @@
 """Sampling text from a trained model.
 
-One forward step per new token with the hidden state carried (O(1) work per token, the
-prefix is never re-run). The distribution at each step is processed in this order:
+One step of the recurrent stack per new token, the hidden state carried: O(1) work per
+token, the prefix is never re-run. At each step the next-token distribution is processed
+in this order:
 
 1. ``<unk>`` removed (unless ``allow_unk``): its probability is set to 0 and the rest
    renormalised -- exactly the distribution of re-drawing until a non-UNK token comes up;
-2. temperature (0 means greedy);
-3. top-k, then top-p (nucleus: the smallest set of tokens whose mass reaches p);
-4. a draw from a seeded generator, so ``seed`` makes output reproducible.
+2. temperature T: p_i ∝ p_i^(1/T); T = 0 (or ``greedy``) takes the most probable token;
+3. top-k (keep the k most probable tokens), then top-p / nucleus (keep the smallest set of
+   the most probable tokens whose mass, renormalised after top-k, reaches p);
+4. a draw from a generator seeded with ``seed``, so a seed makes output reproducible.
 
-A sample ends at ``<eos>`` (not printed) or after ``max_length`` tokens. Bidirectional
-models sample with their forward direction.
+Removing UNK and the temperature commute; top-k and top-p see the distribution without UNK.
+A sample ends at ``<eos>`` (not part of the text) or after ``max_length`` tokens, whichever
+comes first; the samples of one batch end independently. Bidirectional models sample with
+their forward direction.
+
+Speed: ``nn.LSTM``/``nn.GRU``/``nn.RNN`` stacks are stepped with the fused cell functions
+(``torch.lstm_cell`` & co.) on the module's own weights. Going through ``nn.LSTM`` for one
+step at a time is slow on CPU: its oneDNN path has a fixed cost per call (measured ~8 ms per
+layer for 512 units, torch 2.13), more than a hundred times the step's arithmetic. For small vocabularies the first layer's input projection of every
+token is precomputed (a (V, G·H) table), which removes one of the matrix-vector products of a
+step. Other recurrent modules (the peephole LSTM) go through ``model(...)`` one step at a
+time. See docs/SAMPLING.md for the measured figures.
 """
 
 from __future__ import annotations
 
+import math
+import secrets
 import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn as nn
 
 from .errors import UsageError
-from .text import EOS, EOS_ID, UNK_ID, Tokenizer, Vocab
+from .text import EOS, EOS_ID, UNK, UNK_ID, Tokenizer, Vocab
+
+NEG_INF = float("-inf")
+# Precompute the first layer's input projection when the (V, G·H) table has at most this
+# many entries (8 MB of float32): every character vocabulary, not a 10k-word one.
+_TABLE_MAX_ENTRIES = 1 << 21
+# Contexts up to this many tokens are fed one step at a time; longer ones in one model call.
+_STEP_PRIME_MAX = 64
 
 
 @dataclass
@@ -36,32 +58,211 @@ class Sample:
         return {"text": self.text, "tokens": self.tokens, "stop": self.stop, "generated": self.generated}
 
 
+# -- the distribution -------------------------------------------------------------------------
+
+def _truncate(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then top-p on unnormalised log-scores (B, V): removed entries become -inf.
+
+    Exactly min(k, V) tokens survive top-k (a tie at the k-th value is broken arbitrarily). Top-p
+    keeps, in order of probability, every token whose better tokens hold less than p of the
+    mass (renormalised after top-k): the smallest set whose mass reaches p.
+    """
+    V = scores.size(-1)
+    if 0 < top_k < V:
+        keep = torch.zeros_like(scores, dtype=torch.bool)
+        keep.scatter_(-1, torch.topk(scores, top_k, dim=-1).indices, True)
+        scores = scores.masked_fill(~keep, NEG_INF)
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        probs = torch.softmax(sorted_scores.double(), dim=-1)
+        mass_before = probs.cumsum(-1) - probs          # mass of the strictly better tokens
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, NEG_INF)
+    return scores
+
+
 def filter_log_probs(logp: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                      allow_unk: bool = False) -> torch.Tensor:
-    """Turn log-probabilities (B, V) into the log-probabilities actually sampled from (B, V).
+    """The log-probabilities actually sampled from, given the model's (B, V) log-probabilities.
 
-    Removed tokens get -inf; the rest is renormalised. temperature must be > 0 here.
+    Applies UNK removal, temperature, top-k and top-p in that order (the module docstring
+    says how); removed tokens get -inf and the rest is renormalised. ``temperature=0`` gives
+    the greedy distribution: all the mass on the most probable (non-UNK) token.
     """
-    logp = logp.float().clone()
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise UsageError(f"temperature must be a number >= 0, got {temperature}")
+    scores = logp.float().clone()
     if not allow_unk:
-        logp[:, UNK_ID] = float("-inf")
-    logp = torch.log_softmax(logp / temperature, dim=-1)
-    V = logp.size(-1)
-    if 0 < top_k < V:
-        kth = torch.topk(logp, top_k, dim=-1).values[:, -1:]          # (B, 1)
-        logp = logp.masked_fill(logp < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_lp, idx = torch.sort(logp, dim=-1, descending=True)
-        probs = sorted_lp.exp()
-        mass_before = probs.cumsum(-1) - probs                          # mass of strictly better tokens
-        drop_sorted = mass_before >= top_p                              # keep until the mass reaches p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
-        logp = logp.masked_fill(drop, float("-inf"))
-    return torch.log_softmax(logp, dim=-1)
+        scores[..., UNK_ID] = NEG_INF
+    if temperature == 0:
+        greedy = torch.full_like(scores, NEG_INF)
+        return greedy.scatter_(-1, scores.argmax(-1, keepdim=True), 0.0)
+    if temperature != 1.0:
+        scores = scores / temperature
+    scores = _truncate(scores, top_k, top_p)
+    return torch.log_softmax(scores, dim=-1)
 
+
+# -- one token at a time ------------------------------------------------------------------------
+
+_CELLS = {"LSTM": torch.lstm_cell, "GRU": torch.gru_cell, "RNN_TANH": torch.rnn_tanh_cell,
+          "RNN_RELU": torch.rnn_relu_cell}
+
+
+class _Stepper:
+    """Feeds one token per sample to the forward stack and returns next-token scores.
+
+    ``start(context)`` runs the context (T,) through the model once and broadcasts the state
+    to the batch; ``scores()`` gives (B, V) unnormalised log-scores (logits, or log-probs for
+    an adaptive softmax) for the next token; ``advance(ids)`` feeds ids (B,).
+    """
+
+    def __init__(self, model, device: torch.device):
+        self.model = model
+        self.device = device
+        rnn = model.rnns[0]
+        self.fused = (type(rnn) in (nn.LSTM, nn.GRU, nn.RNN) and rnn.bias and not rnn.bidirectional
+                      and not rnn.batch_first and getattr(rnn, "proj_size", 0) == 0 and rnn.mode in _CELLS)
+        self.h: torch.Tensor | None = None  # (B, D) features of the last step
+        self.state = None
+        self.bias: torch.Tensor | None = None
+        self.mask_unk = False
+        if self.fused:
+            self.cell = _CELLS[rnn.mode]
+            self.lstm = rnn.mode == "LSTM"
+            L = rnn.num_layers
+            self.weights = [(getattr(rnn, f"weight_ih_l{k}"), getattr(rnn, f"weight_hh_l{k}"),
+                             getattr(rnn, f"bias_ih_l{k}"), getattr(rnn, f"bias_hh_l{k}")) for k in range(L)]
+            self.table = self._input_table()
+            w_ih = self.weights[0][0]
+            self._no_input = [w_ih.new_empty(1, 0), w_ih.new_empty(w_ih.size(0), 0)]  # (B, 0), (G·H, 0)
+
+    def _input_table(self) -> torch.Tensor | None:
+        """Layer 0's input projection W_ih·emb(v) + b_ih of every token v: (V, G·H), or None.
+
+        Fed to the cell as a per-row bias with an empty input, so the cell skips that
+        matrix-vector product; checked once against the plain cell call.
+        """
+        w_ih, w_hh, b_ih, b_hh = self.weights[0]
+        emb = self.model.embedding.weight
+        if emb.size(0) * w_ih.size(0) > _TABLE_MAX_ENTRIES:
+            return None
+        table = torch.addmm(b_ih, emb, w_ih.t())                      # (V, G·H)
+        probe = torch.arange(min(3, emb.size(0)), device=emb.device)
+        hx = torch.randn(probe.numel(), w_hh.size(1), device=emb.device, generator=torch.Generator(
+            device=emb.device).manual_seed(0)) * 0.5
+        hx = (hx, hx.clone()) if self.lstm else hx
+        try:
+            ref = self.cell(emb[probe], hx, w_ih, w_hh, b_ih, b_hh)
+            got = self.cell(emb.new_empty(probe.numel(), 0), hx, emb.new_empty(w_ih.size(0), 0), w_hh,
+                            table[probe], b_hh)
+        except RuntimeError:
+            return None
+        ref, got = (ref[0], got[0]) if self.lstm else (ref, got)
+        return table if torch.allclose(ref, got, rtol=1e-4, atol=1e-5) else None
+
+    def start(self, context: list[int], batch: int, mask_unk: bool = False) -> None:
+        """Run the context (start context <eos> first) and broadcast the state to `batch` samples.
+
+        With `mask_unk`, scores() gives <unk> a score of -inf (folded into the output bias).
+        """
+        m = self.model
+        self.bias = None
+        if not m.adaptive:
+            self.bias = m.decoder.bias.detach().float().clone()
+            if mask_unk:
+                self.bias[UNK_ID] = NEG_INF
+        self.mask_unk = mask_unk
+        if self.fused and len(context) <= _STEP_PRIME_MAX:
+            # Short contexts go through the cells too: no per-call setup cost of nn.LSTM.
+            ids = torch.tensor(context, dtype=torch.long, device=self.device)
+            H = self.weights[0][1].size(1)
+            zero = m.embedding.weight.new_zeros(1, H)
+            self.state = [(zero, zero) if self.lstm else zero for _ in self.weights]
+            for i in range(len(context)):
+                self.advance(ids[i:i + 1])
+            if batch > 1:
+                self.h = self.h.expand(batch, -1).contiguous()
+                self.state = [tuple(t.expand(batch, -1).contiguous() for t in s) if self.lstm
+                              else s.expand(batch, -1).contiguous() for s in self.state]
+        else:
+            x = torch.tensor(context, dtype=torch.long, device=self.device).unsqueeze(1)  # (T, 1)
+            h, state = m(x, None, 0)
+            self.h = h[-1].expand(batch, -1).contiguous()                  # (B, D)
+            if not self.fused:
+                self.state = _expand_state(state, batch)
+            else:
+                parts = state if isinstance(state, tuple) else (state,)    # each (L, 1, H)
+                per_layer = [[p[k].expand(batch, -1).contiguous() for p in parts]
+                             for k in range(len(self.weights))]
+                self.state = [tuple(s) if self.lstm else s[0] for s in per_layer]
+
+    def scores(self) -> torch.Tensor:
+        """Unnormalised next-token log-scores (B, V) float32, a fresh tensor."""
+        m = self.model
+        if m.adaptive:
+            lp = m.log_probs(self.h)
+            if self.mask_unk:
+                lp[:, UNK_ID] = NEG_INF
+            return lp
+        return torch.addmm(self.bias, self.h.float(), m.decoder.weight.t().float())  # (B, V)
+
+    def advance(self, ids: torch.Tensor) -> None:
+        m = self.model
+        if not self.fused:
+            h, self.state = m(ids.view(1, -1), self.state, 0)
+            self.h = h[0]
+            return
+        st = self.state
+        w_ih, w_hh, b_ih, b_hh = self.weights[0]
+        if self.table is not None:
+            n = ids.numel()
+            x0, w0 = self._no_input
+            if x0.size(0) != n:
+                x0 = self._no_input[0] = w_ih.new_empty(n, 0)
+            st[0] = self.cell(x0, st[0], w0, w_hh, self.table.index_select(0, ids), b_hh)
+        else:
+            st[0] = self.cell(m.embedding.weight.index_select(0, ids), st[0], w_ih, w_hh, b_ih, b_hh)
+        for k in range(1, len(st)):
+            inp = st[k - 1][0] if self.lstm else st[k - 1]
+            st[k] = self.cell(inp, st[k], *self.weights[k])
+        out = st[-1][0] if self.lstm else st[-1]                       # (B, H); dropout is off in eval
+        if len(m.head):
+            out = m.head(out)
+        if m.proj is not None:
+            out = m.proj(out)
+        self.h = out
+
+
+def _draw(scores: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One token per row of `scores` (B, V), with probability softmax(scores): inverse CDF.
+
+    One uniform number per row instead of torch.multinomial's V exponentials (a quarter of a
+    millisecond per step at V = 10k). Computed in float64, so a token of probability 0 (-inf)
+    is never returned.
+    """
+    cdf = torch.softmax(scores, -1, dtype=torch.float64).cumsum_(-1)     # (B, V)
+    u = torch.rand(cdf.size(0), 1, generator=gen, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(1) - 1).view(-1)
+
+
+def _expand_state(state, batch: int):
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(_expand_state(s, batch) for s in state)
+    return state.expand(state.size(0), batch, *state.shape[2:]).contiguous()
+
+
+# -- the sampler ---------------------------------------------------------------------------------
 
 class Sampler:
-    """Draws samples from an RNNLM (the forward direction)."""
+    """Draws samples from an RNNLM (the forward direction).
+
+    >>> sampler = Sampler(model, vocab, tokenizer)                      # doctest: +SKIP
+    >>> [s.text for s in sampler.generate("The ", num_samples=2, seed=1)]  # doctest: +SKIP
+    """
 
     def __init__(self, model, vocab: Vocab, tokenizer: Tokenizer, device: torch.device | str = "cpu"):
         self.model = model.eval()
@@ -70,28 +271,39 @@ class Sampler:
         self.device = torch.device(device)
 
     def encode_prime(self, prime: str) -> tuple[list[int], int]:
-        """Context ids for a prime text (start context <eos> first) and how many became <unk>."""
+        """Context ids for a prime text (the start context <eos> first) and how many became <unk>.
+
+        The prime is tokenized like training text, except that it is continued rather than
+        ended: it gets an <eos> only where it closes a unit itself (a final newline under the
+        line policy, a final blank line under the paragraph policy), and a final newline inside
+        a paragraph stays a newline.
+        """
         if not prime:
             return [EOS_ID], 0
-        tokens = self.tok.tokenize(prime)
-        # The prime continues: no EOS after it unless it ends a unit explicitly.
-        if tokens and tokens[-1] == EOS and not (self.tok.eos == "line" and prime.endswith("\n")) \
-                and not (self.tok.eos == "paragraph" and prime.endswith("\n\n")):
-            tokens.pop()
+        # Tokenize the prime followed by a sentinel token and drop the sentinel (and the EOS that
+        # ends the text): what is left is exactly how the prime's own text tokenizes mid-stream.
+        sentinel = "x" if self.tok.level == "char" else " x"
+        tokens = self.tok.tokenize(prime + sentinel)
+        tail = ["x"] if self.tok.eos == "none" else ["x", EOS]
+        if tokens[-len(tail):] == tail:
+            tokens = tokens[:-len(tail)]
+        else:  # pragma: no cover - a tokenizer that merges the sentinel; fall back to the plain tokens
+            tokens = self.tok.tokenize(prime)
+            if tokens and tokens[-1] == EOS:
+                tokens.pop()
         ids = self.vocab.encode(tokens)
-        unknown = sum(1 for t, i in zip(tokens, ids) if i == UNK_ID and t != "<unk>")
+        unknown = sum(1 for t, i in zip(tokens, ids) if i == UNK_ID and t != UNK)
         return [EOS_ID] + ids, unknown
 
-    @torch.no_grad()
     def generate(self, prime: str = "", num_samples: int = 1, max_length: int = 500, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, greedy: bool = False, allow_unk: bool = False,
                  seed: int | None = None, on_text: Callable[[str], None] | None = None) -> list[Sample]:
-        """Generate `num_samples` continuations of `prime` in one batch.
+        """Generate `num_samples` continuations of `prime`, drawn as one batch.
 
         on_text, if given (single sample), receives each new piece of text as it is generated.
         """
-        if temperature < 0:
-            raise UsageError(f"--temperature must be >= 0, got {temperature}")
+        if not (temperature >= 0 and math.isfinite(temperature)):
+            raise UsageError(f"--temperature must be a number >= 0, got {temperature}")
         if top_k < 0:
             raise UsageError(f"--top-k must be >= 0, got {top_k}")
         if not 0 < top_p <= 1:
@@ -105,43 +317,63 @@ class Sampler:
         if unknown:
             warnings.warn(f"{unknown} prime token(s) are not in the vocabulary and are fed as <unk>", stacklevel=2)
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(seed if seed is not None else torch.seed())
-        B = num_samples
-        x = torch.tensor(context, dtype=torch.long, device=self.device).unsqueeze(1).expand(-1, B).contiguous()
-        h, state = self.model(x, None, 0)
-        h = h[-1]                                                         # (B, D)
-        out = [[] for _ in range(B)]
-        stop = ["length"] * B
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        for _ in range(max_length):
-            logp = self.model.log_probs(h)                                # (B, V)
-            if greedy:
-                if not allow_unk:
-                    logp[:, UNK_ID] = float("-inf")
-                nxt = logp.argmax(-1)
-            else:
-                lp = filter_log_probs(logp, temperature, top_k, top_p, allow_unk)
-                nxt = torch.multinomial(lp.exp(), 1, generator=gen).squeeze(1)
-            ids = nxt.tolist()
-            for b, i in enumerate(ids):
-                if done[b]:
-                    continue
-                if i == EOS_ID:
-                    done[b] = True
-                    stop[b] = "eos"
-                else:
-                    out[b].append(i)
-                    if on_text is not None and B == 1:
-                        on_text(self._piece(out[b], prime))
-            if bool(done.all()):
-                break
-            h, state = self.model(nxt.unsqueeze(0), state, 0)
-            h = h[-1]
+        gen.manual_seed(seed if seed is not None else secrets.randbits(63))
+        with torch.inference_mode():
+            ids, stops = self._run(context, num_samples, max_length, greedy, temperature, top_k, top_p,
+                                   allow_unk, gen, prime, on_text)
         samples = []
-        for b in range(B):
-            generated = self.tok.detokenize(self.vocab.decode(out[b]))
-            samples.append(Sample(self._join(prime, generated), generated, len(out[b]), stop[b]))
+        for seq, stop in zip(ids, stops):
+            generated = self.tok.detokenize(self.vocab.decode(seq))
+            samples.append(Sample(self._join(prime, generated), generated, len(seq), stop))
         return samples
+
+    def _run(self, context, B, max_length, greedy, temperature, top_k, top_p, allow_unk, gen, prime, on_text):
+        """The generation loop: (token ids per sample, stop reason per sample)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            step = _Stepper(self.model, self.device)
+            step.start(context, B, mask_unk=not allow_unk)
+            truncate = top_k > 0 or top_p < 1
+            stream = on_text if B == 1 else None
+            out = torch.empty(max_length if B > 1 else 0, B, dtype=torch.long, device=self.device)
+            length = torch.full((B,), max_length, dtype=torch.long, device=self.device)
+            done = torch.zeros(B, dtype=torch.bool, device=self.device)
+            single: list[int] = []
+            for t in range(max_length):
+                scores = step.scores()                      # (B, V), a fresh tensor, UNK at -inf unless allowed
+                if greedy:
+                    nxt = scores.argmax(-1)
+                else:
+                    if temperature != 1.0:
+                        scores.div_(temperature)
+                    if truncate:
+                        scores = _truncate(scores, top_k, top_p)
+                    nxt = _draw(scores, gen)
+                if B == 1:  # the common interactive case: plain Python bookkeeping, one sync
+                    i = int(nxt)
+                    if i == EOS_ID:
+                        return [single], ["eos"]
+                    single.append(i)
+                    if stream is not None:
+                        stream(self._piece(single, prime))
+                else:
+                    out[t] = nxt
+                    ended = (nxt == EOS_ID) & ~done
+                    length = torch.where(ended, t, length)
+                    done |= ended
+                    if bool(done.all()):
+                        break
+                if t + 1 < max_length:
+                    step.advance(nxt)
+            if B == 1:
+                return [single], ["length"]
+            n = length.tolist()
+            cols = out[: max(n, default=0)].t().tolist()
+            return [cols[b][: n[b]] for b in range(B)], ["length" if k == max_length else "eos" for k in n]
+        finally:
+            if was_training:
+                self.model.train()
 
     def _piece(self, ids: list[int], prime: str) -> str:
         """Text added by the newest token (for streaming after the prime was printed)."""

@@ -1,0 +1,542 @@
+"""Sampling: every knob against a known answer or a brute-force computation.
+
+Models with a known next-token distribution are built by hand:
+* `fixed_model(p)`   -- decoder weight 0, decoder bias log p: the same distribution p at every step;
+* `markov_model(M)`  -- a ReLU RNN whose hidden state is the one-hot of the previous token
+  (identity embedding and input weights, no recurrence), so the logits are row M[prev].
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from rnnlm.config import ModelConfig
+from rnnlm.errors import UsageError
+from rnnlm.models import RNNLM
+from rnnlm.sample import Sample, Sampler, _Stepper, filter_log_probs
+from rnnlm.text import EOS, EOS_ID, UNK, UNK_ID, Tokenizer, Vocab
+
+CHARS = "abcdefghijklmnop"
+NEVER = -1e4  # a logit that makes a token's probability exactly 0 in float32
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest, and on a busy 2-core machine two threads
+    waiting on each other are up to 10x slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def char_vocab(chars: str = CHARS) -> Vocab:
+    return Vocab([UNK, EOS, *chars])
+
+
+def random_model(V: int, cell: str = "lstm", seed: int = 0, **kw) -> RNNLM:
+    torch.manual_seed(seed)
+    args = dict(cell=cell, hidden_size=24, embedding_size=12, num_layers=2)
+    args.update(kw)
+    return RNNLM(V, ModelConfig(**args)).eval()
+
+
+def fixed_model(probs: list[float]) -> RNNLM:
+    """A model whose next-token distribution is `probs` whatever the context (0 -> never)."""
+    m = RNNLM(len(probs), ModelConfig(hidden_size=4, embedding_size=4, num_layers=1))
+    with torch.no_grad():
+        m.decoder.weight.zero_()
+        m.decoder.bias.copy_(torch.tensor([math.log(p) if p > 0 else NEVER for p in probs]))
+    return m.eval()
+
+
+def markov_model(logits: np.ndarray) -> RNNLM:
+    """A model whose logits after token i are logits[i] (a (V, V) matrix)."""
+    V = logits.shape[0]
+    m = RNNLM(V, ModelConfig(cell="rnn_relu", hidden_size=V, embedding_size=V, num_layers=1))
+    with torch.no_grad():
+        m.embedding.weight.copy_(torch.eye(V))
+        rnn = m.rnns[0]
+        rnn.weight_ih_l0.copy_(torch.eye(V))
+        rnn.weight_hh_l0.zero_()
+        rnn.bias_ih_l0.zero_()
+        rnn.bias_hh_l0.zero_()
+        m.decoder.weight.copy_(torch.as_tensor(logits, dtype=torch.float32).t())
+        m.decoder.bias.zero_()
+    return m.eval()
+
+
+def sampler(model, vocab=None, level="char", eos="line") -> Sampler:
+    return Sampler(model, vocab or char_vocab(), Tokenizer(level=level, eos=eos))
+
+
+# -- chi-square ----------------------------------------------------------------------------------
+
+def chi2_sf(x: float, k: int) -> float:
+    """P(X >= x) for X ~ chi-square with k degrees of freedom: Q(k/2, x/2), the regularized upper
+    incomplete gamma function (series below a + 1, Lentz's continued fraction above)."""
+    a, z = k / 2.0, x / 2.0
+    if z <= 0:
+        return 1.0
+    log_front = a * math.log(z) - z - math.lgamma(a)
+    if z < a + 1:  # P(a, z) by its series, Q = 1 - P
+        term = total = 1.0 / a
+        n = a
+        while term > total * 1e-15:
+            n += 1
+            term *= z / n
+            total += term
+        return max(0.0, 1.0 - total * math.exp(log_front))
+    tiny = 1e-300
+    b = z + 1 - a
+    c, d = 1 / tiny, 1 / b
+    f = d
+    for i in range(1, 500):
+        an = -i * (i - a)
+        b += 2
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1 / d
+        f *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return math.exp(log_front) * f
+
+
+def chi2_pvalue(x: float, k: int) -> float:
+    """scipy's chi-square survival function when installed, else the implementation above."""
+    try:
+        from scipy.stats import chi2
+    except ImportError:  # pragma: no cover - scipy is optional
+        return chi2_sf(x, k)
+    return float(chi2.sf(x, k))
+
+
+def chi2_gof(counts: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
+    """Pearson's goodness-of-fit statistic of `counts` against `probs`, and its p-value."""
+    expected = probs * counts.sum()
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    return stat, chi2_pvalue(stat, len(counts) - 1)
+
+
+def chi2_homogeneity(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Pearson's test that two count vectors come from the same distribution (a 2 x k table)."""
+    table = np.stack([a, b]).astype(float)
+    expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+    stat = float(((table - expected) ** 2 / expected).sum())
+    return stat, chi2_pvalue(stat, table.shape[1] - 1)
+
+
+@pytest.mark.parametrize("x,k,p", [(3.841458820694124, 1, 0.05), (18.307038053275146, 10, 0.05),
+                                   (9.487729036781154, 4, 0.05), (13.276704135987622, 4, 0.01),
+                                   (18.466826952903173, 4, 0.001), (0.5, 3, 0.9188914116546758),
+                                   (40.0, 5, 1.493367900050393e-07)])
+def test_chi2_survival_function_known_values(x, k, p):
+    # Critical values of the standard chi-square table; the last two from scipy.stats.chi2.sf.
+    assert chi2_sf(x, k) == pytest.approx(p, rel=1e-6)
+
+
+def test_chi2_survival_function_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for k in (1, 2, 3, 4, 7, 20, 99):
+        for x in (0.01, 0.3, 1.0, k - 0.5, k + 0.5, 2.0 * k, 5.0 * k + 10):
+            assert chi2_sf(x, k) == pytest.approx(float(stats.chi2.sf(x, k)), rel=1e-8, abs=1e-300)
+
+
+# -- the distribution ----------------------------------------------------------------------------
+
+def random_log_probs(rng: np.random.Generator, B: int, V: int) -> torch.Tensor:
+    conc = rng.choice([0.1, 0.5, 1.0, 5.0])
+    p = rng.dirichlet(np.full(V, conc), size=B) + 1e-12
+    return torch.log(torch.tensor(p / p.sum(1, keepdims=True), dtype=torch.float32))
+
+
+def brute_force(logp: np.ndarray, temperature: float, top_k: int, top_p: float, allow_unk: bool) -> np.ndarray:
+    """The sampled distribution by the definition, one row at a time in float64."""
+    p = np.exp(logp.astype(np.float64))
+    if not allow_unk:
+        p[UNK_ID] = 0
+    p = p ** (1 / temperature)
+    p /= p.sum()
+    order = sorted(range(len(p)), key=lambda i: -p[i])
+    keep = [i for i in order if p[i] > 0]
+    if top_k:
+        keep = keep[:top_k]
+    q = np.zeros_like(p)
+    q[keep] = p[keep] / p[keep].sum()
+    if top_p < 1:
+        mass, nucleus = 0.0, []
+        for i in keep:  # most probable first, until the mass reaches p
+            nucleus.append(i)
+            mass += q[i]
+            if mass >= top_p:
+                break
+        r = np.zeros_like(q)
+        r[nucleus] = q[nucleus] / q[nucleus].sum()
+        q = r
+    return q
+
+
+def test_filter_matches_brute_force_on_random_distributions():
+    rng = np.random.default_rng(0)
+    checked = 0
+    for trial in range(300):
+        V = int(rng.integers(3, 40))
+        logp = random_log_probs(rng, 4, V)
+        temperature = float(rng.choice([1.0, 0.5, 2.0, rng.uniform(0.2, 3)]))
+        top_k = int(rng.choice([0, 1, 2, 5, V - 1, V, V + 3]))
+        top_p = float(rng.choice([1.0, rng.uniform(0.01, 1.0), rng.uniform(0.9, 1.0)]))
+        allow_unk = bool(rng.integers(2))
+        out_log = filter_log_probs(logp, temperature, top_k, top_p, allow_unk)
+        kept = torch.isfinite(out_log).numpy()   # (the log survives where exp underflows float32)
+        out = out_log.exp().double().numpy()
+        for b in range(4):
+            want = brute_force(logp[b].numpy(), temperature, top_k, top_p, allow_unk)
+            # Skip the measure-zero cases where p lies within float rounding of a cumulative mass.
+            q = np.sort(brute_force(logp[b].numpy(), temperature, top_k, 1.0, allow_unk))[::-1]
+            if top_p < 1 and np.min(np.abs(np.cumsum(q) - top_p)) < 1e-6:
+                continue
+            np.testing.assert_array_equal(kept[b], want > 0, err_msg=f"trial {trial} row {b}")
+            np.testing.assert_allclose(out[b], want, rtol=1e-4, atol=1e-7)
+            checked += 1
+    assert checked > 1000
+
+
+def test_top_k_keeps_exactly_k_most_probable():
+    rng = np.random.default_rng(1)
+    logp = random_log_probs(rng, 64, 30)
+    for k in (1, 2, 7, 28, 29, 30, 100):
+        out = filter_log_probs(logp, top_k=k)
+        kept = torch.isfinite(out)
+        assert (kept.sum(1) == min(k, 29)).all()            # UNK is removed first, then k kept
+        assert not kept[:, UNK_ID].any()
+        without_unk = logp.clone()
+        without_unk[:, UNK_ID] = -math.inf
+        kth = torch.topk(without_unk, min(k, 29), dim=1).values[:, -1:]
+        assert (kept == (without_unk >= kth)).all()
+        assert torch.allclose(out.exp().sum(1), torch.ones(64))
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        V = int(rng.integers(3, 50))
+        p = float(rng.uniform(0.05, 0.999))
+        logp = random_log_probs(rng, 1, V)
+        out = filter_log_probs(logp, top_p=p, allow_unk=True)[0]
+        probs = logp[0].double().exp()
+        probs /= probs.sum()
+        kept = torch.isfinite(out)
+        mass = float(probs[kept].sum())
+        smallest_outside = float(probs[~kept].max()) if (~kept).any() else 0.0
+        assert mass >= p - 1e-6                                        # reaches p ...
+        assert mass - float(probs[kept].min()) < p + 1e-6              # ... and no token could go
+        assert float(probs[kept].min()) >= smallest_outside            # the most probable ones
+
+
+def test_temperature_definition_and_zero_is_greedy():
+    rng = np.random.default_rng(3)
+    logp = random_log_probs(rng, 8, 12)
+    for t in (0.25, 1.0, 3.0):
+        want = logp.clone()
+        want[:, UNK_ID] = -math.inf
+        want = torch.log_softmax(want / t, 1)
+        assert torch.allclose(filter_log_probs(logp, temperature=t), want, atol=1e-5)
+    greedy = filter_log_probs(logp, temperature=0)
+    masked = logp.clone()
+    masked[:, UNK_ID] = -math.inf
+    assert (greedy.argmax(1) == masked.argmax(1)).all()
+    assert (torch.isfinite(greedy).sum(1) == 1).all() and (greedy.max(1).values == 0).all()
+
+
+# -- the fast path is the model ------------------------------------------------------------------
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_peephole"])
+@pytest.mark.parametrize("extra", [{}, {"head_layers": 1, "tie_weights": True}, {"softmax": "adaptive"}])
+def test_stepper_equals_the_model_forward(cell, extra):
+    V = 140 if extra.get("softmax") else 30
+    m = random_model(V, cell, **extra)
+    ctx, nxt = [EOS_ID, 5, 7, 3], torch.tensor([4, 9, 2])
+    with torch.inference_mode():
+        step = _Stepper(m, torch.device("cpu"))
+        step.start(ctx, 3)
+        step.advance(nxt)
+        got = torch.log_softmax(step.scores(), -1)
+        x = torch.cat([torch.tensor(ctx).unsqueeze(1).expand(-1, 3), nxt.unsqueeze(0)])
+        h, _ = m(x)
+        want = m.log_probs(h[-1])
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_greedy_is_the_argmax_of_the_model_step_by_step():
+    """A hand-written greedy decoder over model.forward (the prefix re-run each step, O(n^2) but
+    obviously right) gives the sampler's greedy text, with <unk> excluded."""
+    vocab = char_vocab()
+    m = random_model(len(vocab), seed=4)
+    with torch.no_grad():
+        m.decoder.bias[UNK_ID] += 3.0  # make <unk> tempting
+        m.decoder.bias[EOS_ID] -= 5.0
+    prime = "abc"
+    ctx = [EOS_ID] + vocab.encode(list(prime))
+    out = []
+    with torch.no_grad():
+        for _ in range(30):
+            h, _ = m(torch.tensor(ctx + out).unsqueeze(1))
+            lp = m.log_probs(h[-1, 0])
+            lp[UNK_ID] = -math.inf
+            nxt = int(lp.argmax())
+            if nxt == EOS_ID:
+                break
+            out.append(nxt)
+    s = sampler(m, vocab).generate(prime, 1, 30, greedy=True)[0]
+    assert s.generated == "".join(vocab.decode(out))
+    assert s.text == prime + s.generated
+
+
+# -- knobs -----------------------------------------------------------------------------------------
+
+def test_greedy_equals_top_k_1_and_temperature_0():
+    vocab = char_vocab()
+    s = sampler(random_model(len(vocab), seed=1), vocab)
+    greedy = s.generate("ab", 3, 60, greedy=True, seed=5)
+    assert len({x.text for x in greedy}) == 1                     # deterministic within a batch
+    for seed in (0, 1, 2):
+        assert s.generate("ab", 3, 60, top_k=1, seed=seed) == greedy
+        assert s.generate("ab", 3, 60, temperature=0, seed=seed) == greedy
+        assert s.generate("ab", 3, 60, temperature=0.7, top_p=1e-9, seed=seed) == greedy
+
+
+def test_seed_reproduces_and_different_seeds_differ():
+    vocab = char_vocab()
+    s = sampler(random_model(len(vocab), seed=2), vocab)
+    with torch.no_grad():
+        s.model.decoder.bias[EOS_ID] = NEVER
+    a = s.generate("a", 4, 50, seed=123)
+    assert s.generate("a", 4, 50, seed=123) == a
+    b = s.generate("a", 4, 50, seed=124)
+    assert [x.text for x in a] != [x.text for x in b]
+    assert len({x.text for x in a}) == 4                          # the samples of a batch differ too
+
+
+def test_no_seed_leaves_global_rng_alone():
+    vocab = char_vocab()
+    s = sampler(random_model(len(vocab)), vocab)
+    before = torch.get_rng_state()
+    s.generate("", 2, 10)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+# -- <unk> -----------------------------------------------------------------------------------------
+
+UNK_PROBS = [0.4, 0.1, 0.2, 0.15, 0.1, 0.05]  # <unk> most probable; <eos>, a, b, c, d
+
+
+def categories(samples: list[Sample]) -> np.ndarray:
+    """Counts of <eos>, a, b, c, d over one-token samples."""
+    c = Counter("<eos>" if x.stop == "eos" else x.generated for x in samples)
+    assert set(c) <= {"<eos>", "a", "b", "c", "d"}, c
+    return np.array([c["<eos>"], c["a"], c["b"], c["c"], c["d"]])
+
+
+def test_unk_never_sampled_even_when_most_probable():
+    vocab = char_vocab("abcd")
+    probs = [0.7, 0.0, 0.15, 0.1, 0.04, 0.01]
+    s = sampler(fixed_model(probs), vocab)
+    long = s.generate("", 1, 5000, seed=0)[0]
+    assert long.stop == "length" and long.tokens == 5000
+    assert re.fullmatch("[abcd]{5000}", long.generated)
+    batch = s.generate("", 2000, 3, temperature=2.5, seed=1)
+    assert all(re.fullmatch("[abcd]{3}", x.generated) for x in batch)
+    # top-k / top-p see the distribution without <unk>: the best remaining token is kept
+    assert all(x.generated == "aaa" for x in s.generate("", 50, 3, top_k=1, seed=2))
+    assert all(x.generated == "aaa" for x in s.generate("", 50, 3, top_p=0.5, seed=3))
+    assert s.generate("", 1, 10, greedy=True)[0].generated == "a" * 10
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_unk_removal_is_the_rejection_distribution_chi_square(temperature):
+    """Sampling with <unk> removed has the distribution of the course's rejection procedure (draw
+    from the full distribution, re-draw while <unk> comes up).
+
+    N = 20,000 one-token samples against (1) the rejection distribution in closed form,
+    p_i^(1/T) / sum_{j != unk} p_j^(1/T), with Pearson's goodness-of-fit test, and (2) 20,000
+    draws of the rejection procedure itself, with the two-sample (homogeneity) test; 4 degrees
+    of freedom each. Seeds are fixed, so the outcome is deterministic; we require p > 0.001
+    (critical value 18.47 for 4 d.o.f.). The same statistic rejects a near miss (the <unk> mass
+    given to <eos>) with p < 1e-9, so the test has the power to fail.
+    """
+    N = 20_000
+    vocab = char_vocab("abcd")
+    s = sampler(fixed_model(UNK_PROBS), vocab)
+    got = categories(s.generate("", N, 1, temperature=temperature, seed=11))
+
+    tempered = np.array(UNK_PROBS) ** (1 / temperature)
+    expected = tempered[1:] / tempered[1:].sum()           # <eos>, a, b, c, d
+    stat, p = chi2_gof(got, expected)
+    assert p > 1e-3, (stat, got, expected * N)
+
+    rng = np.random.default_rng(12)
+    full = tempered / tempered.sum()
+    draws = rng.choice(len(full), size=3 * N, p=full)
+    rejection = draws[draws != UNK_ID][:N]                 # re-draw until not <unk>
+    assert len(rejection) == N
+    ref = np.bincount(rejection, minlength=len(full))[1:]
+    stat2, p2 = chi2_homogeneity(got, ref)
+    assert p2 > 1e-3, (stat2, got, ref)
+
+    near_miss = full.copy()
+    near_miss[EOS_ID] += near_miss[UNK_ID]
+    assert chi2_gof(got, near_miss[1:])[1] < 1e-9
+
+
+def test_allow_unk_keeps_unk():
+    N = 4000
+    vocab = char_vocab("abcd")
+    s = sampler(fixed_model(UNK_PROBS), vocab)
+    samples = s.generate("", N, 1, allow_unk=True, seed=3)
+    n_unk = sum(x.generated == UNK for x in samples)
+    sd = math.sqrt(N * 0.4 * 0.6)
+    assert abs(n_unk - 0.4 * N) < 5 * sd
+    assert s.generate("", 1, 5, greedy=True, allow_unk=True)[0].generated == UNK * 5
+
+
+# -- stopping --------------------------------------------------------------------------------------
+
+def stop_model() -> tuple[RNNLM, Vocab]:
+    """After <eos>: a 0.3 / b 0.7. After b: a 0.1 / b 0.9. After a: <eos> with probability 1."""
+    vocab = char_vocab("ab")
+    A, B = vocab.stoi["a"], vocab.stoi["b"]
+    M = np.full((4, 4), NEVER)
+    M[EOS_ID, A], M[EOS_ID, B] = math.log(0.3), math.log(0.7)
+    M[B, A], M[B, B] = math.log(0.1), math.log(0.9)
+    M[A, EOS_ID] = 0.0
+    M[UNK_ID, EOS_ID] = 0.0
+    return markov_model(M), vocab
+
+
+def test_samples_in_a_batch_stop_independently():
+    model, vocab = stop_model()
+    L = 8
+    samples = sampler(model, vocab).generate("", 300, L, seed=0)
+    eos = [x for x in samples if x.stop == "eos"]
+    length = [x for x in samples if x.stop == "length"]
+    assert eos and length
+    for x in eos:                                  # ends right after its 'a', <eos> not printed
+        assert re.fullmatch("b*a", x.generated) and x.tokens == len(x.generated) < L
+    for x in length:                               # no 'a' before the last position
+        assert re.fullmatch("b{%d}[ab]" % (L - 1), x.generated) and x.tokens == L
+    assert len({x.tokens for x in eos}) >= 5       # many different stopping times in one batch
+    # P(stop by length) = P(no 'a' in the first L - 1 tokens) = 0.7 * 0.9^(L-2)
+    p_len = 0.7 * 0.9 ** (L - 2)
+    assert abs(len(length) / 300 - p_len) < 5 * math.sqrt(p_len * (1 - p_len) / 300)
+
+
+def test_prime_sets_the_context():
+    model, vocab = stop_model()
+    s = sampler(model, vocab)
+    after_a = s.generate("ba", 5, 10, seed=0)      # <eos> is certain after 'a'
+    assert all(x.stop == "eos" and x.tokens == 0 and x.text == "ba" for x in after_a)
+    after_b = s.generate("b", 1, 1, greedy=True)[0]
+    assert after_b.generated == "b" and after_b.stop == "length"
+
+
+@pytest.mark.parametrize("num_samples,max_length", [(1, 0), (1, 1), (1, 37), (5, 0), (5, 3), (16, 25)])
+def test_max_length_is_never_exceeded(num_samples, max_length):
+    vocab = char_vocab()
+    s = sampler(random_model(len(vocab), seed=6), vocab)
+    with torch.no_grad():
+        s.model.decoder.bias[EOS_ID] += 2.0       # stop now and then
+    for kw in ({}, {"greedy": True}, {"temperature": 1.7, "top_k": 5}, {"top_p": 0.8}):
+        for x in s.generate("ab", num_samples, max_length, seed=7, **kw):
+            assert x.tokens <= max_length
+            assert x.tokens == len(x.generated)     # one char per token, no <unk>
+            assert (x.stop == "length") == (x.tokens == max_length)
+            assert x.stop in ("eos", "length")
+
+
+def test_num_samples_zero_and_bad_arguments():
+    vocab = char_vocab()
+    s = sampler(random_model(len(vocab)), vocab)
+    assert s.generate("", 0, 10) == []
+    for kw in ({"temperature": -1}, {"top_k": -1}, {"top_p": 0}, {"top_p": 1.5}, {"max_length": -1},
+               {"num_samples": -2}, {"temperature": float("nan")}, {"temperature": float("inf")}):
+        with pytest.raises(UsageError):
+            s.generate("", **{"num_samples": 1, "max_length": 5, **kw})
+
+
+# -- prime, streaming, output ----------------------------------------------------------------------
+
+def test_prime_with_unknown_tokens_warns_and_still_samples():
+    vocab = char_vocab()
+    s = sampler(random_model(len(vocab)), vocab)
+    with pytest.warns(UserWarning, match="2 prime token"):
+        out = s.generate("abZ!c", 2, 20, seed=0)
+    assert all(x.text.startswith("abZ!c") and x.text == "abZ!c" + x.generated for x in out)
+    assert all(x.tokens > 0 or x.stop == "eos" for x in out)
+    assert s.encode_prime("abZ!c") == ([EOS_ID] + vocab.encode(["a", "b"]) + [UNK_ID, UNK_ID]
+                                       + vocab.encode(["c"]), 2)
+
+
+@pytest.mark.parametrize("eos,prime,tokens", [
+    ("line", "ab", ["a", "b"]),
+    ("line", "ab\n", ["a", "b", EOS]),
+    ("line", "ab\ncd", ["a", "b", EOS, "c", "d"]),
+    ("paragraph", "ab\n", ["a", "b", "\n"]),
+    ("paragraph", "ab\ncd", ["a", "b", "\n", "c", "d"]),
+    ("paragraph", "ab\n\n", ["a", "b", EOS]),
+    ("none", "ab\n", ["a", "b", "\n"]),
+])
+def test_prime_is_continued_not_ended(eos, prime, tokens):
+    vocab = char_vocab("abcd\n")
+    s = Sampler(random_model(len(vocab)), vocab, Tokenizer(level="char", eos=eos))
+    assert s.encode_prime(prime) == ([EOS_ID] + vocab.encode(tokens), 0)
+
+
+def test_word_level_prime_streaming_and_join():
+    words = ["the", "cat", "sat", "on", "mat", "a"]
+    vocab = Vocab([UNK, EOS, *words])
+    s = Sampler(random_model(len(vocab), seed=8), vocab, Tokenizer(level="word", eos="line"))
+    with torch.no_grad():
+        s.model.decoder.bias[EOS_ID] = NEVER
+    assert s.encode_prime("the cat") == ([EOS_ID, vocab.stoi["the"], vocab.stoi["cat"]], 0)
+    pieces: list[str] = []
+    x = s.generate("the cat", 1, 6, seed=1, on_text=pieces.append)[0]
+    assert len(pieces) == 6 and "".join(pieces) == " " + x.generated
+    assert x.text == "the cat " + x.generated and len(x.generated.split()) == 6
+    assert set(x.generated.split()) <= set(words)
+
+
+def test_char_streaming_pieces_add_up():
+    vocab = char_vocab()
+    s = sampler(random_model(len(vocab), seed=9), vocab)
+    pieces: list[str] = []
+    x = s.generate("ab", 1, 40, seed=4, on_text=pieces.append)[0]
+    assert "".join(pieces) == x.generated and len(pieces) == x.tokens
+
+
+def test_sample_json():
+    vocab = char_vocab()
+    x = sampler(random_model(len(vocab)), vocab).generate("a", 1, 5, seed=0)[0]
+    d = x.to_json()
+    assert {"text", "tokens", "stop"} <= set(d) and d["stop"] in ("eos", "length")
+    assert d["text"] == x.text and d["tokens"] == x.tokens
+
+
+def test_bidirectional_model_samples_with_forward_direction():
+    vocab = char_vocab()
+    m = random_model(len(vocab), bidirectional=True, seed=10)
+    s = sampler(m, vocab)
+    a = s.generate("ab", 2, 20, seed=0)
+    # Breaking the backward stack changes nothing.
+    with torch.no_grad():
+        for p in m.rnns[1].parameters():
+            p.add_(1.0)
+    assert s.generate("ab", 2, 20, seed=0) == a
