@@ -148,7 +148,8 @@ def train(
         run_dir = out if out is not None else (Path(cfg.train.out) if cfg.train.out else None)
         trainer = Trainer(cfg, run_dir, resume=resume, console=err_console, progress=progress)
         trainer.fit()
-        out_console.print(f"run directory: {escape(str(trainer.run_dir))}", soft_wrap=True)
+        if trainer.dist.is_main:  # under torchrun, one line, not one per rank
+            out_console.print(f"run directory: {escape(str(trainer.run_dir))}", soft_wrap=True)
     _run(body)
 
 

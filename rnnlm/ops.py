@@ -33,19 +33,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = hc @ wc.t()
         N, V = logits.shape
         rows = max(1, _CHUNK_ELEMS // V)
-        acc = torch.float64 if compute_dtype == torch.float64 else torch.float32  # softmax arithmetic
+        acc = torch.float64 if compute_dtype == torch.float64 else torch.float32  # loss arithmetic
         loss = torch.empty(N, dtype=acc, device=h.device)
         ar = torch.arange(N, device=h.device)
         for r0 in range(0, N, rows):
             blk = logits[r0:r0 + rows]                                     # (n, V) view
-            f = blk.to(acc)
-            n = f.size(0)
-            picked = f[ar[:n], target[r0:r0 + rows]]                       # logit of each target
-            mx = f.amax(dim=1, keepdim=True)
-            e = f.sub_(mx).exp_()                                          # one exp pass
-            s = e.sum(dim=1, keepdim=True)
-            loss[r0:r0 + rows] = (mx + s.log()).squeeze(1) - picked        # log-sum-exp - target logit
-            blk.copy_(e.mul_(s.reciprocal_()))                             # probabilities, in place
+            n = blk.size(0)
+            picked = blk[ar[:n], target[r0:r0 + rows]].to(acc)             # logit of each target
+            mx = blk.amax(dim=1, keepdim=True)
+            # One exp pass, in place. In bf16/fp16 the exponentials are rounded to the matmul dtype
+            # (what autocast feeds the backward matmuls anyway); their sum accumulates in fp32.
+            e = blk.sub_(mx).exp_()
+            s = e.sum(dim=1, keepdim=True, dtype=acc)
+            loss[r0:r0 + rows] = (mx.to(acc) + s.log()).squeeze(1) - picked  # log-sum-exp - target logit
+            e.mul_(s.reciprocal_().to(e.dtype))                            # probabilities, in place
         ctx.save_for_backward(hc, wc, target)
         ctx.probs = logits  # not saved_tensors: backward consumes it in place, exactly once
         ctx.has_bias = bias is not None
@@ -67,15 +68,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         N = probs.size(0)
         g = probs  # reused in place: d loss_i / d logits_i = p_i - onehot(y_i)
         g[torch.arange(N, device=g.device), target] -= 1
+        # The upstream gradient scales rows of g; fold it into the small operands instead of
+        # touching the (N, V) array again: r (N,) is the weight of each row.
+        cd = g.dtype
+        rd = torch.float64 if cd == torch.float64 else torch.float32
         if ctx.reduction == "none":
-            g.mul_(grad_out.to(g.dtype).unsqueeze(1))
+            r = grad_out.to(rd)
         else:
             scale = grad_out / N if ctx.reduction == "mean" else grad_out
-            g.mul_(scale.to(g.dtype))
+            r = scale.to(rd).expand(N)
         h_dtype, w_dtype, b_dtype = ctx.dtypes
-        grad_h = (g @ wc).to(h_dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (g.t() @ hc).to(w_dtype) if ctx.needs_input_grad[1] else None
-        grad_b = g.sum(0, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32).to(b_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_h = ((g @ wc) * r.unsqueeze(1).to(cd)).to(h_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (g.t() @ (hc * r.unsqueeze(1).to(cd))).to(w_dtype) if ctx.needs_input_grad[1] else None
+        grad_b = (r.to(cd).unsqueeze(0) @ g).squeeze(0).to(b_dtype) \
+            if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_h, grad_w, grad_b, None, None, None
 
 

@@ -166,8 +166,9 @@ def test_torchrun_two_processes_match_single_process(corpus, tmp_path):
         assert abs(x["loss"] - y["loss"]) < 1e-4 and x["tokens"] == y["tokens"]
     va, vb = _events(tmp_path / "s", "eval"), _events(tmp_path / "d", "eval")
     assert [e["loss"] for e in va] == pytest.approx([e["loss"] for e in vb], abs=1e-4)
-    # rank 0 alone writes: one metrics file with one end event
+    # rank 0 alone writes: one metrics file with one end event, one "run directory" line
     assert len(_events(tmp_path / "d", "end")) == 1
+    assert ddp.stdout.count("run directory:") == 1
 
 
 def test_tensorboard_event_files(corpus, tmp_path):

@@ -1,0 +1,163 @@
+"""Model zoo: every cell, depth, bidirectional without leaks, tied and adaptive output layers."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from rnnlm.config import ModelConfig, build_config
+from rnnlm.evaluate import evaluate_ids
+from rnnlm.models import RNNLM, auto_cutoffs, detach_state
+from rnnlm.sample import Sampler
+from rnnlm.text import Tokenizer, Vocab
+
+CELLS = ["rnn_tanh", "rnn_relu", "gru", "lstm", "lstm_peephole"]
+V = 23
+
+
+def _model(**kw) -> RNNLM:
+    torch.manual_seed(0)
+    args = dict(embedding_size=8, hidden_size=12, num_layers=1)
+    args.update(kw)
+    return RNNLM(V, ModelConfig(**args))
+
+
+def _vocab() -> tuple[Vocab, Tokenizer]:
+    chars = "abcdefghijklmnopqrstu"
+    return Vocab(["<unk>", "<eos>", *chars]), Tokenizer(level="char", eos="line")
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("cell", CELLS)
+def test_cell_trains_evaluates_and_samples(cell, layers, bidirectional):
+    m = _model(cell=cell, num_layers=layers, bidirectional=bidirectional, dropout=0.1)
+    opt = torch.optim.Adam(m.parameters(), lr=0.01)
+    x = torch.randint(2, V, (10, 3))
+    states = [None, None]
+    losses = []
+    for _ in range(8):  # a few BPTT windows with the state carried
+        loss = 0
+        for d in range(m.num_directions):
+            h, states[d] = m(x if d == 0 else x.flip(0), detach_state(states[d]), d)
+            assert h.shape == (10, 3, m.out_dim)
+            loss = loss + m.nll(h[:-1], (x if d == 0 else x.flip(0))[1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        for st in states[: m.num_directions]:
+            # (h, c) for LSTMs, a single tensor otherwise; each (L, B, H)
+            tensors = st if isinstance(st, tuple) else (st,)
+            assert len(tensors) == (2 if cell.startswith("lstm") else 1)
+            assert all(t.shape == (layers, 3, 12) for t in tensors)
+    assert losses[-1] < losses[0]  # it learns the repeated window
+    res = evaluate_ids(m, np.random.RandomState(0).randint(2, V, 50))
+    assert math.isfinite(res["ppl"]) and res["ppl"] > 1
+    assert ("forward_ppl" in res) == bidirectional
+    vocab, tok = _vocab()
+    s = Sampler(m, vocab, tok).generate("ab", num_samples=2, max_length=15, seed=1)
+    assert len(s) == 2 and all(x.tokens <= 15 for x in s)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_forward_direction_never_sees_the_future(cell):
+    m = _model(cell=cell, num_layers=2, bidirectional=True).eval()
+    T, t = 16, 7
+    a = torch.randint(2, V, (T, 1))
+    b = a.clone()
+    b[t + 1:] = torch.randint(2, V, (T - t - 1, 1))  # change every token after position t
+    assert not torch.equal(a, b)
+    with torch.no_grad():
+        ha, _ = m(a, None, 0)
+        hb, _ = m(b, None, 0)
+        # forward predictions made at positions <= t are unchanged
+        assert torch.equal(m.log_probs(ha)[: t + 1], m.log_probs(hb)[: t + 1])
+        assert not torch.equal(m.log_probs(ha)[t + 1:], m.log_probs(hb)[t + 1:])
+        # mirrored: change tokens before position t; the backward stack reads the reversed text
+        c = a.clone()
+        c[:t] = torch.randint(2, V, (t, 1))
+        ra, _ = m(a.flip(0), None, 1)
+        rc, _ = m(c.flip(0), None, 1)
+        # reversed index j is original position T-1-j; positions >= t are reversed indices <= T-1-t
+        assert torch.equal(m.log_probs(ra)[: T - t], m.log_probs(rc)[: T - t])
+
+
+def test_bidirectional_perplexity_not_below_the_source(tmp_path, monkeypatch):
+    """Trained on i.i.d. text, neither direction beats the source's own perplexity (no leak)."""
+    from rnnlm.train import Trainer
+    monkeypatch.setenv("RNNLM_CACHE", str(tmp_path / "cache"))
+    rng = random.Random(0)
+    probs = {"a": 0.5, "b": 0.25, "c": 0.125, "d": 0.125}
+    d = tmp_path / "iid"
+    d.mkdir()
+    for name, k in (("train", 30000), ("valid", 6000)):  # one line each: no newline to predict
+        (d / f"{name}.txt").write_text("".join(rng.choices(list(probs), weights=list(probs.values()), k=k)))
+    cfg = build_config(None, [f"data.path={d}", "data.eos=none", "model.bidirectional=true",
+                              "model.hidden_size=16", "model.embedding_size=8", "model.num_layers=1",
+                              "train.batch_size=16", "train.bptt=32", "train.max_steps=150", "train.lr=0.02",
+                              "train.eval_every=null"])
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    tr.fit()
+    res = evaluate_ids(tr.model, tr.valid)
+    source_ppl = math.exp(-sum(p * math.log(p) for p in probs.values()))  # 2^1.75 = 3.36
+    for key in ("forward_ppl", "backward_ppl", "ppl"):
+        assert res[key] >= source_ppl * 0.99, (key, res[key], source_ppl)
+        assert res[key] <= source_ppl * 1.10, (key, res[key], source_ppl)  # and it did learn
+    assert math.isclose(res["ppl"], math.sqrt(res["forward_ppl"] * res["backward_ppl"]), rel_tol=1e-9)
+
+
+def test_tied_weights_share_the_matrix_with_a_projection():
+    m = _model(tie_weights=True, embedding_size=8, hidden_size=12)
+    assert m.decoder.weight is m.embedding.weight
+    assert m.proj is not None and m.proj.weight.shape == (8, 12)
+    same = _model(tie_weights=True, embedding_size=12, hidden_size=12)
+    assert same.proj is None and same.decoder.weight is same.embedding.weight
+    untied = _model(tie_weights=False)
+    assert m.num_parameters() < untied.num_parameters() + 8 * 12
+
+
+def test_head_layers_are_non_recurrent():
+    m = _model(head_layers=2)
+    assert len(m.head) == 4 and isinstance(m.head[0], torch.nn.Linear)
+    x = torch.randint(0, V, (5, 2))
+    h, _ = m(x)
+    # Non-recurrent: the head maps each time step independently of the others
+    with torch.no_grad():
+        emb = m.embedding(x)
+        out, _ = m.rnns[0](emb)
+        assert torch.allclose(m.head(out), torch.stack([m.head(out[t]) for t in range(5)]))
+
+
+def test_adaptive_softmax_is_a_normalised_exact_distribution():
+    torch.manual_seed(0)
+    m = RNNLM(500, ModelConfig(embedding_size=8, hidden_size=16, num_layers=1, softmax="adaptive",
+                               adaptive_cutoffs=[20, 100]))
+    h = torch.randn(6, 3, 16)
+    lp = m.log_probs(h)
+    assert lp.shape == (6, 3, 500)
+    assert torch.allclose(lp.exp().sum(-1), torch.ones(6, 3), atol=1e-5)
+    y = torch.randint(0, 500, (6, 3))
+    nll = m.nll(h, y, reduction="none")
+    assert torch.allclose(nll.view(6, 3), -lp.gather(-1, y.unsqueeze(-1)).squeeze(-1), atol=1e-5)
+    assert torch.isclose(m.nll(h, y, reduction="sum"), nll.sum(), atol=1e-4)
+    assert auto_cutoffs(33278) == [2000, 10000]
+    assert auto_cutoffs(100) == [50]
+
+
+def test_initialisation_options():
+    m = _model(cell="lstm", init_range=0.05, forget_bias=1.0)
+    H = 12
+    for name, p in m.named_parameters():
+        if name.endswith("bias_ih_l0"):
+            assert torch.all(p[H:2 * H] == 1.0)
+        elif name.endswith("bias_hh_l0"):
+            assert torch.all(p[H:2 * H] == 0.0)
+        else:
+            assert p.abs().max() <= 0.05
+    plain = _model(cell="gru", forget_bias=1.0)  # not an LSTM: untouched PyTorch default init
+    assert plain.rnns[0].bias_ih_l0.abs().max() <= 1 / math.sqrt(12)
