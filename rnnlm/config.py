@@ -79,7 +79,7 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = _f(32, "sequences trained in parallel (columns of the token stream)", min=1)
     bptt: int = _f(128, "truncated backpropagation-through-time window, in tokens", min=1)
-    epochs: int = _f(1, "passes over the training split", min=1)
+    epochs: int = _f(3, "passes over the training split", min=1)
     max_steps: int | None = _f(1500, "stop after this many optimizer steps (null = no limit)", min=1)
     max_time: float | None = _f(None, "stop after this many seconds of wall time (null = no limit)", gt=0)
     optimizer: str = _f("adam", "optimizer", choices=("sgd", "adam", "adamw"))

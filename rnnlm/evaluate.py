@@ -269,6 +269,8 @@ def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batc
     with words = whitespace-separated words + <eos> tokens, comparable with a word model's
     perplexity; for bidirectional models forward_/backward_ loss and ppl.
     """
+    from .allocator import tune_allocator
+    tune_allocator()
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"evaluation file not found: {p}")

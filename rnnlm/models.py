@@ -35,6 +35,29 @@ from .ops import linear_cross_entropy
 State = Any  # None, a tensor (L, B, H), or an LSTM tuple (h, c) of such tensors
 
 
+class Dropout(nn.Module):
+    """Inverted dropout, ``nn.Dropout``'s math, with a cheaper mask on CPU.
+
+    The mask comes from ``torch.rand`` (vectorised) rather than ``bernoulli_``, which is about
+    twice as fast on CPU for the activations of an LM step.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.p >= 1:
+            return x * 0
+        keep = (torch.rand(x.shape, device=x.device) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return x * keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float) -> nn.Module:
     """A recurrent stack of `num_layers` cells with dropout between layers."""
     inter = dropout if num_layers > 1 else 0.0
@@ -78,7 +101,7 @@ class RNNLM(nn.Module):
         self.num_layers = cfg.num_layers
         self.num_directions = 2 if cfg.bidirectional else 1
         E, H = cfg.embedding_size, cfg.hidden_size
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.embedding = nn.Embedding(vocab_size, E)
         # One stack per direction; rnns[0] reads left to right, rnns[1] (if any) right to left.
         self.rnns = nn.ModuleList(

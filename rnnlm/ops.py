@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-_CHUNK_ELEMS = 1 << 18  # fp32 elements per block (1 MiB): stays in cache
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -27,28 +26,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
                 compute_dtype: torch.dtype, reduction: str):
         hc, wc = h.to(compute_dtype), weight.to(compute_dtype)
+        logits = hc @ wc.t()                                                   # (N, V)
         if bias is not None:
-            logits = torch.addmm(bias.to(compute_dtype), hc, wc.t())   # (N, V)
-        else:
-            logits = hc @ wc.t()
-        N, V = logits.shape
-        rows = max(1, _CHUNK_ELEMS // V)
-        acc = torch.float64 if compute_dtype == torch.float64 else torch.float32  # loss arithmetic
-        loss = torch.empty(N, dtype=acc, device=h.device)
-        ar = torch.arange(N, device=h.device)
-        for r0 in range(0, N, rows):
-            blk = logits[r0:r0 + rows]                                     # (n, V) view
-            n = blk.size(0)
-            picked = blk[ar[:n], target[r0:r0 + rows]].to(acc)             # logit of each target
-            mx = blk.amax(dim=1, keepdim=True)
-            # One exp pass, in place. In bf16/fp16 the exponentials are rounded to the matmul dtype
-            # (what autocast feeds the backward matmuls anyway); their sum accumulates in fp32.
-            e = blk.sub_(mx).exp_()
-            s = e.sum(dim=1, keepdim=True, dtype=acc)
-            loss[r0:r0 + rows] = (mx.to(acc) + s.log()).squeeze(1) - picked  # log-sum-exp - target logit
-            e.mul_(s.reciprocal_().to(e.dtype))                            # probabilities, in place
+            logits.add_(bias.to(compute_dtype))
+        # PyTorch's fused softmax kernel (fp32 arithmetic inside), output in the matmul dtype:
+        # what autocast would feed the backward matmuls anyway.
+        probs = torch.softmax(logits, dim=1)
+        del logits
+        acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
+        # -log p(target); a probability that underflows to 0 gives inf, which the trainer reports.
+        loss = -probs.gather(1, target.unsqueeze(1)).to(acc).log().squeeze(1)
         ctx.save_for_backward(hc, wc, target)
-        ctx.probs = logits  # not saved_tensors: backward consumes it in place, exactly once
+        ctx.probs = probs  # not saved_tensors: backward consumes it in place, exactly once
         ctx.has_bias = bias is not None
         ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.reduction = reduction

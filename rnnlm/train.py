@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from . import __version__
 from . import distributed as D
+from .allocator import tune_allocator
 from .checkpoint import BEST, LAST, atomic_write_text, load_checkpoint, save_checkpoint
 from .config import Config, config_from_dict, dump_yaml
 from .data import Corpus, batchify, get_window, load_corpus, num_windows, with_start
@@ -305,6 +306,7 @@ class Trainer:
                              f"continue it, or choose another --out")
         self.cfg = cfg
         tc = cfg.train
+        tune_allocator()  # reuse big freed buffers instead of page-faulting them in every step
         self.device = select_device(tc.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
