@@ -47,8 +47,13 @@ def init(info: DistInfo, device_type: str) -> None:
 
 
 def shutdown() -> None:
+    """Tear down the process group once every rank is done with it (a rank that left early while
+    another still used gloo's threads could abort the process at exit)."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
