@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -19,6 +20,16 @@ def _isolated_cache(tmp_path_factory):
         os.environ.pop("RNNLM_CACHE", None)
     else:
         os.environ["RNNLM_CACHE"] = old
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tests use tiny models: one intra-op thread is fastest, and on a busy 2-core machine two
+    threads waiting on each other can be up to 10x slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -19,16 +19,6 @@ from rnnlm.text import EOS, EOS_ID, UNK, Tokenizer, Vocab
 CHARS = "abcdefgh \n"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and on a busy 2-core machine two threads
-    waiting on each other are up to 10x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def char_setup(eos: str = "line") -> tuple[Vocab, Tokenizer]:
     return Vocab([UNK, EOS, *CHARS]), Tokenizer(level="char", eos=eos)
 

@@ -26,16 +26,6 @@ CHARS = "abcdefghijklmnop"
 NEVER = -1e4  # a logit that makes a token's probability exactly 0 in float32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and on a busy 2-core machine two threads
-    waiting on each other are up to 10x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def char_vocab(chars: str = CHARS) -> Vocab:
     return Vocab([UNK, EOS, *chars])
 
