@@ -594,7 +594,7 @@ class Trainer:
                     stop = bool(self.stop_reason) and self.epoch < tc.epochs
             if not self.stop_reason:
                 self.stop_reason = "epochs"
-            if self.last_eval_step != self.step:
+            if self.last_eval_step != self.step and not self._stop_signal:  # Ctrl-C: save and go, no eval
                 self._validate(metrics, bar)
             self._check_finite(first_bad)
             self.save(LAST)
