@@ -161,3 +161,21 @@ def test_initialisation_options():
             assert p.abs().max() <= 0.05
     plain = _model(cell="gru", forget_bias=1.0)  # not an LSTM: untouched PyTorch default init
     assert plain.rnns[0].bias_ih_l0.abs().max() <= 1 / math.sqrt(12)
+
+
+def test_dropout_keeps_the_expectation_and_is_identity_in_eval():
+    from rnnlm.models import Dropout
+    torch.manual_seed(0)
+    d = Dropout(0.3)
+    x = torch.ones(200, 500)
+    y = d(x)
+    zeros = (y == 0).float().mean().item()
+    assert abs(zeros - 0.3) < 0.01                      # the drop rate
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))  # inverted scaling
+    assert abs(y.mean().item() - 1.0) < 0.02            # expectation kept
+    x.requires_grad_()
+    d(x).sum().backward()
+    g = x.grad.unique()
+    assert len(g) == 2 and g[0] == 0 and abs(g[1].item() - 1 / 0.7) < 1e-6
+    d.eval()
+    assert d(x) is x

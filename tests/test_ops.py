@@ -54,3 +54,16 @@ def test_bf16_autocast_close_to_reference():
     ref.backward()
     cos = F.cosine_similarity(gW.flatten(), W.grad.flatten(), dim=0)
     assert cos > 0.99
+
+
+def test_allocator_tuning_applies_once_and_can_be_disabled(monkeypatch):
+    import sys
+
+    import rnnlm.allocator as alloc
+    monkeypatch.setattr(alloc, "_done", False)
+    monkeypatch.setenv("RNNLM_MALLOC_TUNING", "0")
+    assert alloc.tune_allocator() is False and alloc._done is False
+    monkeypatch.delenv("RNNLM_MALLOC_TUNING")
+    applied = alloc.tune_allocator()
+    if sys.platform.startswith("linux") and applied:
+        assert alloc._done is True and alloc.tune_allocator() is True
