@@ -6,13 +6,14 @@ is memory traffic: the (N, V) logits are copied to fp32, a log-softmax is writte
 zero-filled one-hot gradient is scattered, the log-softmax backward reads both back... about
 ten passes over an (N, V) array per step.
 
-:func:`linear_cross_entropy` does it in three: the logits matmul, one chunked pass that turns
-logits into probabilities *in place* (fp32 arithmetic on a cache-sized block of rows; only
-the per-row log-sum-exp is kept), and in backward the in-place ``p - onehot`` followed by the
-two gradient matmuls. The probabilities are stored in the matmul's dtype (bf16 under bf16
-autocast, fp32 otherwise), which is exactly the precision autocast would feed the backward
-matmuls anyway; in fp32 the result equals ``F.cross_entropy(F.linear(h, W, b), y)`` to
-rounding.
+:func:`linear_cross_entropy` does it in a few: the logits matmul (plus the bias, in place),
+PyTorch's fused softmax kernel writing the probabilities, ``-log p(target)`` gathered from them,
+and in backward the in-place ``p - onehot`` followed by the gradient matmuls, with the 1/N
+scale folded into the small operands. The probabilities are kept in the matmul's dtype (bf16
+under bf16 autocast, fp32 otherwise), exactly the precision autocast would feed the backward
+matmuls anyway; in fp32 the result equals ``F.cross_entropy(F.linear(h, W, b), y)`` to rounding
+(tests compare to 1e-10 in float64). A target probability that underflows to 0 (a loss above
+~87 nats in fp32) gives an infinite loss, which the trainer reports as divergence.
 """
 
 from __future__ import annotations
