@@ -182,7 +182,10 @@ class RNNLM(nn.Module):
             # AdaptiveLogSoftmaxWithLoss returns the mean; its output is log p of each target.
             out = self.softmax(h2.float(), y2).output
             return -(out.sum() if reduction == "sum" else out.mean()) if reduction != "none" else -out
-        # Fused linear + cross-entropy: far less memory traffic than logits -> log_softmax -> nll.
+        if not torch.is_grad_enabled():
+            # Evaluation: the plain fp32 log-softmax, exact even where a probability underflows.
+            return F.cross_entropy(self.decoder(h2).float(), y2, reduction=reduction)
+        # Training: fused linear + cross-entropy, far less memory traffic than logits -> log_softmax -> nll.
         return linear_cross_entropy(h2, self.decoder.weight, self.decoder.bias, y2, reduction)
 
 
