@@ -453,8 +453,6 @@ def source_digest(src: TextSource) -> str:
     return h.hexdigest()
 
 
-def file_digest(path: Path) -> str:
-    return source_digest(TextSource(Path(path)))
 
 
 def _file_sha256(path: Path, offset: int = 0) -> str:

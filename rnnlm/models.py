@@ -23,7 +23,6 @@ feeding next-token prediction would leak it).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -198,13 +197,6 @@ def detach_state(state: State) -> State:
     return state.detach()
 
 
-def select_state(state: State, index: torch.Tensor) -> State:
-    """Keep the batch entries `index` of a state (dim 1 of each (L, B, H) tensor)."""
-    if state is None:
-        return None
-    if isinstance(state, tuple):
-        return tuple(s.index_select(1, index) for s in state)
-    return state.index_select(1, index)
 
 
 def state_to_list(state: State) -> list[torch.Tensor] | None:
@@ -219,11 +211,3 @@ def state_from_list(items: list[torch.Tensor] | None, cell: str, device: torch.d
         return None
     items = [t.to(device) for t in items]
     return tuple(items) if cell.startswith("lstm") else items[0]
-
-
-def build_model(vocab_size: int, model_cfg) -> RNNLM:
-    return RNNLM(vocab_size, model_cfg)
-
-
-def bits(nats: float) -> float:
-    return nats / math.log(2)

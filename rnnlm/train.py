@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
 import torch.nn as nn
+from rich.markup import escape
 
 from . import __version__
 from . import distributed as D
@@ -36,12 +36,6 @@ from .errors import RunError, UsageError
 from .evaluate import evaluate_ids
 from .models import RNNLM, detach_state, state_from_list, state_to_list
 from .text import Tokenizer, Vocab
-
-try:
-    from rich.markup import escape
-except ImportError:  # pragma: no cover - rich is a dependency
-    def escape(text: str) -> str:
-        return text
 
 
 # -- building blocks -------------------------------------------------------------------------
@@ -558,11 +552,7 @@ class Trainer:
                             for acc in (loss_acc, clipped_acc):
                                 D.all_reduce_mean(acc, self.dist)
                             D.all_reduce_max(first_bad, self.dist)
-                        bad = int(first_bad.item())
-                        if bad >= 0:
-                            raise RunError(f"the training loss became {float(ld.item())} at step {bad}; stopped "
-                                           f"without saving it. The last good checkpoint is in {self.run_dir}. "
-                                           f"Try a lower train.lr or a smaller train.clip_grad_norm")
+                        self._check_finite(first_bad)
                         self.clipped += int(clipped_acc.item())
                         ev = {"event": "train", "step": self.step, "tokens": self.tokens,
                               "time": round(self._now(), 3), "epoch": self.epoch + 1,
@@ -640,7 +630,7 @@ class Trainer:
         bad = int(first_bad.item())
         if bad >= 0:
             raise RunError(f"the training loss became non-finite at step {bad}; stopped without saving it. The last "
-                           f"good checkpoint is in {escape(str(self.run_dir))}. Try a lower train.lr or a smaller "
+                           f"good checkpoint is in {self.run_dir}. Try a lower train.lr or a smaller "
                            f"train.clip_grad_norm")
 
     def _autocast(self):
