@@ -176,3 +176,28 @@ def test_tensorboard_event_files(corpus, tmp_path):
     Trainer(_cfg(corpus, "train.max_steps=10", "train.tensorboard=true"), tmp_path / "r", progress=False).fit()
     files = list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))
     assert files and files[0].stat().st_size > 0
+
+
+def test_torchrun_resume_continues_the_single_process_curve(corpus, tmp_path):
+    """A 2-rank run stopped at step 6 and resumed under torchrun ends where one process ends."""
+    args = [f"--data={corpus}", "data.level=word", "model.hidden_size=32", "model.embedding_size=16",
+            "train.batch_size=4", "train.bptt=8", "train.log_every=1", "train.eval_every=6",
+            "train.optimizer=sgd", "train.lr=0.5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(*extra):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                            "-m", "rnnlm", "train", "--out", str(tmp_path / "d"), *extra],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "rnnlm", "train", "--out", str(tmp_path / "s"), *args,
+                             "train.max_steps=12"], env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    torchrun(*args, "train.max_steps=6")
+    torchrun("--resume", "train.max_steps=12")
+    a, b = _events(tmp_path / "s", "train"), _events(tmp_path / "d", "train")
+    assert [e["step"] for e in b] == list(range(1, 13))
+    assert all(abs(x["loss"] - y["loss"]) < 1e-4 for x, y in zip(a, b))
+    va, vb = _events(tmp_path / "s", "eval"), _events(tmp_path / "d", "eval")
+    assert [e["loss"] for e in va] == pytest.approx([e["loss"] for e in vb], abs=1e-4)
