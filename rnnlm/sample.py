@@ -16,13 +16,22 @@ A sample ends at ``<eos>`` (not part of the text) or after ``max_length`` tokens
 comes first; the samples of one batch end independently. Bidirectional models sample with
 their forward direction.
 
-Speed: ``nn.LSTM``/``nn.GRU``/``nn.RNN`` stacks are stepped with the fused cell functions
-(``torch.lstm_cell`` & co.) on the module's own weights. Going through ``nn.LSTM`` for one
-step at a time is slow on CPU: its oneDNN path has a fixed cost per call (measured ~8 ms per
-layer for 512 units, torch 2.13), more than a hundred times the step's arithmetic. For small vocabularies the first layer's input projection of every
-token is precomputed (a (V, G·H) table), which removes one of the matrix-vector products of a
-step. Other recurrent modules (the peephole LSTM) go through ``model(...)`` one step at a
-time. See docs/SAMPLING.md for the measured figures.
+Speed: going through ``nn.LSTM`` for one step at a time is slow on CPU (its oneDNN path has a
+fixed cost per call, measured ~8 ms per layer for 512 units, torch 2.13, more than a hundred
+times the step's arithmetic), so the forward stack is stepped by hand on the module's weights:
+
+* ``nn.LSTM`` (float32): each layer is ONE matrix-vector product ``[x; h] @ [W_ih W_hh]^T`` and
+  a few pointwise ops. At batch 1 a step is a handful of matrix-vector products, which PyTorch
+  runs on one core at the speed of the memory; :class:`_Gemv` splits each matrix into row
+  blocks, one per thread, computed by a single ``baddbmm`` that PyTorch parallelises over the
+  blocks (2.0x on 2 cores). The output layer is split the same way.
+* ``nn.GRU``/``nn.RNN`` (and an LSTM in another dtype): the fused cell functions
+  (``torch.gru_cell`` & co.).
+* Either way, for small vocabularies the first layer's input projection of every token is
+  precomputed (a (V, G·H) table), which removes one matrix-vector product per step.
+* Other recurrent modules (the peephole LSTM) go through ``model(...)`` one step at a time.
+
+See docs/SAMPLING.md for the measured figures.
 """
 
 from __future__ import annotations
@@ -106,6 +115,92 @@ def filter_log_probs(logp: torch.Tensor, temperature: float = 1.0, top_k: int = 
 
 # -- one token at a time ------------------------------------------------------------------------
 
+def _parts(device: torch.device) -> int:
+    """Row blocks per matrix-vector product: one per intra-op thread on CPU, one on accelerators."""
+    return max(1, torch.get_num_threads()) if device.type == "cpu" else 1
+
+
+class _Gemv:
+    """``x @ W^T + b`` for a few rows x (B, K), as `parts` row blocks of W computed by one ``baddbmm``.
+
+    PyTorch computes a (1, K) x (K, N) product on one core, at the speed of the memory; a
+    batched product over P blocks of N/P rows each runs the blocks on P threads. W is copied
+    once, as (P, K, n) blocks (N padded with zero rows up to P·n, the padding sliced off the
+    result). The bias may be given per call, as (P, B or 1, n) from :meth:`split`.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, parts: int):
+        N, K = weight.shape
+        self.N, self.P = N, max(1, min(parts, N))
+        self.n = -(-N // self.P)
+        w = self._pad(weight.detach().float())
+        self.w = w.view(self.P, self.n, K).transpose(1, 2).contiguous()       # (P, K, n)
+        self.b = self.split(bias if bias is not None else weight.new_zeros(N))
+
+    def _pad(self, rows: torch.Tensor) -> torch.Tensor:
+        extra = self.P * self.n - self.N
+        return torch.cat([rows, rows.new_zeros(extra, *rows.shape[1:])]) if extra else rows
+
+    def split(self, bias: torch.Tensor) -> torch.Tensor:
+        """A bias (N,) as (P, 1, n); or per-row biases (M, N) as (M, P, n) for a row lookup."""
+        if bias.dim() == 1:
+            return self._pad(bias.detach().float()).view(self.P, 1, self.n)
+        return self._pad(bias.detach().float().t()).t().reshape(-1, self.P, self.n)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        B, K = x.shape
+        out = torch.baddbmm(self.b if bias is None else bias, x.unsqueeze(0).expand(self.P, B, K), self.w)
+        out = out.view(B, -1) if B == 1 else out.transpose(0, 1).reshape(B, -1)   # (B, P·n)
+        return out[:, :self.N] if self.P * self.n != self.N else out
+
+
+class _LSTMStack:
+    """One step of a unidirectional float32 ``nn.LSTM``, one :class:`_Gemv` per layer.
+
+    Layer k computes the gates as ``[x; h] @ [W_ih W_hh]^T + (b_ih + b_hh)`` in one product, with
+    the gate rows reordered (i, f, o, g) so that one ``sigmoid_`` and one ``tanh_`` cover them.
+    With a `table` (V, 4H) of layer 0's input projections of every token, layer 0 multiplies h
+    alone and takes the token's row of the table as its bias. Equal to ``torch.lstm_cell`` up to
+    float rounding (the products are summed in another order).
+    """
+
+    def __init__(self, layers: list[tuple[torch.Tensor, ...]], table: torch.Tensor | None, parts: int):
+        H = layers[0][1].size(1)
+        self.H = H
+        order = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
+        self.gemvs: list[_Gemv] = []
+        self.table = None
+        for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
+            order = order.to(w_hh.device)
+            if k == 0 and table is not None:
+                g = _Gemv(w_hh[order], None, parts)
+                self.table = g.split((table + b_hh)[:, order])                # (V, P, n), both biases in
+            else:
+                g = _Gemv(torch.cat([w_ih, w_hh], 1)[order], (b_ih + b_hh)[order], parts)
+            self.gemvs.append(g)
+
+    def _cell(self, gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        H = self.H
+        gates[:, : 3 * H].sigmoid_()
+        gates[:, 3 * H:].tanh_()
+        c = torch.addcmul(c * gates[:, H: 2 * H], gates[:, :H], gates[:, 3 * H:])
+        return torch.tanh(c).mul_(gates[:, 2 * H: 3 * H]), c
+
+    def step(self, x: torch.Tensor, ids: torch.Tensor, state: list) -> None:
+        """Advance `state` (a list of (h, c) per layer, each (B, H)) in place by one token.
+
+        `x` is the embedded token (B, E), unused when layer 0 has a table; `ids` are the tokens.
+        """
+        for k, g in enumerate(self.gemvs):
+            h, c = state[k]
+            if k == 0 and self.table is not None:
+                gates = g(h, self.table.index_select(0, ids).transpose(0, 1))
+            else:
+                gates = g(torch.cat([x, h], 1))
+            state[k] = self._cell(gates, c)
+            x = state[k][0]
+
+
 _CELLS = {"LSTM": torch.lstm_cell, "GRU": torch.gru_cell, "RNN_TANH": torch.rnn_tanh_cell,
           "RNN_RELU": torch.rnn_relu_cell}
 
@@ -126,7 +221,6 @@ class _Stepper:
                       and not rnn.batch_first and getattr(rnn, "proj_size", 0) == 0 and rnn.mode in _CELLS)
         self.h: torch.Tensor | None = None  # (B, D) features of the last step
         self.state = None
-        self.bias: torch.Tensor | None = None
         self.mask_unk = False
         if self.fused:
             self.cell = _CELLS[rnn.mode]
@@ -137,6 +231,13 @@ class _Stepper:
             self.table = self._input_table()
             w_ih = self.weights[0][0]
             self._no_input = [w_ih.new_empty(1, 0), w_ih.new_empty(w_ih.size(0), 0)]  # (B, 0), (G·H, 0)
+        parts = _parts(device)
+        self.stack = None
+        if self.fused and self.lstm and all(w.dtype == torch.float32 for w in self.weights[0]):
+            self.stack = _LSTMStack(self.weights, self.table, parts)
+        dec = None if model.adaptive else model.decoder
+        self.decoder = _Gemv(dec.weight, None, parts) if dec is not None else None
+        self.dec_bias: torch.Tensor | None = None
 
     def _input_table(self) -> torch.Tensor | None:
         """Layer 0's input projection W_ih·emb(v) + b_ih of every token v: (V, G·H), or None.
@@ -168,11 +269,12 @@ class _Stepper:
         With `mask_unk`, scores() gives <unk> a score of -inf (folded into the output bias).
         """
         m = self.model
-        self.bias = None
-        if not m.adaptive:
-            self.bias = m.decoder.bias.detach().float().clone()
+        self.dec_bias = None
+        if self.decoder is not None:
+            bias = m.decoder.bias.detach().float().clone()
             if mask_unk:
-                self.bias[UNK_ID] = NEG_INF
+                bias[UNK_ID] = NEG_INF
+            self.dec_bias = self.decoder.split(bias)
         self.mask_unk = mask_unk
         if self.fused and len(context) <= _STEP_PRIME_MAX:
             # Short contexts go through the cells too: no per-call setup cost of nn.LSTM.
@@ -206,7 +308,7 @@ class _Stepper:
             if self.mask_unk:
                 lp[:, UNK_ID] = NEG_INF
             return lp
-        return torch.addmm(self.bias, self.h.float(), m.decoder.weight.t().float())  # (B, V)
+        return self.decoder(self.h.float(), self.dec_bias)                          # (B, V)
 
     def advance(self, ids: torch.Tensor) -> None:
         m = self.model
@@ -215,18 +317,22 @@ class _Stepper:
             self.h = h[0]
             return
         st = self.state
-        w_ih, w_hh, b_ih, b_hh = self.weights[0]
-        if self.table is not None:
-            n = ids.numel()
-            x0, w0 = self._no_input
-            if x0.size(0) != n:
-                x0 = self._no_input[0] = w_ih.new_empty(n, 0)
-            st[0] = self.cell(x0, st[0], w0, w_hh, self.table.index_select(0, ids), b_hh)
+        if self.stack is not None:
+            x = None if self.table is not None else m.embedding.weight.index_select(0, ids)
+            self.stack.step(x, ids, st)
         else:
-            st[0] = self.cell(m.embedding.weight.index_select(0, ids), st[0], w_ih, w_hh, b_ih, b_hh)
-        for k in range(1, len(st)):
-            inp = st[k - 1][0] if self.lstm else st[k - 1]
-            st[k] = self.cell(inp, st[k], *self.weights[k])
+            w_ih, w_hh, b_ih, b_hh = self.weights[0]
+            if self.table is not None:
+                n = ids.numel()
+                x0, w0 = self._no_input
+                if x0.size(0) != n:
+                    x0 = self._no_input[0] = w_ih.new_empty(n, 0)
+                st[0] = self.cell(x0, st[0], w0, w_hh, self.table.index_select(0, ids), b_hh)
+            else:
+                st[0] = self.cell(m.embedding.weight.index_select(0, ids), st[0], w_ih, w_hh, b_ih, b_hh)
+            for k in range(1, len(st)):
+                inp = st[k - 1][0] if self.lstm else st[k - 1]
+                st[k] = self.cell(inp, st[k], *self.weights[k])
         out = st[-1][0] if self.lstm else st[-1]                       # (B, H); dropout is off in eval
         if len(m.head):
             out = m.head(out)

@@ -266,6 +266,45 @@ def test_stepper_equals_the_model_forward(cell, extra):
     assert torch.allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("parts", [1, 2, 3, 5])
+@pytest.mark.parametrize("table", [True, False])
+@pytest.mark.parametrize("layers", [1, 3])
+def test_split_lstm_stack_equals_the_model_over_many_steps(parts, table, layers, monkeypatch):
+    """The LSTM fast path (one product per layer, row blocks over `parts` threads, with and
+    without layer 0's token table) follows model.forward token after token, batch of 3."""
+    import rnnlm.sample as sample_mod
+    monkeypatch.setattr(sample_mod, "_parts", lambda device: parts)
+    if not table:
+        monkeypatch.setattr(sample_mod, "_TABLE_MAX_ENTRIES", 0)
+    m = random_model(31, num_layers=layers, seed=parts)
+    ctx = [EOS_ID, 5, 7, 3]
+    steps = torch.tensor([[4, 9, 2], [30, 1, 6], [8, 8, 8], [2, 3, 29]])
+    with torch.inference_mode():
+        step = _Stepper(m, torch.device("cpu"))
+        assert step.stack is not None and (step.table is not None) == table
+        assert step.decoder.P == parts
+        step.start(ctx, 3)
+        x = torch.tensor(ctx).unsqueeze(1).expand(-1, 3)
+        for nxt in steps:
+            step.advance(nxt)
+            x = torch.cat([x, nxt.unsqueeze(0)])
+            h, _ = m(x)
+            assert torch.allclose(torch.log_softmax(step.scores(), -1), m.log_probs(h[-1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("N,K,B,parts", [(12, 5, 1, 1), (12, 5, 1, 4), (13, 7, 3, 4), (7, 3, 2, 9), (1, 4, 1, 2)])
+def test_gemv_row_blocks_equal_linear(N, K, B, parts):
+    from rnnlm.sample import _Gemv
+    g = torch.Generator().manual_seed(N * K + parts)
+    w, b, x = (torch.randn(N, K, generator=g), torch.randn(N, generator=g), torch.randn(B, K, generator=g))
+    gemv = _Gemv(w, b, parts)
+    assert gemv.P == min(parts, N) and gemv(x).shape == (B, N)
+    assert torch.allclose(gemv(x), torch.nn.functional.linear(x, w, b), atol=1e-5)
+    rows = torch.randn(B, N, generator=g)                       # a per-row bias, as the token table gives
+    per_row = gemv.split(rows).transpose(0, 1)
+    assert torch.allclose(gemv(x, per_row), x @ w.t() + rows, atol=1e-5)
+
+
 def test_greedy_is_the_argmax_of_the_model_step_by_step():
     """A hand-written greedy decoder over model.forward (the prefix re-run each step, O(n^2) but
     obviously right) gives the sampler's greedy text, with <unk> excluded."""
