@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import linear_cross_entropy
+from .ops import adaptive_target_log_prob, linear_cross_entropy
 
 State = Any  # None, a tensor (L, B, H), or an LSTM tuple (h, c) of such tensors
 
@@ -178,8 +178,8 @@ class RNNLM(nn.Module):
         h2 = h.reshape(-1, h.size(-1))
         y2 = y.reshape(-1)
         if self.adaptive:
-            # AdaptiveLogSoftmaxWithLoss returns the mean; its output is log p of each target.
-            out = self.softmax(h2.float(), y2).output
+            # log p of each target; the module's own forward is not autocast-safe on CPU.
+            out = adaptive_target_log_prob(self.softmax, h2, y2)
             return -(out.sum() if reduction == "sum" else out.mean()) if reduction != "none" else -out
         if not torch.is_grad_enabled():
             # Evaluation: the plain fp32 log-softmax, exact even where a probability underflows.

@@ -89,3 +89,31 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         dt = torch.promote_types(h.dtype, weight.dtype)
     with torch.autocast(h.device.type, enabled=False):
         return _LinearCrossEntropy.apply(h, weight, bias, target, dt, reduction)
+
+
+def adaptive_target_log_prob(asm: torch.nn.AdaptiveLogSoftmaxWithLoss, h: torch.Tensor,
+                             target: torch.Tensor) -> torch.Tensor:
+    """log p(target | h) under an adaptive softmax: (N, D), (N,) -> (N,) float32.
+
+    The arithmetic of ``AdaptiveLogSoftmaxWithLoss.forward(h, target).output`` -- log p of the
+    target's cluster in the head plus, outside the shortlist, log p of the target within its
+    cluster -- but autocast-safe: the matmuls run in the autocast dtype while every log-softmax
+    is taken in float32 (the module itself fails under CPU bf16 autocast, mixing dtypes in its
+    ``index_copy_``). With gradients enabled the head goes through :func:`linear_cross_entropy`.
+    """
+    head_target = target.clone()
+    out = torch.zeros(target.size(0), dtype=torch.float32, device=h.device)
+    bounds = [0] + list(asm.cutoffs)
+    for i in range(1, len(bounds) - 1):
+        rows = ((target >= bounds[i]) & (target < bounds[i + 1])).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        head_target.index_fill_(0, rows, asm.shortlist_size + i - 1)
+        logits = asm.tail[i - 1](h.index_select(0, rows)).float()
+        within = (target.index_select(0, rows) - bounds[i]).unsqueeze(1)
+        out = out.index_add(0, rows, torch.log_softmax(logits, dim=1).gather(1, within).squeeze(1))
+    if torch.is_grad_enabled():  # training: the fused head
+        head_nll = linear_cross_entropy(h, asm.head.weight, asm.head.bias, head_target, "none")
+    else:                        # evaluation: the plain fp32 log-softmax, exact where a probability underflows
+        head_nll = torch.nn.functional.cross_entropy(asm.head(h).float(), head_target, reduction="none")
+    return out - head_nll.float()

@@ -153,6 +153,43 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
+def plain_sgd(opt: torch.optim.Optimizer) -> bool:
+    """True for SGD whose update is exactly p -= lr * g (no momentum, weight decay, maximize)."""
+    return type(opt) is torch.optim.SGD and all(
+        g["momentum"] == 0 and g["weight_decay"] == 0 and not g.get("maximize", False) for g in opt.param_groups)
+
+
+@torch.no_grad()
+def clipped_sgd_step(params: list[torch.Tensor], lr: float, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_(params, max_norm)`` followed by plain SGD, in one pass over the weights.
+
+    The same arithmetic -- total 2-norm of all gradients, coef = min(1, max_norm / (norm + 1e-6)),
+    p -= lr * coef * g -- without writing the clipped gradients back first. Sparse gradients
+    (``nn.Embedding(sparse=True)``: only the rows of the window's tokens) are coalesced and
+    applied to those rows alone. The gradients are left unclipped. CPU only: the coefficient is
+    read on the host. Returns the total norm (before clipping), like clip_grad_norm_.
+    """
+    dense, dense_g, sparse = [], [], []
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            sparse.append((p, p.grad.coalesce()))
+        else:
+            dense.append(p)
+            dense_g.append(p.grad)
+    norms = list(torch._foreach_norm(dense_g)) if dense_g else []
+    norms += [torch.linalg.vector_norm(g.values()) for _, g in sparse]
+    total = torch.linalg.vector_norm(torch.stack(norms).float()) if norms else torch.zeros(())
+    c = max_norm / (float(total) + 1e-6)
+    coef = 1.0 if c >= 1.0 else c          # NaN stays NaN, as in clip_grad_norm_'s clamp
+    if dense:
+        torch._foreach_add_(dense, dense_g, alpha=-lr * coef)
+    for p, g in sparse:
+        p.index_add_(0, g.indices()[0], g.values().to(p.dtype), alpha=-lr * coef)
+    return total
+
+
 class RunLock:
     """One trainer per run directory: a lock file with the holder's pid; a dead holder's lock is taken over."""
 
@@ -341,6 +378,13 @@ class Trainer:
             torch.manual_seed(tc.seed + 1_000_003 * self.dist.rank)  # distinct dropout masks per rank
         if tc.compile:
             self.step_module = torch.compile(self.step_module)
+        # Plain SGD on CPU: clipping and the update in one pass over the weights, and -- where the
+        # embedding is not shared with the output layer or across processes -- sparse embedding
+        # gradients, so a step touches only the rows of its window's tokens instead of zero-filling,
+        # norming, scaling and updating the whole (V, E) matrix. Same arithmetic (tests).
+        self.fused_sgd = (self.device.type == "cpu" and plain_sgd(self.optimizer) and not self.scaler.is_enabled()
+                          and not tc.compile)
+        self.model.embedding.sparse = bool(self.fused_sgd and not self.dist.enabled and not cfg.model.tie_weights)
 
         # Progress counters (restored on resume).
         self.step = 0
@@ -523,10 +567,13 @@ class Trainer:
                         loss, self.state, self.state_rev = self.step_module(
                             x, y, detach_state(self.state), xb, yb, detach_state(self.state_rev))
                     self.scaler.scale(loss).backward()
-                    self.scaler.unscale_(self.optimizer)
-                    gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
+                    if self.fused_sgd:  # clip + SGD in one pass (and sparse embedding rows)
+                        gnorm = clipped_sgd_step(params, lr, clip)
+                    else:
+                        self.scaler.unscale_(self.optimizer)
+                        gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
                     # Bookkeeping stays on the device: no host sync until the next log line.
                     ld = loss.detach().float()
                     first_bad = torch.where((first_bad < 0) & ~torch.isfinite(ld),

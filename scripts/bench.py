@@ -11,6 +11,7 @@ subprocess, one after another, never in parallel.
     python scripts/bench.py wikitext2          # target 3: adaptive softmax vs reference
     python scripts/bench.py shakespeare        # target 4: val loss <= 1.47 within 80 s
     python scripts/bench.py ptb-small          # target 5: Zaremba small, full 13 epochs (long)
+    python scripts/bench.py generation         # target 6: tokens/s at batch 1, 2x512 LSTM
 
 Options: --ref PATH (ref_loop.py), --data DIR (folder with ptb/, wikitext-2/, tinyshakespeare/),
 --out DIR (run directories and a results JSON).
@@ -120,11 +121,16 @@ def throughput(args, out: Path, steps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="*", default=[], help="throughput ptb-fast wikitext2 shakespeare ptb-small")
+    ap.add_argument("what", nargs="*", default=[],
+                    help="throughput ptb-fast wikitext2 shakespeare ptb-small generation")
     ap.add_argument("--short", action="store_true", help="the < 2 minute day-to-day check")
     ap.add_argument("--ref", type=Path, default=DEFAULT_REF)
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
+    ap.add_argument("--ref-cap", type=float, default=1500.0,
+                    help="ptb-fast: stop the reference after this many training seconds (default 1500)")
+    ap.add_argument("--wt2-time", type=float, default=300.0,
+                    help="wikitext2: the equal wall time for the quality comparison (default 300 s)")
     args = ap.parse_args()
     if not args.ref.is_file():
         sys.exit(f"bench: reference recipe not found: {args.ref} (--ref PATH)")
@@ -150,7 +156,126 @@ def main() -> None:
     print(f"results: {out / 'results.json'}")
 
 
-TARGETS: dict = {}
+def run_ref_train(train_txt: Path, valid_txt: Path, extra: list[str]) -> dict:
+    """scripts/ref_train.py (the reference recipe with validation): its eval events and end line."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "ref_train.py"), str(train_txt), str(valid_txt)] + extra
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    lines = [json.loads(x) for x in out.strip().splitlines() if x.startswith("{")]
+    return {"evals": [x for x in lines if x["event"] == "eval"], "end": lines[-1]}
+
+
+def first_valid_at_most(events: list[dict], ppl: float) -> dict | None:
+    for e in events:
+        if e["event"] == "eval" and e.get("split", "valid") == "valid" and e["ppl"] <= ppl:
+            return e
+    return None
+
+
+def ptb_fast(args, out: Path) -> dict:
+    """Target 2: wall time to valid ppl <= 120, configs/ptb-word-fast.yaml against the reference
+    recipe (scripts/ref_train.py, validated 4 times per epoch, evaluation time not counted)."""
+    ptb = find_data("ptb", args.data)
+    target = 120.0
+    res: dict = {"target_ppl": target}
+    res["ref_loop_tok_s"] = run_ref(args.ref, ptb / "train.txt", 60)["tokens_per_sec"]
+    r = run_rnnlm(out / "ptb-fast", ptb, [], config=str(ROOT / "configs" / "ptb-word-fast.yaml"))
+    startup = r["wall"] - r["end"]["time"]       # process start, data, model, final save: charged to rnnlm
+    hit = first_valid_at_most(r["events"], target)
+    res["rnnlm_wall"] = r["wall"]
+    res["rnnlm_seconds_to_target"] = hit["time"] + startup if hit else None
+    res["rnnlm_valid_ppl"] = [round(e["ppl"], 2) for e in r["events"] if e["event"] == "eval"]
+    cap = args.ref_cap
+    steps_per_epoch = 929589 // (20 * 35)     # PTB train tokens / (batch x bptt): 4 validations per epoch
+    ref = run_ref_train(ptb / "train.txt", ptb / "valid.txt", ["--target-ppl", str(target), "--max-time", str(cap),
+                                                               "--eval-every", str(steps_per_epoch // 4)])
+    hit_ref = next((e for e in ref["evals"] if e["valid_ppl"] <= target), None)
+    res["ref_tok_s"] = ref["end"]["tokens_per_sec"]
+    res["ref_seconds_to_target"] = hit_ref["train_seconds"] if hit_ref else None
+    res["ref_valid_ppl"] = [(e["train_seconds"], round(e["valid_ppl"], 2)) for e in ref["evals"]]
+    print(f"PTB valid ppl <= {target:g}:")
+    print(f"  reference recipe: {res['ref_tok_s']:,.0f} tok/s (ref_loop.py in this run: {res['ref_loop_tok_s']:,.0f}); "
+          + (f"reached in {res['ref_seconds_to_target']:,.0f} s of training" if hit_ref else
+             f"not reached in {cap:,.0f} s of training (best {ref['end']['best_valid_ppl']:.1f})"))
+    if hit:
+        print(f"  rnnlm ptb-word-fast.yaml: reached in {res['rnnlm_seconds_to_target']:,.0f} s wall "
+              f"(start-up and validations included; valid ppl {hit['ppl']:.2f} at step {hit['step']})")
+    else:
+        print(f"  rnnlm ptb-word-fast.yaml: not reached (valid ppl {res['rnnlm_valid_ppl']})")
+    if hit:
+        ref_t = res["ref_seconds_to_target"] or cap
+        res["ratio"] = res["rnnlm_seconds_to_target"] / ref_t
+        print(f"  rnnlm / reference time = {res['ratio']:.2f}" + ("" if hit_ref else " (at most: the reference did not get there)")
+              + "   (target <= 0.33)")
+    return res
+
+
+def wikitext2(args, out: Path) -> dict:
+    """Target 3: WikiText-2 throughput on the reference's shapes (adaptive softmax, bf16) against the
+    reference fp32, then validation perplexity after equal wall time."""
+    wt = find_data("wikitext-2", args.data)
+    res: dict = {}
+    steps, warm = 30, 10
+    res["ref_fp32_tok_s"] = run_ref(args.ref, wt / "train.txt", steps)["tokens_per_sec"]
+    shapes = IDENTICAL + ["model.softmax=adaptive", "train.precision=bf16", f"train.max_steps={warm + 3 * steps}",
+                          f"train.log_every={warm}", "train.eval_max_tokens=2000"]
+    r = run_rnnlm(out / "wt2-tp", wt, shapes)
+    res["rnnlm_adaptive_bf16_tok_s"] = steady_tokens_per_sec(r["events"])
+    res["ratio"] = res["rnnlm_adaptive_bf16_tok_s"] / res["ref_fp32_tok_s"]
+    print(f"WikiText-2, 2x200 LSTM, bptt 35, batch 20 (33,278 words):")
+    print(f"  reference fp32 (full softmax)   {res['ref_fp32_tok_s']:>9,.0f} tok/s")
+    print(f"  rnnlm adaptive softmax, bf16    {res['rnnlm_adaptive_bf16_tok_s']:>9,.0f} tok/s = {res['ratio']:.1f}x   (target >= 5)")
+    T = args.wt2_time
+    ref = run_ref_train(wt / "train.txt", wt / "valid.txt", ["--max-time", str(T)])
+    res["ref_valid_ppl_at_T"] = ref["evals"][-1]["valid_ppl"]
+    res["ref_train_seconds"] = ref["end"]["train_seconds"]
+    r = run_rnnlm(out / "wt2-quality", wt, [f"train.max_time={T}", "train.epochs=100", "train.precision=bf16"],
+                  config=str(ROOT / "configs" / "wikitext2-word.yaml"))
+    ev = [e for e in r["events"] if e["event"] == "eval" and e.get("split", "valid") == "valid"]
+    res["rnnlm_valid_ppl_at_T"] = ev[-1]["ppl"]
+    res["rnnlm_wall"] = r["wall"]
+    print(f"  after {T:g} s: reference valid ppl {res['ref_valid_ppl_at_T']:.1f} ({res['ref_train_seconds']:.0f} s of "
+          f"training, evaluation not counted); rnnlm wikitext2-word.yaml {res['rnnlm_valid_ppl_at_T']:.1f} "
+          f"({r['wall']:.0f} s wall, start-up and evaluation included)")
+    return res
+
+
+def shakespeare(args, out: Path) -> dict:
+    """Target 4: configs/shakespeare-char.yaml, final valid loss (nats/char) and the command's wall time."""
+    txt = find_data("tinyshakespeare", args.data) / "input.txt"
+    r = run_rnnlm(out / "shakespeare", txt, [], config=str(ROOT / "configs" / "shakespeare-char.yaml"))
+    ev = [e for e in r["events"] if e["event"] == "eval" and e.get("split", "valid") == "valid"]
+    res = {"valid_loss": ev[-1]["loss"], "wall": r["wall"], "steps": r["end"]["step"]}
+    print(f"Tiny Shakespeare (char, nanoGPT's 90/10 split): valid loss {res['valid_loss']:.4f} nats/char after "
+          f"{res['steps']} steps, {res['wall']:.1f} s wall   (target <= 1.47 within 80 s)")
+    return res
+
+
+def ptb_small(args, out: Path) -> dict:
+    """Target 5: configs/ptb-word-small.yaml (Zaremba et al. small) in bf16, then test perplexity."""
+    ptb = find_data("ptb", args.data)
+    r = run_rnnlm(out / "ptb-small", ptb, ["train.precision=bf16"], config=str(ROOT / "configs" / "ptb-word-small.yaml"))
+    cmd = [sys.executable, "-m", "rnnlm", "eval-perplexity", "--checkpoint", str(out / "ptb-small"),
+           "--data", str(ptb / "test.txt"), "--json", "--batch-size", "16"]
+    test = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    res = {"test_ppl": test["ppl"], "best_valid_ppl": r["end"]["best_valid_ppl"], "wall": r["wall"]}
+    print(f"PTB small (Zaremba et al. 2014): test ppl {res['test_ppl']:.2f}, best valid {res['best_valid_ppl']:.2f}, "
+          f"{res['wall']:.0f} s wall   (target test <= 114.5)")
+    return res
+
+
+def generation(args, out: Path) -> dict:
+    """Target 6: scripts/bench_generate.py at batch 1, 2x512 LSTM, 100-token vocabulary."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_generate.py"), "--vocab", "100", "--length", "2000",
+           "--repeats", "3"]
+    lines = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()
+    res = json.loads(lines[-1])
+    for line in lines[1:-1]:
+        print(f"  {line}")
+    return res
+
+
+TARGETS: dict = {"ptb-fast": ptb_fast, "wikitext2": wikitext2, "shakespeare": shakespeare, "ptb-small": ptb_small,
+                 "generation": generation}
 
 if __name__ == "__main__":
     main()

@@ -67,3 +67,44 @@ def test_allocator_tuning_applies_once_and_can_be_disabled(monkeypatch):
     applied = alloc.tune_allocator()
     if sys.platform.startswith("linux") and applied:
         assert alloc._done is True and alloc.tune_allocator() is True
+
+
+# -- adaptive softmax ----------------------------------------------------------------------------
+
+def _asm(seed: int = 0) -> torch.nn.AdaptiveLogSoftmaxWithLoss:
+    torch.manual_seed(seed)
+    return torch.nn.AdaptiveLogSoftmaxWithLoss(12, 300, [20, 90], div_value=2.0).double()
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_adaptive_target_log_prob_equals_the_module(grad):
+    from rnnlm.ops import adaptive_target_log_prob
+    asm = _asm()
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(64, 12, generator=g, dtype=torch.float64)
+    y = torch.cat([torch.randint(0, 20, (20,), generator=g), torch.randint(20, 90, (24,), generator=g),
+                   torch.randint(90, 300, (20,), generator=g)])
+    with torch.set_grad_enabled(grad):
+        got = adaptive_target_log_prob(asm, h, y)
+    want = asm(h, y).output
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, atol=1e-5)
+    # and it is log p of the full distribution the module defines
+    assert torch.allclose(got.double(), asm.log_prob(h).gather(1, y.unsqueeze(1)).squeeze(1), atol=1e-5)
+
+
+def test_adaptive_target_log_prob_gradients_and_bf16_autocast():
+    from rnnlm.ops import adaptive_target_log_prob
+    asm = _asm(2).float()
+    ref = _asm(2).float()
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(50, 12, generator=g)
+    y = torch.randint(0, 300, (50,), generator=g)
+    adaptive_target_log_prob(asm, h, y).mean().backward()
+    ref(h, y).output.mean().backward()
+    for a, b in zip(asm.parameters(), ref.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):         # the module itself fails here
+        lp = adaptive_target_log_prob(asm, h, y)
+    assert lp.dtype == torch.float32
+    assert torch.allclose(lp, ref(h, y).output.detach(), atol=0.1)

@@ -201,3 +201,70 @@ def test_torchrun_resume_continues_the_single_process_curve(corpus, tmp_path):
     assert all(abs(x["loss"] - y["loss"]) < 1e-4 for x, y in zip(a, b))
     va, vb = _events(tmp_path / "s", "eval"), _events(tmp_path / "d", "eval")
     assert [e["loss"] for e in va] == pytest.approx([e["loss"] for e in vb], abs=1e-4)
+
+
+# -- clip + plain SGD in one pass, sparse embedding rows -----------------------------------------
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e6, math.inf])
+def test_clipped_sgd_step_equals_clip_grad_norm_then_sgd(max_norm):
+    from rnnlm.train import clipped_sgd_step
+    g = torch.Generator().manual_seed(0)
+    emb_a = torch.nn.Embedding(50, 6, sparse=True)
+    emb_b = torch.nn.Embedding(50, 6, sparse=False)
+    lin_a, lin_b = torch.nn.Linear(6, 7), torch.nn.Linear(6, 7)
+    with torch.no_grad():
+        emb_b.weight.copy_(emb_a.weight)
+        lin_b.load_state_dict(lin_a.state_dict())
+    ids = torch.randint(50, (30,), generator=g)          # repeated rows: the sparse grad must be coalesced
+    target = torch.randn(30, 7, generator=g)
+    for emb, lin in ((emb_a, lin_a), (emb_b, lin_b)):
+        ((lin(emb(ids)) - target) ** 2).sum().backward()
+    pa = list(emb_a.parameters()) + list(lin_a.parameters())
+    pb = list(emb_b.parameters()) + list(lin_b.parameters())
+    assert emb_a.weight.grad.is_sparse
+    norm_a = clipped_sgd_step(pa, 0.1, max_norm)
+    norm_b = torch.nn.utils.clip_grad_norm_(pb, max_norm)
+    torch.optim.SGD(pb, lr=0.1).step()
+    assert torch.allclose(norm_a, norm_b, rtol=1e-6)
+    for a, b in zip(pa, pb):
+        assert torch.allclose(a, b, atol=1e-6)
+    untouched = torch.ones(50, dtype=torch.bool)
+    untouched[ids] = False
+    assert torch.equal(emb_a.weight[untouched], emb_b.weight[untouched])
+
+
+def test_clipped_sgd_step_propagates_a_nan_gradient():
+    from rnnlm.train import clipped_sgd_step
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([1.0, float("nan"), 2.0])
+    clipped_sgd_step([p], 0.1, 0.25)
+    assert torch.isnan(p).all()           # as clip_grad_norm_ + SGD: the trainer then reports divergence
+
+
+@pytest.mark.parametrize("extra", [(), ("model.tie_weights=true",), ("model.dropout=0.2", "model.bidirectional=true")])
+def test_fused_sgd_training_equals_the_optimizer_path(corpus, tmp_path, monkeypatch, extra):
+    """Training with clip + SGD fused (and sparse embedding gradients) gives the weights that
+    clip_grad_norm_ + torch.optim.SGD give."""
+    import rnnlm.train as train_mod
+    args = ("train.max_steps=25", "train.optimizer=sgd", "train.lr=2", "train.clip_grad_norm=0.5", *extra)
+    fused = Trainer(_cfg(corpus, *args), tmp_path / "fused", progress=False)
+    assert fused.fused_sgd and fused.model.embedding.sparse == ("model.tie_weights=true" not in extra)
+    fused.fit()
+    monkeypatch.setattr(train_mod, "plain_sgd", lambda opt: False)
+    plain = Trainer(_cfg(corpus, *args), tmp_path / "plain", progress=False)
+    assert not plain.fused_sgd and not plain.model.embedding.sparse
+    plain.fit()
+    for (name, a), b in zip(fused.model.state_dict().items(), plain.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    la = [e["grad_norm"] for e in _events(tmp_path / "fused", "train")]
+    lb = [e["grad_norm"] for e in _events(tmp_path / "plain", "train")]
+    assert la == pytest.approx(lb, rel=1e-4)
+
+
+def test_adaptive_softmax_trains_under_bf16_autocast(corpus, tmp_path):
+    """nn.AdaptiveLogSoftmaxWithLoss's own forward fails under CPU bf16 autocast; ours trains."""
+    end = Trainer(_cfg(corpus, "train.max_steps=12", "model.softmax=adaptive", "model.adaptive_cutoffs=[4,9]",
+                       "train.precision=bf16"), tmp_path / "r", progress=False).fit()
+    assert end["step"] == 12 and math.isfinite(end["best_valid_loss"])
+    losses = [e["loss"] for e in _events(tmp_path / "r", "train")]
+    assert losses[-1] < losses[0]

@@ -1,0 +1,94 @@
+"""The benchmark helpers: the reference recipe with validation (scripts/ref_train.py) and the
+arithmetic bench.py uses to turn metrics into ratios."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref")
+    words = "the cat sat on a mat and the dog ate my hat".split()
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (int(n),), generator=g))
+             for n in torch.randint(3, 9, (120,), generator=g)]
+    (d / "train.txt").write_text("\n".join(lines[:100]) + "\n")
+    (d / "valid.txt").write_text("\n".join(lines[100:]) + "\n")
+    return d
+
+
+SMALL = ["--emsize", "8", "--nhid", "8", "--nlayers", "1", "--batch", "4", "--bptt", "5", "--dropout", "0"]
+
+
+def ref_train(corpus: Path, *extra: str) -> list[dict]:
+    cmd = [sys.executable, str(ROOT / "scripts" / "ref_train.py"), str(corpus / "train.txt"),
+           str(corpus / "valid.txt"), *SMALL, *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120).stdout
+    return [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+
+
+def test_ref_train_runs_its_epochs_and_validates_on_schedule(tiny_corpus):
+    lines = ref_train(tiny_corpus, "--epochs", "2", "--eval-every", "4")
+    evals, end = lines[:-1], lines[-1]
+    tokens = sum(len(x.split()) + 1 for x in (tiny_corpus / "train.txt").read_text().splitlines())
+    per_epoch = (tokens // 4 - 2) // 5
+    assert end["event"] == "end" and end["reason"] == "epochs" and end["step"] == 2 * per_epoch
+    assert end["tokens"] == 2 * per_epoch * 5 * 4
+    want_steps = sorted({s for s in range(4, 2 * per_epoch + 1, 4)} | {per_epoch, 2 * per_epoch})
+    assert [e["step"] for e in evals] == want_steps
+    assert all(e["valid_ppl"] > 1 and math.isfinite(e["valid_ppl"]) for e in evals)
+    assert end["best_valid_ppl"] == pytest.approx(min(e["valid_ppl"] for e in evals))
+
+
+def test_ref_train_stops_at_the_target_and_at_the_time_limit(tiny_corpus):
+    lines = ref_train(tiny_corpus, "--epochs", "3", "--eval-every", "2", "--target-ppl", "1e9")
+    assert lines[-1]["reason"] == "target" and [e["step"] for e in lines[:-1]] == [2]
+    lines = ref_train(tiny_corpus, "--epochs", "1000", "--max-time", "0.01")
+    assert lines[-1]["reason"] == "max_time" and lines[-1]["step"] == 1 and len(lines) == 2
+
+
+def test_ref_train_windowed_evaluation_equals_one_pass_over_the_stream():
+    """State carried across windows: the windowed mean NLL is the whole stream's in one call."""
+    mod = load_script("ref_train")
+    a = Namespace(dropout=0.0, emsize=6, nhid=5, nlayers=2, bptt=7)
+    torch.manual_seed(3)
+    m = mod.LM(11, a)
+    data = mod.columns(torch.randint(11, (203,)), 3)                   # (67, 3)
+    got = mod.evaluate(m, data, a, bf16=False)
+    with torch.no_grad():
+        out, _ = m(data[:-1], None)
+        want = torch.nn.functional.cross_entropy(out, data[1:].reshape(-1)).item()
+    assert got == pytest.approx(want, rel=1e-6)
+    assert m.training                                                  # left in training mode
+
+
+def test_bench_arithmetic():
+    bench = load_script("bench")
+    events = [{"event": "train", "tokens": 100, "tokens_per_sec": 1.0},      # warm-up interval, skipped
+              {"event": "eval", "split": "valid", "ppl": 130.0, "time": 5.0},
+              {"event": "train", "tokens": 400, "tokens_per_sec": 100.0},    # 300 tokens in 3 s
+              {"event": "eval", "split": "valid", "ppl": 119.0, "time": 9.0},
+              {"event": "train", "tokens": 500, "tokens_per_sec": 100.0},    # 100 tokens in 1 s
+              {"event": "eval", "split": "valid", "ppl": 110.0, "time": 12.0}]
+    assert bench.steady_tokens_per_sec(events) == pytest.approx(400 / 4)
+    assert bench.first_valid_at_most(events, 120)["time"] == 9.0
+    assert bench.first_valid_at_most(events, 100) is None
