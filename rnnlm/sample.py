@@ -353,6 +353,32 @@ def _draw(scores: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(1) - 1).view(-1)
 
 
+def _candidates(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """What top-k then top-p leave of `scores` (B, V), in order of probability: (probs, ids), each (B, K).
+
+    The same selection as :func:`_truncate` (the same float64 softmax and cumulative masses), kept
+    in sorted order instead of being scattered back: probs are unnormalised float64 weights, 0 for
+    the tokens top-p drops (and for tokens at -inf). K = top_k, or V without top-k.
+    """
+    V = scores.size(-1)
+    if 0 < top_k < V:
+        vals, ids = torch.topk(scores, top_k, dim=-1)                    # sorted, most probable first
+    else:
+        vals, ids = torch.sort(scores, dim=-1, descending=True)
+    probs = torch.softmax(vals.double(), dim=-1)
+    if top_p < 1.0:
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)   # mass of the better tokens
+    return probs, ids
+
+
+def _draw_candidates(probs: torch.Tensor, ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One token per row, with probability proportional to `probs` (B, K) over `ids`: inverse CDF."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(cdf.size(0), 1, generator=gen, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    j = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(1) - 1)
+    return ids.gather(1, j).view(-1)
+
+
 def _expand_state(state, batch: int):
     if state is None:
         return None
@@ -453,9 +479,10 @@ class Sampler:
                 else:
                     if temperature != 1.0:
                         scores.div_(temperature)
-                    if truncate:
-                        scores = _truncate(scores, top_k, top_p)
-                    nxt = _draw(scores, gen)
+                    if truncate:  # sample among the sorted candidates: no scatter back to V
+                        nxt = _draw_candidates(*_candidates(scores, top_k, top_p), gen)
+                    else:
+                        nxt = _draw(scores, gen)
                 if B == 1:  # the common interactive case: plain Python bookkeeping, one sync
                     i = int(nxt)
                     if i == EOS_ID:

@@ -152,7 +152,8 @@ def main() -> None:
             results[w] = TARGETS[w](args, out)
         else:
             ap.error(f"unknown measurement {w!r}; choose from throughput, {', '.join(TARGETS)}")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+        (out / "results.json").write_text(json.dumps(results, indent=1))  # after each, so a failure keeps the rest
+        sys.stdout.flush()
     print(f"results: {out / 'results.json'}")
 
 

@@ -247,6 +247,44 @@ def test_temperature_definition_and_zero_is_greedy():
     assert (torch.isfinite(greedy).sum(1) == 1).all() and (greedy.max(1).values == 0).all()
 
 
+def test_sorted_candidates_are_the_filtered_distribution():
+    """The sampler draws top-k/top-p samples among sorted candidates; they carry exactly the
+    distribution filter_log_probs defines (same kept set, same probabilities)."""
+    from rnnlm.sample import _candidates
+    rng = np.random.default_rng(5)
+    for trial in range(200):
+        V = int(rng.integers(3, 40))
+        logp = random_log_probs(rng, 4, V)
+        temperature = float(rng.choice([1.0, 0.5, 2.0]))
+        top_k = int(rng.choice([0, 1, 2, 5, V - 1, V, V + 3]))
+        top_p = float(rng.choice([1.0, rng.uniform(0.01, 1.0), rng.uniform(0.9, 1.0)]))
+        if top_k == 0 and top_p == 1.0:
+            continue
+        scores = logp.clone()
+        scores[:, UNK_ID] = -math.inf                                    # as step.scores() gives them
+        probs, ids = _candidates(scores / temperature, top_k, top_p)
+        got = torch.zeros(4, V, dtype=torch.float64).scatter_(1, ids, probs / probs.sum(1, keepdim=True))
+        want = filter_log_probs(logp, temperature, top_k, top_p).double().exp()
+        assert torch.equal(got > 0, want > 0), trial
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-9), trial
+
+
+def test_top_k_top_p_sampling_chi_square():
+    """20,000 one-token samples with top-k 4 and top-p 0.8 follow the filtered distribution."""
+    vocab = char_vocab("abcde")
+    probs = [0.05, 0.1, 0.3, 0.25, 0.15, 0.1, 0.05]                      # <unk>, <eos>, a..e
+    s = sampler(fixed_model(probs), vocab)
+    got = s.generate("", 20_000, 1, top_k=4, top_p=0.8, seed=7)
+    c = Counter(x.generated if x.stop == "length" else "<eos>" for x in got)
+    # top-4 of the distribution without <unk>: a .3, b .25, c .15 and one of <eos>/d (.1), renormalised
+    # a .375, b .3125, c .1875, .125; top-p 0.8 keeps a, b, c (the 4th has .875 >= 0.8 before it)
+    expected = np.array([0.3, 0.25, 0.15]) / 0.7
+    counts = np.array([c["a"], c["b"], c["c"]])
+    assert sum(c.values()) == counts.sum()                             # nothing outside the nucleus
+    stat, p = chi2_gof(counts, expected)
+    assert p > 1e-3, (stat, counts, expected * 20_000)
+
+
 # -- the fast path is the model ------------------------------------------------------------------
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_peephole"])
