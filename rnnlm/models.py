@@ -57,6 +57,35 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+_LAYER_FNS = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu}
+
+
+def run_layerwise(rnn: nn.RNNBase, x: torch.Tensor, state, drop: Dropout):
+    """``rnn(x, state)`` for a unidirectional multi-layer ``nn.LSTM``/``GRU``/``RNN`` in training, one
+    layer per call with `drop` between layers instead of the module's own ``bernoulli_`` dropout
+    (twice as slow on CPU). The same weights, the same fused kernels, the same dropout rate."""
+    L, lstm = rnn.num_layers, rnn.mode == "LSTM"
+    weights = rnn._flat_weights
+    per = len(weights) // L
+    B, H = x.size(1), rnn.hidden_size
+    if state is None:
+        zero = x.new_zeros(L, B, H)
+        state = (zero, zero) if lstm else zero
+    fn = _LAYER_FNS[rnn.mode]
+    hs, cs = [], []
+    for k in range(L):
+        w = weights[k * per:(k + 1) * per]
+        if lstm:
+            x, h, c = fn(x, (state[0][k:k + 1], state[1][k:k + 1]), w, rnn.bias, 1, 0.0, True, False, False)
+            cs.append(c)
+        else:
+            x, h = fn(x, state[k:k + 1], w, rnn.bias, 1, 0.0, True, False, False)
+        hs.append(h)
+        if k < L - 1:
+            x = drop(x)
+    return x, ((torch.cat(hs), torch.cat(cs)) if lstm else torch.cat(hs))
+
+
 def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float) -> nn.Module:
     """A recurrent stack of `num_layers` cells with dropout between layers."""
     inter = dropout if num_layers > 1 else 0.0
@@ -150,7 +179,11 @@ class RNNLM(nn.Module):
         `direction` 1 is the backward stack; its input is the reversed text.
         """
         emb = self.drop(self.embedding(x))            # (T, B, E)
-        out, state = self.rnns[direction](emb, state)  # (T, B, H)
+        rnn = self.rnns[direction]
+        if self.training and self.drop.p > 0 and self.num_layers > 1 and type(rnn) in (nn.LSTM, nn.GRU, nn.RNN):
+            out, state = run_layerwise(rnn, emb, state, self.drop)
+        else:
+            out, state = rnn(emb, state)               # (T, B, H)
         out = self.head(out)
         if self.proj is not None:
             out = self.proj(out)                       # (T, B, E)

@@ -179,3 +179,31 @@ def test_dropout_keeps_the_expectation_and_is_identity_in_eval():
     assert len(g) == 2 and g[0] == 0 and abs(g[1].item() - 1 / 0.7) < 1e-6
     d.eval()
     assert d(x) is x
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_layerwise_training_stack_equals_the_module(cell):
+    """Training runs multi-layer stacks one layer per call with rnnlm's dropout between layers:
+    without dropout it is the module's own forward; the mask lands between the layers."""
+    from rnnlm.models import Dropout, make_rnn, run_layerwise
+    torch.manual_seed(0)
+    rnn = make_rnn(cell, 6, 5, 3, 0.0)
+    x = torch.randn(7, 4, 6, requires_grad=True)
+    state = None if cell != "lstm" else (torch.randn(3, 4, 5), torch.randn(3, 4, 5))
+    want, want_state = rnn(x, state)
+    got, got_state = run_layerwise(rnn, x, state, Dropout(0.0))
+    assert torch.allclose(got, want, atol=1e-6)
+    for a, b in zip(got_state if cell == "lstm" else [got_state], want_state if cell == "lstm" else [want_state]):
+        assert torch.allclose(a, b, atol=1e-6)
+    got.sum().backward()                                   # gradients flow to the input and weights
+    assert x.grad is not None and all(p.grad is not None for p in rnn.parameters())
+    # a "dropout" that zeroes everything: the second layer of a 2-layer stack sees zeros, i.e. it
+    # is that layer alone run on zero input
+    rnn2 = make_rnn(cell, 6, 5, 2, 0.0)
+    zeroed, _ = run_layerwise(rnn2, x, None, lambda t: t * 0)
+    top = make_rnn(cell, 5, 5, 1, 0.0)
+    with torch.no_grad():
+        for name, p in top.named_parameters():
+            p.copy_(getattr(rnn2, name[:-1] + "1"))
+    ref, _ = top(torch.zeros(7, 4, 5), None)
+    assert torch.allclose(zeroed, ref, atol=1e-6)
