@@ -65,8 +65,7 @@ def run_layerwise(rnn: nn.RNNBase, x: torch.Tensor, state, drop: Dropout):
     layer per call with `drop` between layers instead of the module's own ``bernoulli_`` dropout
     (twice as slow on CPU). The same weights, the same fused kernels, the same dropout rate."""
     L, lstm = rnn.num_layers, rnn.mode == "LSTM"
-    weights = rnn._flat_weights
-    per = len(weights) // L
+    names = ("weight_ih_l{}", "weight_hh_l{}") + (("bias_ih_l{}", "bias_hh_l{}") if rnn.bias else ())
     B, H = x.size(1), rnn.hidden_size
     if state is None:
         zero = x.new_zeros(L, B, H)
@@ -74,7 +73,7 @@ def run_layerwise(rnn: nn.RNNBase, x: torch.Tensor, state, drop: Dropout):
     fn = _LAYER_FNS[rnn.mode]
     hs, cs = [], []
     for k in range(L):
-        w = weights[k * per:(k + 1) * per]
+        w = [getattr(rnn, n.format(k)) for n in names]
         if lstm:
             x, h, c = fn(x, (state[0][k:k + 1], state[1][k:k + 1]), w, rnn.bias, 1, 0.0, True, False, False)
             cs.append(c)
