@@ -606,3 +606,17 @@ def test_bad_input_through_the_real_command(work, bad):
 def test_debug_flag_shows_the_traceback(work, bad):
     proc = run(["--debug", "train", "--data", bad / "nope.txt", "--out", work / "never"], work, work / "cache")
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "UsageError" in proc.stderr
+
+
+def test_import_and_help_do_not_import_torch():
+    """`import rnnlm` and the CLI's --help stay fast: PyTorch is imported on first real use."""
+    code = ("import sys, rnnlm, rnnlm.cli\n"
+            "assert 'torch' not in sys.modules, 'torch imported eagerly'\n"
+            "from rnnlm import *\n"
+            "import rnnlm as r\n"
+            "assert all(getattr(r, n) is not None for n in r.__all__)\n"
+            "assert 'torch' in sys.modules and r.Trainer.__module__ == 'rnnlm.train'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    import rnnlm
+    with pytest.raises(AttributeError):
+        rnnlm.no_such_name
