@@ -86,6 +86,7 @@ class TrainConfig:
     lr: float = _f(0.003, "learning rate", gt=0)
     momentum: float = _f(0.0, "SGD momentum", min=0)
     weight_decay: float = _f(0.0, "weight decay (decoupled for adamw)", min=0)
+    beta2: float = _f(0.999, "adam/adamw second-moment decay β2 (0.99 suits short runs on small data)", min=0, lt=1)
     lr_schedule: str = _f("plateau", "plateau: divide by lr_decay when validation stops improving; "
                                      "step: multiply by lr_decay every epoch after lr_decay_start; "
                                      "cosine: linear warmup then cosine to 0; constant",
@@ -240,6 +241,8 @@ def _check_value(key: str, value: Any, hint: Any, meta: dict[str, Any]) -> Any:
             raise UsageError(f"config key '{key}' must be >= {meta['min']}, got {_show(value)}")
         if "gt" in meta and value <= meta["gt"]:
             raise UsageError(f"config key '{key}' must be > {meta['gt']}, got {_show(value)}")
+        if "lt" in meta and value >= meta["lt"]:
+            raise UsageError(f"config key '{key}' must be < {meta['lt']}, got {_show(value)}")
         if meta.get("prob") and not 0.0 <= value <= 1.0:
             raise UsageError(f"config key '{key}' is a probability and must lie in [0, 1], got {_show(value)}")
     return value

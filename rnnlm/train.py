@@ -97,9 +97,10 @@ def build_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if tc.optimizer == "sgd":
         return torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    betas = (0.9, tc.beta2)
     if tc.optimizer == "adam":
-        return torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        return torch.optim.Adam(params, lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)
+    return torch.optim.AdamW(params, lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)
 
 
 class LRSchedule:

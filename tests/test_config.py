@@ -400,3 +400,18 @@ def _assert_valid(cfg: Config) -> None:
     assert cfg.data.path is None or isinstance(cfg.data.path, str)
     # and it survives a round trip through its own YAML
     assert config_from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg
+
+
+@pytest.mark.parametrize("value", [1.0, 1.5, -0.1])
+def test_beta2_must_lie_in_0_1(value):
+    with pytest.raises(UsageError, match="train.beta2"):
+        build_config(None, [f"train.beta2={value}"])
+
+
+@pytest.mark.parametrize("opt", ["adam", "adamw"])
+def test_beta2_reaches_the_optimizer(opt):
+    import torch
+    from rnnlm.train import build_optimizer
+    cfg = build_config(None, [f"train.optimizer={opt}", "train.beta2=0.99"])
+    o = build_optimizer(torch.nn.Linear(2, 2), cfg.train)
+    assert o.param_groups[0]["betas"] == (0.9, 0.99)
