@@ -98,8 +98,10 @@ class TrainConfig:
     early_stopping_patience: int | None = _f(None, "stop after this many evaluations without improvement", min=1)
     seed: int = _f(1234, "random seed (weights, dropout)")
     device: str = _f("auto", "auto = cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
-    precision: str = _f("fp32", "fp32; bf16 autocast (CPU and GPU); fp16 autocast + GradScaler (CUDA)",
-                        choices=("fp32", "bf16", "fp16"))
+    precision: str = _f("fp32", "fp32; bf16 autocast (CPU and GPU); fp16 autocast + GradScaler (CUDA); auto = bf16 "
+                                "where the hardware computes it natively (a CUDA GPU with bf16, a CPU with "
+                                "AVX-512 BF16 or AMX), else fp32",
+                        choices=("fp32", "bf16", "fp16", "auto"))
     compile: bool = _f(False, "wrap the model in torch.compile")
     tensorboard: bool = _f(False, "also write TensorBoard event files to RUN_DIR/tensorboard (needs the "
                                   "tensorboard package)")

@@ -154,6 +154,34 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this x86 CPU has bfloat16 instructions (AVX-512 BF16 or AMX), from /proc/cpuinfo.
+
+    Without them PyTorch emulates bf16 on CPU and autocast makes training slower, not faster.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[-1].split())
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` with ``auto`` replaced by what this device runs fastest: bf16 or fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "fp32"
+
+
 def plain_sgd(opt: torch.optim.Optimizer) -> bool:
     """True for SGD whose update is exactly p -= lr * g (no momentum, weight decay, maximize)."""
     return type(opt) is torch.optim.SGD and all(
@@ -342,7 +370,8 @@ class Trainer:
         self.device = select_device(tc.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        if tc.precision == "fp16" and self.device.type != "cuda":
+        self.precision = resolve_precision(tc.precision, self.device)
+        if self.precision == "fp16" and self.device.type != "cuda":
             raise UsageError("train.precision=fp16 needs CUDA; on this device use bf16 or fp32")
         seed_everything(tc.seed)
 
@@ -369,8 +398,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tc)
         total = tc.max_steps or tc.epochs * self.n_windows
         self.schedule = LRSchedule(tc, total)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.step_module: nn.Module = _StepModule(self.model)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -529,7 +558,7 @@ class Trainer:
                   f"{cfg.model.num_layers}x{cfg.model.hidden_size}"
                   f"{' bidirectional' if self.bidirectional else ''} · {n_params:,} parameters · "
                   f"vocab {len(self.vocab):,} ({self.tokenizer.level}) · {len(self.corpus.train):,} train tokens · "
-                  f"device {self.device} {tc.precision}"
+                  f"device {self.device} {self.precision}{' (auto)' if tc.precision == 'auto' else ''}"
                   f"{f' · {self.dist.world_size} processes' if self.dist.enabled else ''}")
         self._log(f"data: {escape(self.corpus.description)} · run directory: {escape(str(self.run_dir))}")
         if self.resume:

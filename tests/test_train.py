@@ -268,3 +268,28 @@ def test_adaptive_softmax_trains_under_bf16_autocast(corpus, tmp_path):
     assert end["step"] == 12 and math.isfinite(end["best_valid_loss"])
     losses = [e["loss"] for e in _events(tmp_path / "r", "train")]
     assert losses[-1] < losses[0]
+
+
+def test_precision_auto_resolves_by_hardware(monkeypatch):
+    import rnnlm.train as train_mod
+    from rnnlm.train import cpu_has_native_bf16, resolve_precision
+    zen4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+    old = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n"
+    assert cpu_has_native_bf16(zen4) and not cpu_has_native_bf16(old) and not cpu_has_native_bf16("")
+    assert cpu_has_native_bf16("flags : sse2 amx_bf16 amx_tile\n")
+    cpu = torch.device("cpu")
+    for given in ("fp32", "bf16", "fp16"):
+        assert resolve_precision(given, cpu) == given
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", cpu) == "fp32"
+
+
+def test_precision_auto_trains_with_what_it_resolved_to(corpus, tmp_path, monkeypatch):
+    import rnnlm.train as train_mod
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
+    t = Trainer(_cfg(corpus, "train.max_steps=3", "train.precision=auto"), tmp_path / "r", progress=False)
+    assert t.precision == "bf16" and t.amp_dtype == torch.bfloat16
+    t.fit()
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["config"]["train"]["precision"] == "auto"
