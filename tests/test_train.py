@@ -293,3 +293,18 @@ def test_precision_auto_trains_with_what_it_resolved_to(corpus, tmp_path, monkey
     assert t.precision == "bf16" and t.amp_dtype == torch.bfloat16
     t.fit()
     assert load_checkpoint(tmp_path / "r" / "last.pt")["config"]["train"]["precision"] == "auto"
+
+
+def test_resume_is_exact_with_fused_sgd_and_layerwise_dropout(corpus, tmp_path):
+    """The plain-SGD path (fused clip + update, sparse embedding rows) and the layer-by-layer
+    dropout resume exactly too."""
+    common = ("model.dropout=0.3", "train.optimizer=sgd", "train.lr=2", "train.clip_grad_norm=0.5")
+    full = Trainer(_cfg(corpus, "train.max_steps=30", *common), tmp_path / "full", progress=False)
+    assert full.fused_sgd and full.model.embedding.sparse
+    full = full.fit()
+    Trainer(_cfg(corpus, "train.max_steps=20", *common), tmp_path / "part", progress=False).fit()
+    resumed = Trainer(build_config(None, ["train.max_steps=30"]), tmp_path / "part", resume=True,
+                      progress=False).fit()
+    assert resumed["best_valid_loss"] == full["best_valid_loss"]
+    assert [e["loss"] for e in _events(tmp_path / "full", "eval")] == \
+        [e["loss"] for e in _events(tmp_path / "part", "eval")]
