@@ -7,7 +7,8 @@ ref_loop.py measures speed only. The time-to-quality targets need the reference'
 perplexity over time*, so this script repeats its recipe unchanged -- same vocabulary (built from
 the training file, ``<eos>`` per line), same (T, B) batching, embedding -> dropout -> ``nn.LSTM`` ->
 dropout -> linear, ``nn.CrossEntropyLoss``, ``clip_grad_norm_``, the hand-written SGD update, the
-state detached each window -- and evaluates the validation file every ``--eval-every`` steps
+state detached each window (and reset to zero at each epoch, as in the example; ref_loop.py wraps
+around with it) -- and evaluates the validation file every ``--eval-every`` steps
 (default: once per pass over the data, as the example does), batch 10, state carried, dropout
 off. ``scripts/bench.py`` runs ref_loop.py in the same invocation so the two speeds can be compared.
 
