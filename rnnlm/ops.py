@@ -6,12 +6,13 @@ is memory traffic: the (N, V) logits are copied to fp32, a log-softmax is writte
 zero-filled one-hot gradient is scattered, the log-softmax backward reads both back... about
 ten passes over an (N, V) array per step.
 
-:func:`linear_cross_entropy` does it in a few: the logits matmul (plus the bias, in place),
-PyTorch's fused softmax kernel writing the probabilities, ``-log p(target)`` gathered from them,
-and in backward the in-place ``p - onehot`` followed by the gradient matmuls, with the 1/N
-scale folded into the small operands. The probabilities are kept in the matmul's dtype (bf16
-under bf16 autocast, fp32 otherwise), exactly the precision autocast would feed the backward
-matmuls anyway; in fp32 the result equals ``F.cross_entropy(F.linear(h, W, b), y)`` to rounding
+:func:`linear_cross_entropy` does it in a few: the logits matmul (plus the bias: added in place
+in fp32, folded into the matmul as an extra input column in bf16/fp16), PyTorch's fused softmax
+kernel writing the probabilities, ``-log p(target)`` gathered from them, and in backward the
+in-place ``p - onehot`` followed by the gradient matmuls, with the 1/N scale folded into the small
+operands. The probabilities are kept in the matmul's dtype (bf16 under bf16 autocast, fp32
+otherwise), exactly the precision autocast would feed the backward matmuls anyway; in fp32 the
+result equals ``F.cross_entropy(F.linear(h, W, b), y)`` to rounding
 (tests compare to 1e-10 in float64). A target probability that underflows to 0 (a loss above
 ~87 nats in fp32) gives an infinite loss, which the trainer reports as divergence.
 """
@@ -22,13 +23,33 @@ import torch
 
 
 
+def _fold_bias(compute_dtype: torch.dtype) -> bool:
+    """Fold the bias into the logits matmul (16-bit compute dtypes; see _LinearCrossEntropy)."""
+    return compute_dtype in (torch.bfloat16, torch.float16)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
                 compute_dtype: torch.dtype, reduction: str):
-        hc, wc = h.to(compute_dtype), weight.to(compute_dtype)
+        folded = bias is not None and _fold_bias(compute_dtype)
+        if folded:
+            # The bias rides in the matmul as one more input column, [h, 1, 0..] @ [W, b, 0..]^T
+            # (zero-padded to a multiple of 16): no extra pass over the (N, V) logits, and in backward
+            # the bias gradient is a column of the weight-gradient matmul instead of a GEMV over them.
+            # For 16-bit matmuls only: they copy the weight to the compute dtype anyway.
+            D = h.size(1)
+            Kp = -(-(D + 1) // 16) * 16
+            hc = h.new_zeros(h.size(0), Kp, dtype=compute_dtype)
+            hc[:, :D] = h
+            hc[:, D] = 1
+            wc = weight.new_zeros(weight.size(0), Kp, dtype=compute_dtype)
+            wc[:, :D] = weight
+            wc[:, D] = bias
+        else:
+            hc, wc = h.to(compute_dtype), weight.to(compute_dtype)
         logits = hc @ wc.t()                                                   # (N, V)
-        if bias is not None:
+        if bias is not None and not folded:
             logits.add_(bias.to(compute_dtype))
         # PyTorch's fused softmax kernel (fp32 arithmetic inside), output in the matmul dtype:
         # what autocast would feed the backward matmuls anyway.
@@ -40,6 +61,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(hc, wc, target)
         ctx.probs = probs  # not saved_tensors: backward consumes it in place, exactly once
         ctx.has_bias = bias is not None
+        ctx.folded, ctx.D = folded, h.size(1)
         ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.reduction = reduction
         if reduction == "mean":
@@ -68,10 +90,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             scale = grad_out / N if ctx.reduction == "mean" else grad_out
             r = scale.to(rd).expand(N)
         h_dtype, w_dtype, b_dtype = ctx.dtypes
-        grad_h = ((g @ wc) * r.unsqueeze(1).to(cd)).to(h_dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (g.t() @ (hc * r.unsqueeze(1).to(cd))).to(w_dtype) if ctx.needs_input_grad[1] else None
-        grad_b = (r.to(cd).unsqueeze(0) @ g).squeeze(0).to(b_dtype) \
-            if ctx.has_bias and ctx.needs_input_grad[2] else None
+        if not ctx.folded:
+            grad_h = ((g @ wc) * r.unsqueeze(1).to(cd)).to(h_dtype) if ctx.needs_input_grad[0] else None
+            grad_w = (g.t() @ (hc * r.unsqueeze(1).to(cd))).to(w_dtype) if ctx.needs_input_grad[1] else None
+            grad_b = (r.to(cd).unsqueeze(0) @ g).squeeze(0).to(b_dtype) \
+                if ctx.has_bias and ctx.needs_input_grad[2] else None
+            return grad_h, grad_w, grad_b, None, None, None
+        D = ctx.D
+        grad_h = ((g @ wc)[:, :D] * r.unsqueeze(1).to(cd)).to(h_dtype) if ctx.needs_input_grad[0] else None
+        gw = g.t() @ (hc * r.unsqueeze(1).to(cd))
+        grad_w = gw[:, :D].to(w_dtype) if ctx.needs_input_grad[1] else None
+        grad_b = gw[:, D].to(b_dtype) if ctx.needs_input_grad[2] else None
         return grad_h, grad_w, grad_b, None, None, None
 
 

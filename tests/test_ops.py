@@ -108,3 +108,34 @@ def test_adaptive_target_log_prob_gradients_and_bf16_autocast():
         lp = adaptive_target_log_prob(asm, h, y)
     assert lp.dtype == torch.float32
     assert torch.allclose(lp, ref(h, y).output.detach(), atol=0.1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bias_folded_into_the_matmul_is_exact(reduction, monkeypatch):
+    """The 16-bit path folds the bias into the logits matmul ([h, 1, 0..] @ [W, b, 0..]^T) and
+    reads the bias gradient off the weight-gradient matmul; forced on in float64 it is exact."""
+    import rnnlm.ops as ops
+    monkeypatch.setattr(ops, "_fold_bias", lambda dtype: True)
+    h, W, b, y = _inputs(N=29, D=13, V=501, seed=4)
+    w_out = torch.rand(h.size(0), dtype=torch.float64) if reduction == "none" else None
+    ours = linear_cross_entropy(h, W, b, y, reduction)
+    ref = F.cross_entropy(F.linear(h, W, b), y, reduction=reduction)
+    assert torch.allclose(ours, ref, atol=1e-10)
+    go = torch.autograd.grad((ours * w_out).sum() if w_out is not None else ours, [h, W, b])
+    gr = torch.autograd.grad((ref * w_out).sum() if w_out is not None else ref, [h, W, b])
+    for a, c in zip(go, gr):
+        assert a.shape == c.shape and torch.allclose(a, c, atol=1e-10)
+
+
+def test_bf16_folded_bias_gradient_close_to_reference():
+    from rnnlm.ops import _fold_bias
+    assert _fold_bias(torch.bfloat16) and not _fold_bias(torch.float32)
+    h, W, b, y = _inputs(N=64, D=32, V=5000, seed=5)
+    h, W, b = (t.detach().float().requires_grad_() for t in (h, W, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        linear_cross_entropy(h, W, b, y).backward()
+    gb, gh = b.grad.clone(), h.grad.clone()
+    b.grad = h.grad = None
+    F.cross_entropy(F.linear(h, W, b), y).backward()
+    assert F.cosine_similarity(gb, b.grad, dim=0) > 0.99
+    assert F.cosine_similarity(gh.flatten(), h.grad.flatten(), dim=0) > 0.99
