@@ -560,7 +560,9 @@ class Trainer:
                   f"vocab {len(self.vocab):,} ({self.tokenizer.level}) · {len(self.corpus.train):,} train tokens · "
                   f"device {self.device} {self.precision}{' (auto)' if tc.precision == 'auto' else ''}"
                   f"{f' · {self.dist.world_size} processes' if self.dist.enabled else ''}")
-        self._log(f"data: {escape(self.corpus.description)} · run directory: {escape(str(self.run_dir))}")
+        cache = ("ids from the cache" if self.corpus.cached else
+                 "encoded now, cached" if self.corpus.cache_dir is not None else "encoded now, not cached")
+        self._log(f"data: {escape(self.corpus.description)} ({cache}) · run directory: {escape(str(self.run_dir))}")
         if self.resume:
             self._log(f"continuing at step {self.step}, epoch {self.epoch + 1}, window {self.window}")
 

@@ -620,3 +620,15 @@ def test_import_and_help_do_not_import_torch():
     import rnnlm
     with pytest.raises(AttributeError):
         rnnlm.no_such_name
+
+
+def test_train_says_whether_the_encoded_data_came_from_the_cache(tmp_path):
+    (tmp_path / "c.txt").write_text(word_text(200, 7), encoding="utf-8")
+    args = ["train", "--data", tmp_path / "c.txt", "data.level=word", "--no-progress", *TINY, "train.max_steps=2"]
+    first = ok(run([*args, "--out", tmp_path / "a"], tmp_path, tmp_path / "cache"))
+    second = ok(run([*args, "--out", tmp_path / "b"], tmp_path, tmp_path / "cache"))
+    off = ok(run([*args, "--out", tmp_path / "c", "data.cache=false"], tmp_path, tmp_path / "cache"))
+    flat = [" ".join(p.stderr.split()) for p in (first, second, off)]   # the log goes to stderr
+    assert "(encoded now, cached)" in flat[0]
+    assert "(ids from the cache)" in flat[1]
+    assert "(encoded now, not cached)" in flat[2]
