@@ -25,7 +25,8 @@ times the step's arithmetic), so the forward stack is stepped by hand on the mod
   runs on one core at the speed of the memory; :class:`_Gemv` splits each matrix into row
   blocks, one per thread, computed by a single ``baddbmm`` that PyTorch parallelises over the
   blocks (2.0x on 2 cores). The output layer is split the same way.
-* ``nn.GRU``/``nn.RNN`` (and an LSTM in another dtype): the fused cell functions
+* ``nn.GRU``: two split products per layer (input and hidden kept apart for the candidate
+  gate); ``nn.RNN``: one, like the LSTM. Stacks in another dtype use the fused cell functions
   (``torch.gru_cell`` & co.).
 * Either way, for small vocabularies the first layer's input projection of every token is
   precomputed (a (V, G·H) table), which removes one matrix-vector product per step.
@@ -201,6 +202,57 @@ class _LSTMStack:
             x = state[k][0]
 
 
+class _GRUStack:
+    """One step of a unidirectional float32 ``nn.GRU``: per layer, W_ih·x + b_ih and W_hh·h + b_hh as
+    two :class:`_Gemv` products (kept apart: the candidate gate needs r ⊙ (W_hn·h + b_hn)), then
+    r, z = σ(·), n = tanh(i_n + r ⊙ h_n), h' = n + z ⊙ (h − n). Layer 0 looks its input product up
+    in the token `table` when there is one."""
+
+    def __init__(self, layers: list[tuple[torch.Tensor, ...]], table: torch.Tensor | None, parts: int):
+        self.H = layers[0][1].size(1)
+        self.table = table
+        self.ih = [None if (k == 0 and table is not None) else _Gemv(w_ih, b_ih, parts)
+                   for k, (w_ih, _, b_ih, _) in enumerate(layers)]
+        self.hh = [_Gemv(w_hh, b_hh, parts) for (_, w_hh, _, b_hh) in layers]
+
+    def step(self, x: torch.Tensor, ids: torch.Tensor, state: list) -> None:
+        H = self.H
+        for k, (ih, hh) in enumerate(zip(self.ih, self.hh)):
+            h = state[k]
+            gi = self.table.index_select(0, ids) if ih is None else ih(x)
+            gh = hh(h)
+            rz = torch.sigmoid(gi[:, :2 * H] + gh[:, :2 * H])
+            n = torch.tanh(torch.addcmul(gi[:, 2 * H:], rz[:, :H], gh[:, 2 * H:]))
+            state[k] = x = torch.addcmul(n, rz[:, H:], h - n)
+
+
+class _RNNStack:
+    """One step of a unidirectional float32 ``nn.RNN`` (tanh or relu): per layer one :class:`_Gemv`
+    over ``[x; h]`` with ``[W_ih W_hh]`` (over h alone, with the token's table row as the bias, for
+    layer 0 when there is a table)."""
+
+    def __init__(self, layers: list[tuple[torch.Tensor, ...]], table: torch.Tensor | None, parts: int,
+                 relu: bool):
+        self.act = torch.relu_ if relu else torch.tanh_
+        self.gemvs: list[_Gemv] = []
+        self.table = None
+        for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
+            if k == 0 and table is not None:
+                g = _Gemv(w_hh, None, parts)
+                self.table = g.split(table + b_hh)                            # (V, P, n)
+            else:
+                g = _Gemv(torch.cat([w_ih, w_hh], 1), b_ih + b_hh, parts)
+            self.gemvs.append(g)
+
+    def step(self, x: torch.Tensor, ids: torch.Tensor, state: list) -> None:
+        for k, g in enumerate(self.gemvs):
+            if k == 0 and self.table is not None:
+                pre = g(state[k], self.table.index_select(0, ids).transpose(0, 1))
+            else:
+                pre = g(torch.cat([x, state[k]], 1))
+            state[k] = x = self.act(pre)
+
+
 _CELLS = {"LSTM": torch.lstm_cell, "GRU": torch.gru_cell, "RNN_TANH": torch.rnn_tanh_cell,
           "RNN_RELU": torch.rnn_relu_cell}
 
@@ -233,8 +285,13 @@ class _Stepper:
             self._no_input = [w_ih.new_empty(1, 0), w_ih.new_empty(w_ih.size(0), 0)]  # (B, 0), (G·H, 0)
         parts = _parts(device)
         self.stack = None
-        if self.fused and self.lstm and all(w.dtype == torch.float32 for w in self.weights[0]):
-            self.stack = _LSTMStack(self.weights, self.table, parts)
+        if self.fused and all(w.dtype == torch.float32 for layer in self.weights for w in layer):
+            if rnn.mode == "LSTM":
+                self.stack = _LSTMStack(self.weights, self.table, parts)
+            elif rnn.mode == "GRU":
+                self.stack = _GRUStack(self.weights, self.table, parts)
+            else:
+                self.stack = _RNNStack(self.weights, self.table, parts, relu=rnn.mode == "RNN_RELU")
         dec = None if model.adaptive else model.decoder
         self.decoder = _Gemv(dec.weight, None, parts) if dec is not None else None
         self.dec_bias: torch.Tensor | None = None

@@ -304,17 +304,18 @@ def test_stepper_equals_the_model_forward(cell, extra):
     assert torch.allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 @pytest.mark.parametrize("parts", [1, 2, 3, 5])
 @pytest.mark.parametrize("table", [True, False])
 @pytest.mark.parametrize("layers", [1, 3])
-def test_split_lstm_stack_equals_the_model_over_many_steps(parts, table, layers, monkeypatch):
-    """The LSTM fast path (one product per layer, row blocks over `parts` threads, with and
-    without layer 0's token table) follows model.forward token after token, batch of 3."""
+def test_split_stack_equals_the_model_over_many_steps(cell, parts, table, layers, monkeypatch):
+    """The fast paths (row blocks over `parts` threads, with and without layer 0's token table)
+    follow model.forward token after token, batch of 3."""
     import rnnlm.sample as sample_mod
     monkeypatch.setattr(sample_mod, "_parts", lambda device: parts)
     if not table:
         monkeypatch.setattr(sample_mod, "_TABLE_MAX_ENTRIES", 0)
-    m = random_model(31, num_layers=layers, seed=parts)
+    m = random_model(31, cell, num_layers=layers, seed=parts)
     ctx = [EOS_ID, 5, 7, 3]
     steps = torch.tensor([[4, 9, 2], [30, 1, 6], [8, 8, 8], [2, 3, 29]])
     with torch.inference_mode():
