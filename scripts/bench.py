@@ -186,7 +186,9 @@ def ptb_fast(args, out: Path) -> dict:
     res["rnnlm_seconds_to_target"] = hit["time"] + startup if hit else None
     res["rnnlm_valid_ppl"] = [round(e["ppl"], 2) for e in r["events"] if e["event"] == "eval"]
     cap = args.ref_cap
-    steps_per_epoch = 929589 // (20 * 35)     # PTB train tokens / (batch x bptt): 4 validations per epoch
+    with open(ptb / "train.txt", encoding="utf-8") as f:   # words + one <eos> per line, as ref_train.py counts
+        train_tokens = sum(len(line.split()) + 1 for line in f)
+    steps_per_epoch = train_tokens // (20 * 35)              # batch x bptt: 4 validations per epoch
     ref = run_ref_train(ptb / "train.txt", ptb / "valid.txt", ["--target-ppl", str(target), "--max-time", str(cap),
                                                                "--eval-every", str(steps_per_epoch // 4)])
     hit_ref = next((e for e in ref["evals"] if e["valid_ppl"] <= target), None)
