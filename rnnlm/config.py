@@ -81,7 +81,8 @@ class TrainConfig:
     bptt: int = _f(128, "truncated backpropagation-through-time window, in tokens", min=1)
     epochs: int = _f(3, "passes over the training split", min=1)
     max_steps: int | None = _f(1500, "stop after this many optimizer steps (null = no limit)", min=1)
-    max_time: float | None = _f(None, "stop after this many seconds of wall time (null = no limit)", gt=0)
+    max_time: float | None = _f(None, "stop after this many seconds of training wall time (null = no limit); "
+                                         "a cosine schedule then anneals to 0 by that time", gt=0)
     optimizer: str = _f("adam", "optimizer", choices=("sgd", "adam", "adamw"))
     lr: float = _f(0.003, "learning rate", gt=0)
     momentum: float = _f(0.0, "SGD momentum", min=0)
@@ -89,7 +90,8 @@ class TrainConfig:
     beta2: float = _f(0.999, "adam/adamw second-moment decay β2 (0.99 suits short runs on small data)", min=0, lt=1)
     lr_schedule: str = _f("plateau", "plateau: divide by lr_decay when validation stops improving; "
                                      "step: multiply by lr_decay every epoch after lr_decay_start; "
-                                     "cosine: linear warmup then cosine to 0; constant",
+                                     "cosine: linear warmup then cosine to 0 at max_steps (or epochs, or max_time, "
+                                     "whichever ends first); constant",
                           choices=("plateau", "step", "cosine", "constant"))
     lr_decay: float = _f(4.0, "plateau: divisor; step: multiplier per epoch", gt=0)
     lr_decay_start: int = _f(4, "step schedule: first epoch after which the lr decays", min=0)
@@ -106,8 +108,8 @@ class TrainConfig:
     tensorboard: bool = _f(False, "also write TensorBoard event files to RUN_DIR/tensorboard (needs the "
                                   "tensorboard package)")
     log_every: int = _f(50, "optimizer steps between train events", min=1)
-    eval_every: int | None = _f(500, "optimizer steps between validations (also at each epoch end); null = epoch end",
-                                min=1)
+    eval_every: int | None = _f(500, "optimizer steps between validations (also at each epoch end); null = epoch "
+                                     "ends only; 0 = once, when training ends (for short timed runs)", min=0)
     save_every: int | None = _f(None, "also write last.pt every this many optimizer steps (null = at each "
                                       "evaluation only)", min=1)
     eval_batch_size: int = _f(16, "batch size of the validation passes during training (contiguous pieces in "

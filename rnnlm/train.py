@@ -111,6 +111,9 @@ class LRSchedule:
     * step     -- lr *= lr_decay at the end of every epoch after ``lr_decay_start``
                   (Zaremba et al. 2014: x0.5 after epoch 4);
     * cosine   -- linear warmup for ``warmup_steps``, then cosine from lr to 0 over ``total_steps``;
+                  with ``train.max_time`` the horizon is also capped by the step count projected to fit
+                  in that time (:meth:`set_horizon`, re-estimated at each log step), so a run told
+                  "80 seconds" anneals to 0 as its time runs out;
     * constant -- unchanged.
     """
 
@@ -121,20 +124,32 @@ class LRSchedule:
         self.decay_start = tc.lr_decay_start
         self.warmup = tc.warmup_steps
         self.total = total_steps
+        self.horizon: int | None = None  # steps projected to fit in train.max_time (None: not time-bound)
         self.lr = tc.lr
 
     def state_dict(self) -> dict:
-        return {"lr": self.lr}
+        return {"lr": self.lr, "horizon": self.horizon}
 
     def load_state_dict(self, d: dict) -> None:
         self.lr = float(d["lr"])
+        h = d.get("horizon")
+        self.horizon = None if h is None else int(h)
+
+    def set_horizon(self, steps: int | None) -> None:
+        """Cap the cosine's length at `steps` (the trainer's projection of what fits in max_time)."""
+        self.horizon = steps
+
+    def total_steps(self) -> int | None:
+        if self.horizon is None:
+            return self.total
+        return self.horizon if self.total is None else min(self.total, self.horizon)
 
     def on_step(self, step: int) -> float:
         if self.kind == "cosine":
             if self.warmup and step < self.warmup:
                 self.lr = self.base_lr * (step + 1) / self.warmup
-            elif self.total:
-                frac = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+            elif self.total_steps():
+                frac = min(1.0, (step - self.warmup) / max(1, self.total_steps() - self.warmup))
                 self.lr = 0.5 * self.base_lr * (1 + math.cos(math.pi * frac))
         return self.lr
 
@@ -567,6 +582,7 @@ class Trainer:
             self._log(f"continuing at step {self.step}, epoch {self.epoch + 1}, window {self.window}")
 
         self._t0 = time.perf_counter()
+        self._step0 = self.step
         old_handlers = self._install_signal_handlers()
         params = [p for p in self.model.parameters()]
         clip = tc.clip_grad_norm if tc.clip_grad_norm is not None else math.inf
@@ -640,6 +656,7 @@ class Trainer:
                               "tokens_per_sec": interval_tokens / max(interval_time, 1e-9)}
                         metrics.write(ev)
                         bar.update(ev)
+                        self._project_horizon()
                         loss_acc.zero_(), gnorm_acc.zero_(), clipped_acc.zero_()
                         interval_steps, interval_tokens, interval_time = 0, 0, 0.0
 
@@ -657,7 +674,8 @@ class Trainer:
                     self.epoch += 1
                     self.window = 0
                     self.schedule.on_epoch_end(self.epoch)
-                    self._validate(metrics, bar)
+                    if tc.eval_every != 0:  # 0: validate only when training ends
+                        self._validate(metrics, bar)
                     if not self.stop_reason:
                         self.stop_reason = self._should_stop(at_log=True) or ""
                     stop = bool(self.stop_reason) and self.epoch < tc.epochs
@@ -701,6 +719,21 @@ class Trainer:
         self._log(f"done: {self.step} steps, {self.tokens:,} tokens, {self._now():.1f} s "
                   f"({end['train_tokens_per_sec']:,.0f} tokens/s); {best}; stopped by {self.stop_reason}")
         return end
+
+    def _project_horizon(self) -> None:
+        """With train.max_time and a cosine schedule, cap the cosine at the step where the time runs
+        out, projected from this session's pace so far (evaluations included; rank 0's clock under
+        torchrun, so every rank uses the same lr)."""
+        tc = self.cfg.train
+        if tc.max_time is None or self.schedule.kind != "cosine":
+            return
+        proj = None
+        done, secs = self.step - self._step0, self._session_time()
+        if self.dist.is_main and done > 0 and secs > 0:
+            proj = self.step + int(max(0.0, tc.max_time - self._now()) * done / secs)
+        proj = D.broadcast_object(proj, self.dist)
+        if proj is not None:
+            self.schedule.set_horizon(proj)
 
     def tokens_per_sec_overall(self) -> float:
         return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0

@@ -183,7 +183,7 @@ def test_wrong_types(item, words):
     "model.hidden_size=0", "model.hidden_size=-5", "model.embedding_size=0", "model.num_layers=0",
     "train.batch_size=0", "train.batch_size=-1", "train.bptt=0", "train.epochs=0", "train.max_steps=0",
     "train.max_steps=-10", "train.lr=0", "train.lr=-0.1", "train.max_time=0", "train.clip_grad_norm=-1",
-    "train.log_every=0", "train.eval_every=0", "train.save_every=0", "data.min_freq=0", "data.max_vocab=2",
+    "train.log_every=0", "train.eval_every=-1", "train.save_every=0", "data.min_freq=0", "data.max_vocab=2",
     "sample.max_length=-1", "sample.num_samples=-1", "sample.top_k=-1", "sample.temperature=-0.5",
     "model.head_layers=-1", "train.early_stopping_patience=0",
 ])

@@ -132,6 +132,57 @@ def test_lr_schedules():
     assert math.isclose(s.on_step(60), 0.5) and s.on_step(110) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_cosine_horizon_caps_the_schedule():
+    cfg = build_config(None, ["train.lr=1.0", "train.lr_schedule=cosine", "train.warmup_steps=10"])
+    s = LRSchedule(cfg.train, 1000)
+    s.set_horizon(110)  # the time runs out at step 110: the cosine ends there, not at 1000
+    assert math.isclose(s.on_step(60), 0.5) and s.on_step(110) == pytest.approx(0.0, abs=1e-12)
+    s.set_horizon(5000)  # a horizon past max_steps does not stretch it
+    assert math.isclose(s.on_step(505), 0.5)
+    t = LRSchedule(cfg.train, None)  # no step bound at all: the horizon alone
+    t.set_horizon(110)
+    assert math.isclose(t.on_step(60), 0.5)
+    u = LRSchedule(cfg.train, 1000)
+    u.load_state_dict(s.state_dict())  # the horizon is part of the resumable state
+    assert u.horizon == 5000 and u.total_steps() == 1000
+
+
+def test_max_time_anneals_cosine_to_zero(corpus, tmp_path, monkeypatch):
+    """With max_time and a cosine schedule the lr reaches ~0 when the time runs out. A fake clock
+    advances 10 ms per step, so 2.0 s of training is 200 steps and the projection is exact."""
+    clock = {"t": 0.0}
+    monkeypatch.setattr(Trainer, "_session_time", lambda self: clock["t"])
+    orig = Trainer._should_stop
+
+    def tick(self, at_log=True):
+        clock["t"] = 0.01 * (self.step - self._step0)
+        return orig(self, at_log)
+
+    monkeypatch.setattr(Trainer, "_should_stop", tick)
+    end = Trainer(_cfg(corpus, "train.max_steps=null", "train.epochs=100", "train.max_time=2.0",
+                       "train.lr_schedule=cosine", "train.warmup_steps=5", "train.lr=0.01",
+                       "train.log_every=10", "train.eval_every=null"), tmp_path / "r", progress=False).fit()
+    assert end["stop_reason"] == "max_time" and end["step"] == 200
+    lrs = [e["lr"] for e in _events(tmp_path / "r", "train")]
+    assert lrs[0] == pytest.approx(0.01)         # step 10: no projection yet, the cosine over 100 epochs
+    assert lrs[-2] < 0.01 * 0.01 and lrs[-1] < 1e-6  # annealed by the end, not held at the base lr
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # monotone once the horizon is known
+    # Without max_time the same schedule over 100 epochs would still be at ~lr at step 200.
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["trainer"]["schedule"]["horizon"] == 200
+
+
+def test_eval_every_zero_validates_once_at_the_end(corpus, tmp_path):
+    """eval_every=0: no validation at epoch ends or in between, one when training ends; with
+    eval_every=null the same run validates at every epoch end."""
+    common = ("train.max_steps=null", "train.epochs=3", "train.eval_max_tokens=100")
+    Trainer(_cfg(corpus, *common, "train.eval_every=0"), tmp_path / "once", progress=False).fit()
+    Trainer(_cfg(corpus, *common, "train.eval_every=null"), tmp_path / "epochs", progress=False).fit()
+    once, epochs = _events(tmp_path / "once", "eval"), _events(tmp_path / "epochs", "eval")
+    assert len(epochs) == 3 and len(once) == 1
+    assert once[0]["step"] == epochs[-1]["step"] and once[0]["loss"] == epochs[-1]["loss"]  # same training
+    assert (tmp_path / "once" / "best.pt").is_file() and (tmp_path / "once" / "last.pt").is_file()
+
+
 def test_early_stopping(corpus, tmp_path):
     # lr so small nothing improves after the first evaluation... use lr=0 surrogate: tiny lr
     end = Trainer(_cfg(corpus, "train.max_steps=200", "train.optimizer=sgd", "train.lr=1e-12",
