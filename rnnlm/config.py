@@ -70,7 +70,8 @@ class ModelConfig:
     softmax: str = _f("full", "output layer", choices=("full", "adaptive"))
     adaptive_cutoffs: list[int] | None = _f(None, "cluster cutoffs of the adaptive softmax; null = chosen from the "
                                                   "vocabulary size")
-    forget_bias: float | None = _f(1.0, "initial LSTM forget-gate bias (null = PyTorch default)")
+    forget_bias: float | None = _f(None, "initial LSTM forget-gate bias (null = PyTorch's default init; 1.0, "
+                                         "'remember by default', trained slower in short char-level runs)")
     init_range: float | None = _f(None, "uniform(-r, r) initialisation of all weights (Zaremba et al.); "
                                         "null = PyTorch defaults", gt=0)
 

@@ -247,9 +247,11 @@ def shakespeare(args, out: Path) -> dict:
     txt = find_data("tinyshakespeare", args.data) / "input.txt"
     r = run_rnnlm(out / "shakespeare", txt, [], config=str(ROOT / "configs" / "shakespeare-char.yaml"))
     ev = [e for e in r["events"] if e["event"] == "eval" and e.get("split", "valid") == "valid"]
-    res = {"valid_loss": ev[-1]["loss"], "wall": r["wall"], "steps": r["end"]["step"]}
+    res = {"valid_loss": ev[-1]["loss"], "wall": r["wall"], "steps": r["end"]["step"],
+           "tokens_per_sec": r["end"]["train_tokens_per_sec"]}
     print(f"Tiny Shakespeare (char, nanoGPT's 90/10 split): valid loss {res['valid_loss']:.4f} nats/char after "
-          f"{res['steps']} steps, {res['wall']:.1f} s wall   (target <= 1.47 within 80 s)")
+          f"{res['steps']} steps ({res['tokens_per_sec']:,.0f} tok/s), {res['wall']:.1f} s wall   "
+          f"(target <= 1.47 within 80 s)")
     return res
 
 

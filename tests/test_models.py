@@ -161,6 +161,10 @@ def test_initialisation_options():
             assert p.abs().max() <= 0.05
     plain = _model(cell="gru", forget_bias=1.0)  # not an LSTM: untouched PyTorch default init
     assert plain.rnns[0].bias_ih_l0.abs().max() <= 1 / math.sqrt(12)
+    default = _model(cell="lstm")  # the default (null): PyTorch's init, forget biases included
+    H = 12
+    for b in (default.rnns[0].bias_ih_l0, default.rnns[0].bias_hh_l0):
+        assert b.abs().max() <= 1 / math.sqrt(H) and b[H:2 * H].abs().max() > 0
 
 
 def test_dropout_keeps_the_expectation_and_is_identity_in_eval():
