@@ -334,14 +334,19 @@ def _read_sentences(src: str) -> list[str]:
 
 # -- plot ----------------------------------------------------------------------------------------
 
-@app.command(help="Draw a run's loss curves (train and valid loss against tokens) into loss.png or --out.")
+@app.command(help="Draw loss curves (train and valid loss against tokens, time or steps): one run into its "
+                  "loss.png or --out, several runs overlaid into --out.")
 def plot(
-    run_dir: Path = typer.Argument(..., help="Run directory with metrics.jsonl."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Image path (default RUN_DIR/loss.png)."),
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories with metrics.jsonl (several: one chart)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="Image path (default RUN_DIR/loss.png for one run; needed for several)."),
+    x: str = typer.Option("tokens", "--x", help="Horizontal axis: tokens, time (training seconds) or step."),
 ) -> None:
     def body() -> None:
-        from .plot import plot_run
-        path = plot_run(run_dir, out)
+        from .plot import plot_run, plot_runs
+        if len(run_dirs) > 1 and out is None:
+            raise UsageError("plotting several runs needs --out IMAGE.png")
+        path = plot_run(run_dirs[0], out, x) if len(run_dirs) == 1 else plot_runs(run_dirs, out, x)
         out_console.print(f"wrote {escape(str(path))}", soft_wrap=True)
     _run(body)
 

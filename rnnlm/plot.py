@@ -25,30 +25,50 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return events
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+_X = {"tokens": "training tokens", "time": "training time (s)", "step": "optimizer steps"}
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None, x: str = "tokens") -> Path:
     """Draw loss.png (or `out`) from metrics.jsonl; returns the image path."""
+    return plot_runs([run_dir], out if out is not None else Path(run_dir) / "loss.png", x)
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "tokens") -> Path:
+    """Train and validation loss of one or more runs on one chart, against `x` (tokens, time or step)."""
+    if x not in _X:
+        raise UsageError(f"--x must be one of {', '.join(_X)}, not {x!r}")
+    curves = []
+    for run_dir in run_dirs:
+        events = read_metrics(run_dir)
+        train = [(e[x], e["loss"]) for e in events if e.get("event") == "train"]
+        valid = [(e[x], e["loss"]) for e in events
+                 if e.get("event") == "eval" and e.get("split") == "valid"]
+        if not train and not valid:
+            raise UsageError(f"{run_dir}/metrics.jsonl holds no train or eval events to plot")
+        curves.append((Path(run_dir).resolve().name, train, valid))
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    events = read_metrics(run_dir)
-    train = [(e["tokens"], e["loss"]) for e in events if e.get("event") == "train"]
-    valid = [(e["tokens"], e["loss"]) for e in events if e.get("event") == "eval" and e.get("split") == "valid"]
-    if not train and not valid:
-        raise UsageError(f"{run_dir}/metrics.jsonl holds no train or eval events to plot")
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    if train:
-        ax.plot(*zip(*train), label="train", color="tab:blue", linewidth=1.2)
-    if valid:
-        ax.plot(*zip(*valid), label="valid", color="tab:orange", marker="o", markersize=3, linewidth=1.5)
-    ax.set_xlabel("training tokens")
+    single = len(curves) == 1
+    for k, (name, train, valid) in enumerate(curves):
+        c_train, c_valid = ("tab:blue", "tab:orange") if single else (f"C{k % 10}", f"C{k % 10}")
+        prefix = "" if single else f"{name} "
+        if train:
+            ax.plot(*zip(*train), label=f"{prefix}train", color=c_train, linewidth=1.2, alpha=1.0 if single else 0.6)
+        if valid:
+            ax.plot(*zip(*valid), label=f"{prefix}valid", color=c_valid, marker="o", markersize=3 if single else 5,
+                    linewidth=1.5, linestyle="-" if single else "--")
+    ax.set_xlabel(_X[x])
     ax.set_ylabel("loss (nats / token)")
-    ax.set_title(Path(run_dir).resolve().name)
+    ax.set_title(curves[0][0] if single else "loss curves")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8 if not single else None)
     fig.tight_layout()
-    path = Path(out) if out is not None else Path(run_dir) / "loss.png"
+    path = Path(out)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)

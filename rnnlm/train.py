@@ -443,6 +443,7 @@ class Trainer:
         self.epoch = 0
         self.window = 0
         self.elapsed = 0.0        # wall seconds of previous sessions
+        self.projected_steps: int | None = None  # with max_time: the step where the time runs out
         self.train_seconds = 0.0  # seconds spent in training steps (evaluation excluded)
         self.best_loss = math.inf
         self.best_step = None
@@ -661,8 +662,8 @@ class Trainer:
                               "grad_norm": gnorm_acc.item() / interval_steps,
                               "tokens_per_sec": interval_tokens / max(interval_time, 1e-9)}
                         metrics.write(ev)
-                        bar.update(ev)
                         self._project_horizon()
+                        bar.update(ev)
                         loss_acc.zero_(), gnorm_acc.zero_(), clipped_acc.zero_()
                         interval_steps, interval_tokens, interval_time = 0, 0, 0.0
 
@@ -727,11 +728,11 @@ class Trainer:
         return end
 
     def _project_horizon(self) -> None:
-        """With train.max_time and a cosine schedule, cap the cosine at the step where the time runs
-        out, projected from this session's pace so far (evaluations included; rank 0's clock under
-        torchrun, so every rank uses the same lr)."""
+        """With train.max_time: the step at which the time runs out, projected from this session's
+        pace so far (evaluations included; rank 0's clock under torchrun, so every rank uses the
+        same lr). A cosine schedule ends there; the progress line counts to it."""
         tc = self.cfg.train
-        if tc.max_time is None or self.schedule.kind != "cosine":
+        if tc.max_time is None:
             return
         proj = None
         done, secs = self.step - self._step0, self._session_time()
@@ -739,7 +740,9 @@ class Trainer:
             proj = self.step + int(max(0.0, tc.max_time - self._now()) * done / secs)
         proj = D.broadcast_object(proj, self.dist)
         if proj is not None:
-            self.schedule.set_horizon(proj)
+            self.projected_steps = proj
+            if self.schedule.kind == "cosine":
+                self.schedule.set_horizon(proj)
 
     def tokens_per_sec_overall(self) -> float:
         return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
@@ -904,10 +907,13 @@ class _Progress:
         ppl = math.exp(min(ev["loss"], 50))
         info = (f"epoch {ev['epoch']} loss {ev['loss']:.3f} ppl {ppl:.1f} lr {ev['lr']:.3g} "
                 f"{ev['tokens_per_sec']:,.0f} tok/s")
+        total = self.total  # with max_time, the projected last step when that comes first
+        if self.t.projected_steps is not None:
+            total = min(total, max(self.t.projected_steps, ev["step"]))
         if self.rich is not None:
-            self.rich.update(self.task, completed=ev["step"], info=info)
+            self.rich.update(self.task, total=total, completed=ev["step"], info=info)
         else:
-            self.t._log(f"step {ev['step']}/{self.total} {info} |g| {ev['grad_norm']:.2f}")
+            self.t._log(f"step {ev['step']}/{total} {info} |g| {ev['grad_norm']:.2f}")
 
     def eval(self, ev: dict) -> None:
         extra = f" bpc {ev['bpc']:.3f}" if "bpc" in ev else ""

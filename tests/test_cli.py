@@ -395,6 +395,19 @@ def test_plot(work, word_run):
     assert_usage_error(invoke(["plot", work]), "metrics.jsonl")
 
 
+def test_plot_several_runs_overlaid(work, word_run):
+    other = work / "other_run"
+    r = invoke(["train", "--data", work / "word.txt", "--out", other, "data.level=word", *TINY,
+                "train.max_steps=6", "train.log_every=2"])
+    assert r.exit_code == 0, r.stderr
+    target = work / "both.png"
+    r = invoke(["plot", word_run, other, "--out", target, "--x", "time"])
+    assert r.exit_code == 0, r.stderr
+    assert target.read_bytes()[:4] == b"\x89PNG"
+    assert_usage_error(invoke(["plot", word_run, other]), "--out")          # where would it go?
+    assert_usage_error(invoke(["plot", word_run, "--x", "epochs"]), "--x")  # not an axis
+
+
 def test_markup_in_paths_is_printed_as_is(work):
     r = invoke(["sample", "--checkpoint", work / "[/bold]x[red]"])
     err = assert_usage_error(r, "checkpoint not found")

@@ -147,7 +147,7 @@ def test_cosine_horizon_caps_the_schedule():
     assert u.horizon == 5000 and u.total_steps() == 1000
 
 
-def test_max_time_anneals_cosine_to_zero(corpus, tmp_path, monkeypatch):
+def test_max_time_anneals_cosine_to_zero(corpus, tmp_path, monkeypatch, capsys):
     """With max_time and a cosine schedule the lr reaches ~0 when the time runs out. A fake clock
     advances 10 ms per step, so 2.0 s of training is 200 steps and the projection is exact."""
     clock = {"t": 0.0}
@@ -169,6 +169,8 @@ def test_max_time_anneals_cosine_to_zero(corpus, tmp_path, monkeypatch):
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # monotone once the horizon is known
     # Without max_time the same schedule over 100 epochs would still be at ~lr at step 200.
     assert load_checkpoint(tmp_path / "r" / "last.pt")["trainer"]["schedule"]["horizon"] == 200
+    # The progress lines count to the projected last step, not to 100 epochs' worth.
+    assert "step 200/200 " in capsys.readouterr().err
 
 
 def test_eval_every_zero_validates_once_at_the_end(corpus, tmp_path):
