@@ -487,7 +487,12 @@ class Trainer:
             self.model.load_state_dict(ck["model"])
         except RuntimeError as e:
             raise UsageError(f"cannot resume: {LAST} does not match the config ({str(e).splitlines()[0]})") from None
+        # The saved param groups carry the implementation flags of the machine that wrote them (fused,
+        # foreach); keep the ones chosen for this machine, so a checkpoint moves between CPU, CUDA, MPS.
+        impl = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(t["optimizer"])
+        for g, flags in zip(self.optimizer.param_groups, impl):
+            g.update(flags)
         self.schedule.load_state_dict(t["schedule"])
         if t.get("scaler"):
             self.scaler.load_state_dict(t["scaler"])

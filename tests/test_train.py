@@ -256,6 +256,26 @@ def test_torchrun_resume_continues_the_single_process_curve(corpus, tmp_path):
     assert [e["loss"] for e in va] == pytest.approx([e["loss"] for e in vb], abs=1e-4)
 
 
+def test_torchrun_timed_cosine_run_agrees_and_anneals(corpus, tmp_path):
+    """Under torchrun a max_time run takes rank 0's projected horizon on every rank (one broadcast per
+    log line, no hang), stops by max_time and has annealed its cosine by then."""
+    args = [f"--data={corpus}", "data.level=word", "model.hidden_size=32", "model.embedding_size=16",
+            "train.batch_size=4", "train.bptt=8", "train.log_every=5", "train.eval_every=0",
+            "train.max_steps=null", "train.epochs=1000", "train.max_time=4", "train.lr_schedule=cosine",
+            "train.lr=0.01", "train.optimizer=adam"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                        "-m", "rnnlm", "train", "--out", str(tmp_path / "d"), *args],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    end = _events(tmp_path / "d", "end")[0]
+    assert end["stop_reason"] == "max_time"
+    lrs = [e["lr"] for e in _events(tmp_path / "d", "train")]
+    assert len(lrs) > 10 and lrs[-1] < 0.25 * 0.01   # annealed, not held near the base lr
+    assert len(_events(tmp_path / "d", "eval")) == 1  # eval_every=0: one validation, at the end
+
+
 # -- clip + plain SGD in one pass, sparse embedding rows -----------------------------------------
 
 @pytest.mark.parametrize("max_norm", [1e-3, 1e6, math.inf])
@@ -388,3 +408,18 @@ def test_adam_is_fused_on_cpu_and_matches_the_loop(opt):
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert (a.weight_ih_l0 - w0).abs().max() > 1e-3  # the weights did move
+
+
+def test_resume_keeps_this_machines_optimizer_implementation(corpus, tmp_path):
+    """A checkpoint written by a per-tensor Adam (an older rnnlm, or a device without the fused
+    kernel) resumes with the fused kernel chosen here, and vice versa the flags never travel."""
+    from rnnlm.checkpoint import save_checkpoint
+    Trainer(_cfg(corpus, "train.max_steps=5", "train.optimizer=adam"), tmp_path / "r", progress=False).fit()
+    ck = load_checkpoint(tmp_path / "r" / "last.pt")
+    assert ck["trainer"]["optimizer"]["param_groups"][0]["fused"] is True
+    ck["trainer"]["optimizer"]["param_groups"][0]["fused"] = None   # as an unfused optimizer saves it
+    save_checkpoint(tmp_path / "r" / "last.pt", ck)
+    t = Trainer(build_config(None, ["train.max_steps=8"]), tmp_path / "r", resume=True, progress=False)
+    assert t.optimizer.param_groups[0]["fused"] is True
+    assert t.optimizer.param_groups[0]["lr"] == ck["trainer"]["optimizer"]["param_groups"][0]["lr"]
+    assert t.fit()["step"] == 8
