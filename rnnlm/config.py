@@ -384,6 +384,9 @@ def _apply_override(cfg: Config, item: str) -> None:
         # A path or a name that YAML reads as a number, boolean or date (`train.out=2024`): keep the text.
         value = raw.strip()
     _set(cfg, key, value)
+    # Remember what the command line said, even where it equals the default: a resumed run applies
+    # these train.*/sample.* values over its saved ones (`train.max_time=null` must lift a budget).
+    cfg.__dict__.setdefault("overridden", set()).add(f"{section}.{f.name}")
 
 
 def build_config(config_path: str | Path | None = None, overrides: list[str] | None = None,

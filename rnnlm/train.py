@@ -494,6 +494,8 @@ class Trainer:
         for g, flags in zip(self.optimizer.param_groups, impl):
             g.update(flags)
         self.schedule.load_state_dict(t["schedule"])
+        if self.cfg.train.max_time is None:  # resumed without a time budget: no projected end to keep
+            self.schedule.set_horizon(None)
         if t.get("scaler"):
             self.scaler.load_state_dict(t["scaler"])
         set_lr(self.optimizer, self.schedule.lr)
@@ -878,10 +880,11 @@ def _merge_resume_config(saved: dict, given: Config) -> Config:
         if getattr(given, section) != getattr(defaults, section) and getattr(given, section) != getattr(base, section):
             raise UsageError(f"cannot change {section}.* settings when resuming; only train.* and sample.* may "
                              f"change (the saved run's values are in its config.yaml)")
+    explicit = getattr(given, "overridden", set())  # KEY=VALUE items, also those equal to the default
     for section in ("train", "sample"):
         g, d = getattr(given, section), getattr(defaults, section)
         for k in g.__dataclass_fields__:
-            if getattr(g, k) != getattr(d, k):
+            if getattr(g, k) != getattr(d, k) or f"{section}.{k}" in explicit:
                 setattr(getattr(base, section), k, getattr(g, k))
     return base
 

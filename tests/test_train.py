@@ -423,3 +423,15 @@ def test_resume_keeps_this_machines_optimizer_implementation(corpus, tmp_path):
     assert t.optimizer.param_groups[0]["fused"] is True
     assert t.optimizer.param_groups[0]["lr"] == ck["trainer"]["optimizer"]["param_groups"][0]["lr"]
     assert t.fit()["step"] == 8
+
+
+def test_resume_without_max_time_drops_the_projected_horizon(corpus, tmp_path):
+    """A timed run resumed with max_time=null follows max_steps again, not the old projection."""
+    Trainer(_cfg(corpus, "train.max_steps=20", "train.max_time=1000", "train.lr_schedule=cosine",
+                 "train.log_every=5"), tmp_path / "r", progress=False).fit()
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["trainer"]["schedule"]["horizon"] is not None
+    t = Trainer(build_config(None, ["train.max_time=null", "train.max_steps=30"]), tmp_path / "r", resume=True,
+                progress=False)
+    assert t.schedule.horizon is None and t.schedule.total_steps() == 30
+    kept = Trainer(build_config(None, ["train.max_steps=30"]), tmp_path / "r", resume=True, progress=False)
+    assert kept.schedule.horizon is not None  # still timed: the saved projection until the next log line
