@@ -40,11 +40,12 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "tokens") ->
     curves = []
     for run_dir in run_dirs:
         events = read_metrics(run_dir)
-        train = [(e[x], e["loss"]) for e in events if e.get("event") == "train"]
-        valid = [(e[x], e["loss"]) for e in events
-                 if e.get("event") == "eval" and e.get("split") == "valid"]
+        has = [e for e in events if x in e and "loss" in e]  # (metrics of older versions may lack a key)
+        train = [(e[x], e["loss"]) for e in has if e.get("event") == "train"]
+        valid = [(e[x], e["loss"]) for e in has if e.get("event") == "eval" and e.get("split") == "valid"]
         if not train and not valid:
-            raise UsageError(f"{run_dir}/metrics.jsonl holds no train or eval events to plot")
+            raise UsageError(f"{run_dir}/metrics.jsonl holds no train or eval events to plot"
+                             + ("" if x == "tokens" else f" against {x}"))
         curves.append((Path(run_dir).resolve().name, train, valid))
 
     import matplotlib

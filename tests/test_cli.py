@@ -406,6 +406,11 @@ def test_plot_several_runs_overlaid(work, word_run):
     assert target.read_bytes()[:4] == b"\x89PNG"
     assert_usage_error(invoke(["plot", word_run, other]), "--out")          # where would it go?
     assert_usage_error(invoke(["plot", word_run, "--x", "epochs"]), "--x")  # not an axis
+    old = work / "old_metrics"  # a metrics file without the key asked for: a message, not a KeyError
+    old.mkdir()
+    (old / "metrics.jsonl").write_text('{"event": "train", "step": 1, "tokens": 8, "loss": 3.0}\n')
+    assert_usage_error(invoke(["plot", old, "--x", "time"]), "against time")
+    assert invoke(["plot", old, "--x", "step"]).exit_code == 0
 
 
 def test_markup_in_paths_is_printed_as_is(work):
