@@ -6,6 +6,7 @@ invocation (machines are shared; absolute speeds drift). Each measurement runs i
 subprocess, one after another, never in parallel.
 
     python scripts/bench.py --short            # < 2 minutes: throughput ratios on PTB
+    python scripts/bench.py --short --repeats 3   # the same three times: median and range of the ratios
     python scripts/bench.py throughput         # target 1 with more steps
     python scripts/bench.py ptb-fast           # target 2: time to valid ppl <= 120
     python scripts/bench.py wikitext2          # target 3: adaptive softmax vs reference
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -97,26 +99,53 @@ def steady_tokens_per_sec(events: list[dict], skip_first: int = 1) -> float:
     return toks / secs
 
 
+def ratio_summary(reps: list[dict]) -> dict:
+    """Median and range of the per-repeat ratios (each against the reference runs around it)."""
+    out = {}
+    for k in ("ratio_fp32", "ratio_bf16"):
+        vals = sorted(r[k] for r in reps)
+        out[f"{k}_median"] = statistics.median(vals)
+        out[f"{k}_min"], out[f"{k}_max"] = vals[0], vals[-1]
+    return out
+
+
 def throughput(args, out: Path, steps: int) -> dict:
+    """Target 1. Each repeat runs reference fp32, rnnlm fp32, rnnlm bf16, reference fp32 again, and
+    takes its ratios against the mean of its own two reference runs; with --repeats N the median and
+    the range over the repeats are printed as well (the shared machine drifts by +-15 %)."""
     ptb = find_data("ptb", args.data)
     warm = 10
-    results = {}
-    results["ref_fp32"] = run_ref(args.ref, ptb / "train.txt", steps)["tokens_per_sec"]
-    for prec in ("fp32", "bf16"):
-        r = run_rnnlm(out / f"tp-{prec}", ptb, IDENTICAL + [f"train.precision={prec}", f"train.max_steps={warm + steps}",
-                                                           f"train.log_every={warm}", "train.eval_max_tokens=2000"])
-        results[f"rnnlm_{prec}"] = steady_tokens_per_sec(r["events"])
-    results["ref_bf16"] = run_ref(args.ref, ptb / "train.txt", steps, bf16=True)["tokens_per_sec"]
-    results["ref_fp32_again"] = run_ref(args.ref, ptb / "train.txt", steps)["tokens_per_sec"]
-    ref = (results["ref_fp32"] + results["ref_fp32_again"]) / 2
-    results["ratio_fp32"] = results["rnnlm_fp32"] / ref
-    results["ratio_bf16"] = results["rnnlm_bf16"] / ref
-    print(f"throughput, PTB 2x200 LSTM, {steps} steps after {warm} warm-up:")
-    print(f"  reference fp32   {results['ref_fp32']:>9,.0f} tok/s  (again: {results['ref_fp32_again']:,.0f})")
-    print(f"  reference bf16   {results['ref_bf16']:>9,.0f} tok/s")
-    print(f"  rnnlm fp32       {results['rnnlm_fp32']:>9,.0f} tok/s  = {results['ratio_fp32']:.2f}x reference fp32")
-    print(f"  rnnlm bf16       {results['rnnlm_bf16']:>9,.0f} tok/s  = {results['ratio_bf16']:.2f}x reference fp32")
-    return results
+    reps = []
+    ref_bf16 = None
+    for rep in range(args.repeats):
+        res = {"ref_fp32": run_ref(args.ref, ptb / "train.txt", steps)["tokens_per_sec"]}
+        for prec in ("fp32", "bf16"):
+            r = run_rnnlm(out / f"tp-{prec}-{rep}", ptb, IDENTICAL + [
+                f"train.precision={prec}", f"train.max_steps={warm + steps}", f"train.log_every={warm}",
+                "train.eval_max_tokens=2000"])
+            res[f"rnnlm_{prec}"] = steady_tokens_per_sec(r["events"])
+        if ref_bf16 is None:  # the reference's own bf16 mode, for comparison: once is enough
+            ref_bf16 = run_ref(args.ref, ptb / "train.txt", steps, bf16=True)["tokens_per_sec"]
+        res["ref_bf16"] = ref_bf16
+        res["ref_fp32_again"] = run_ref(args.ref, ptb / "train.txt", steps)["tokens_per_sec"]
+        ref = (res["ref_fp32"] + res["ref_fp32_again"]) / 2
+        res["ratio_fp32"] = res["rnnlm_fp32"] / ref
+        res["ratio_bf16"] = res["rnnlm_bf16"] / ref
+        reps.append(res)
+        tag = f" (repeat {rep + 1}/{args.repeats})" if args.repeats > 1 else ""
+        print(f"throughput, PTB 2x200 LSTM, {steps} steps after {warm} warm-up{tag}:")
+        print(f"  reference fp32   {res['ref_fp32']:>9,.0f} tok/s  (again: {res['ref_fp32_again']:,.0f})")
+        print(f"  reference bf16   {res['ref_bf16']:>9,.0f} tok/s")
+        print(f"  rnnlm fp32       {res['rnnlm_fp32']:>9,.0f} tok/s  = {res['ratio_fp32']:.2f}x reference fp32")
+        print(f"  rnnlm bf16       {res['rnnlm_bf16']:>9,.0f} tok/s  = {res['ratio_bf16']:.2f}x reference fp32")
+        sys.stdout.flush()
+    if len(reps) == 1:
+        return reps[0]
+    summary = ratio_summary(reps)
+    print(f"over {len(reps)} repeats: fp32 median {summary['ratio_fp32_median']:.2f}x "
+          f"({summary['ratio_fp32_min']:.2f}-{summary['ratio_fp32_max']:.2f}), bf16 median "
+          f"{summary['ratio_bf16_median']:.2f}x ({summary['ratio_bf16_min']:.2f}-{summary['ratio_bf16_max']:.2f})")
+    return {"repeats": reps, **summary}
 
 
 def main() -> None:
@@ -124,6 +153,8 @@ def main() -> None:
     ap.add_argument("what", nargs="*", default=[],
                     help="throughput ptb-fast wikitext2 shakespeare ptb-small generation")
     ap.add_argument("--short", action="store_true", help="the < 2 minute day-to-day check")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="throughput: repeat the measurement N times and report the median ratio (default 1)")
     ap.add_argument("--ref", type=Path, default=DEFAULT_REF)
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))

@@ -92,3 +92,13 @@ def test_bench_arithmetic():
     assert bench.steady_tokens_per_sec(events) == pytest.approx(400 / 4)
     assert bench.first_valid_at_most(events, 120)["time"] == 9.0
     assert bench.first_valid_at_most(events, 100) is None
+
+
+def test_ratio_summary_takes_median_and_range():
+    bench = load_script("bench")
+    reps = [{"ratio_fp32": 1.1, "ratio_bf16": 2.9}, {"ratio_fp32": 1.2, "ratio_bf16": 2.4},
+            {"ratio_fp32": 1.0, "ratio_bf16": 2.7}]
+    s = bench.ratio_summary(reps)
+    assert s["ratio_fp32_median"] == 1.1 and s["ratio_bf16_median"] == 2.7
+    assert (s["ratio_bf16_min"], s["ratio_bf16_max"]) == (2.4, 2.9)
+    assert (s["ratio_fp32_min"], s["ratio_fp32_max"]) == (1.0, 1.2)
