@@ -155,6 +155,33 @@ class _Gemv:
         return out[:, :self.N] if self.P * self.n != self.N else out
 
 
+def _joint_gemvs(layers: list[tuple[torch.Tensor, ...]], table: torch.Tensor | None, parts: int,
+                 rows: torch.Tensor | None = None) -> tuple[list[_Gemv], torch.Tensor | None]:
+    """Per layer one :class:`_Gemv` over ``[x; h]`` with ``[W_ih W_hh]`` and bias b_ih + b_hh, its
+    output rows in `rows` order (all, in order, if None). With a token `table` (V, G·H) of layer 0's
+    input projections, layer 0 multiplies h alone and the table plus b_hh comes back split as
+    per-token biases (V, P, n)."""
+    gemvs, split_table = [], None
+    for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
+        r = slice(None) if rows is None else rows.to(w_hh.device)
+        if k == 0 and table is not None:
+            g = _Gemv(w_hh[r], None, parts)
+            split_table = g.split((table + b_hh)[:, r])
+        else:
+            g = _Gemv(torch.cat([w_ih, w_hh], 1)[r], (b_ih + b_hh)[r], parts)
+        gemvs.append(g)
+    return gemvs, split_table
+
+
+def _joint_product(g: _Gemv, k: int, table: torch.Tensor | None, x: torch.Tensor, h: torch.Tensor,
+                   ids: torch.Tensor) -> torch.Tensor:
+    """Layer k's pre-activations from a :func:`_joint_gemvs` product: over h with the token's table
+    row as the bias (layer 0 with a table), else over ``[x; h]``."""
+    if k == 0 and table is not None:
+        return g(h, table.index_select(0, ids).transpose(0, 1))
+    return g(torch.cat([x, h], 1))
+
+
 class _LSTMStack:
     """One step of a unidirectional float32 ``nn.LSTM``, one :class:`_Gemv` per layer.
 
@@ -169,16 +196,7 @@ class _LSTMStack:
         H = layers[0][1].size(1)
         self.H = H
         order = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
-        self.gemvs: list[_Gemv] = []
-        self.table = None
-        for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
-            order = order.to(w_hh.device)
-            if k == 0 and table is not None:
-                g = _Gemv(w_hh[order], None, parts)
-                self.table = g.split((table + b_hh)[:, order])                # (V, P, n), both biases in
-            else:
-                g = _Gemv(torch.cat([w_ih, w_hh], 1)[order], (b_ih + b_hh)[order], parts)
-            self.gemvs.append(g)
+        self.gemvs, self.table = _joint_gemvs(layers, table, parts, order)
 
     def _cell(self, gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         H = self.H
@@ -194,11 +212,7 @@ class _LSTMStack:
         """
         for k, g in enumerate(self.gemvs):
             h, c = state[k]
-            if k == 0 and self.table is not None:
-                gates = g(h, self.table.index_select(0, ids).transpose(0, 1))
-            else:
-                gates = g(torch.cat([x, h], 1))
-            state[k] = self._cell(gates, c)
+            state[k] = self._cell(_joint_product(g, k, self.table, x, h, ids), c)
             x = state[k][0]
 
 
@@ -234,23 +248,11 @@ class _RNNStack:
     def __init__(self, layers: list[tuple[torch.Tensor, ...]], table: torch.Tensor | None, parts: int,
                  relu: bool):
         self.act = torch.relu_ if relu else torch.tanh_
-        self.gemvs: list[_Gemv] = []
-        self.table = None
-        for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
-            if k == 0 and table is not None:
-                g = _Gemv(w_hh, None, parts)
-                self.table = g.split(table + b_hh)                            # (V, P, n)
-            else:
-                g = _Gemv(torch.cat([w_ih, w_hh], 1), b_ih + b_hh, parts)
-            self.gemvs.append(g)
+        self.gemvs, self.table = _joint_gemvs(layers, table, parts)
 
     def step(self, x: torch.Tensor, ids: torch.Tensor, state: list) -> None:
         for k, g in enumerate(self.gemvs):
-            if k == 0 and self.table is not None:
-                pre = g(state[k], self.table.index_select(0, ids).transpose(0, 1))
-            else:
-                pre = g(torch.cat([x, state[k]], 1))
-            state[k] = x = self.act(pre)
+            state[k] = x = self.act(_joint_product(g, k, self.table, x, state[k], ids))
 
 
 _CELLS = {"LSTM": torch.lstm_cell, "GRU": torch.gru_cell, "RNN_TANH": torch.rnn_tanh_cell,

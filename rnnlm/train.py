@@ -154,8 +154,8 @@ class LRSchedule:
         if self.kind == "cosine":
             if self.warmup and step < self.warmup:
                 self.lr = self.base_lr * (step + 1) / self.warmup
-            elif self.total_steps():
-                frac = min(1.0, (step - self.warmup) / max(1, self.total_steps() - self.warmup))
+            elif total := self.total_steps():
+                frac = min(1.0, (step - self.warmup) / max(1, total - self.warmup))
                 self.lr = 0.5 * self.base_lr * (1 + math.cos(math.pi * frac))
         return self.lr
 
