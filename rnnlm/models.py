@@ -34,23 +34,49 @@ from .ops import adaptive_target_log_prob, linear_cross_entropy
 State = Any  # None, a tensor (L, B, H), or an LSTM tuple (h, c) of such tensors
 
 
-class Dropout(nn.Module):
-    """Inverted dropout, ``nn.Dropout``'s math, with a cheaper mask on CPU.
+def keep_mask_plan(p: float) -> tuple[int, int, float]:
+    """How :class:`Dropout` draws a mask for rate `p`: (bits per element, signed threshold, realised rate).
 
-    The mask comes from ``torch.rand`` (vectorised) rather than ``bernoulli_``, which is about
-    twice as fast on CPU for the activations of an LM step.
+    Each element gets a uniform `bits`-bit integer, sliced from full 64-bit draws, and is dropped
+    when it falls below the threshold, so the realised rate is a multiple of 2^-bits. 16 bits (four
+    elements per draw) when that lands within 0.01 % of `p` (0.2 -> 0.19999695, 3e-6 away); 32
+    bits otherwise (0.01 -> 2.3e-12 away).
+    """
+    for bits in (16, 32):
+        levels = 1 << bits
+        k = round(p * levels)
+        if 0 < k < levels and (abs(k / levels - p) <= 1e-4 * p or bits == 32):
+            return bits, k - levels // 2, k / levels
+    k = min(max(round(p * (1 << 32)), 0), (1 << 32) - 1)
+    return 32, k - (1 << 31), k / (1 << 32)
+
+
+class Dropout(nn.Module):
+    """Inverted dropout, ``nn.Dropout``'s math, with a cheaper mask.
+
+    ``bernoulli_`` and ``torch.rand`` spend one draw of PyTorch's serial CPU generator per
+    element; this mask slices four 16-bit uniforms (or two 32-bit ones) out of each full 64-bit
+    draw of the same generator (seeding and checkpointed RNG state as before) and compares them
+    with a threshold: 0.20 -> 0.10 ms per 35x20x200 activation on this project's 2-core CPU. The
+    rate is realised to 2^-16 or better (:func:`keep_mask_plan`), and the kept values are scaled
+    by 1 / (1 - realised rate), so the expectation is kept exactly.
     """
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
+        self.bits, self.threshold, self.rate = keep_mask_plan(p) if 0 < p < 1 else (0, 0, p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         if self.p >= 1:
             return x * 0
-        keep = (torch.rand(x.shape, device=x.device) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        n = x.numel()
+        per_draw = 64 // self.bits
+        words = torch.empty(-(-n // per_draw), dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
+        r = words.view(torch.int16 if self.bits == 16 else torch.int32)[:n].view(x.shape)
+        keep = (r >= self.threshold).to(x.dtype).mul_(1.0 / (1.0 - self.rate))
         return x * keep
 
     def extra_repr(self) -> str:

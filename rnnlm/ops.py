@@ -8,9 +8,9 @@ ten passes over an (N, V) array per step.
 
 :func:`linear_cross_entropy` does it in a few: the logits matmul (plus the bias: added in place
 in fp32, folded into the matmul as an extra input column in bf16/fp16), PyTorch's fused softmax
-kernel writing the probabilities, ``-log p(target)`` gathered from them, and in backward the
-in-place ``p - onehot`` followed by the gradient matmuls, with the 1/N scale folded into the small
-operands. The probabilities are kept in the matmul's dtype (bf16 under bf16 autocast, fp32
+kernel writing the probabilities (over the logits, on CPU), ``-log p(target)`` gathered from them,
+and in backward the in-place ``p - onehot`` followed by the gradient matmuls, with the 1/N scale
+folded into the small operands. The probabilities are kept in the matmul's dtype (bf16 under bf16 autocast, fp32
 otherwise), exactly the precision autocast would feed the backward matmuls anyway; in fp32 the
 result equals ``F.cross_entropy(F.linear(h, W, b), y)`` to rounding
 (tests compare to 1e-10 in float64). A target probability that underflows to 0 (a loss above
@@ -21,6 +21,34 @@ from __future__ import annotations
 
 import torch
 
+_INPLACE_SOFTMAX: dict[torch.dtype, bool] = {}
+
+
+def _inplace_softmax_is_exact(dtype: torch.dtype) -> bool:
+    """Does PyTorch's CPU softmax give the same bits when its output is its input? (It reads each row
+    before writing it, so it should; checked once per dtype on a private generator's numbers, so
+    the global random stream is untouched. Any failure means: don't.)"""
+    try:
+        g = torch.Generator().manual_seed(0)
+        a = (torch.randn(6, 4099, generator=g) * 4).to(dtype)
+        want = torch.softmax(a, dim=1)
+        torch._softmax(a, 1, False, out=a)
+        return bool(torch.equal(a, want))
+    except Exception:
+        return False
+
+
+def softmax_(x: torch.Tensor) -> torch.Tensor:
+    """``torch.softmax(x, dim=1)`` for a 2-D tensor, written over `x` on CPU (where the kernel allows
+    it): one (N, V) buffer instead of two, which keeps the logits/probabilities in cache better.
+    Elsewhere, and if the check fails, a new tensor."""
+    if x.device.type == "cpu" and x.is_contiguous():
+        ok = _INPLACE_SOFTMAX.get(x.dtype)
+        if ok is None:
+            ok = _INPLACE_SOFTMAX[x.dtype] = _inplace_softmax_is_exact(x.dtype)
+        if ok:
+            return torch._softmax(x, 1, False, out=x)
+    return torch.softmax(x, dim=1)
 
 
 def _fold_bias(compute_dtype: torch.dtype) -> bool:
@@ -40,20 +68,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # For 16-bit matmuls only: they copy the weight to the compute dtype anyway.
             D = h.size(1)
             Kp = -(-(D + 1) // 16) * 16
-            hc = h.new_zeros(h.size(0), Kp, dtype=compute_dtype)
+            hc = h.new_empty(h.size(0), Kp, dtype=compute_dtype)
             hc[:, :D] = h
             hc[:, D] = 1
-            wc = weight.new_zeros(weight.size(0), Kp, dtype=compute_dtype)
+            hc[:, D + 1:] = 0
+            wc = weight.new_empty(weight.size(0), Kp, dtype=compute_dtype)
             wc[:, :D] = weight
             wc[:, D] = bias
+            wc[:, D + 1:] = 0
         else:
             hc, wc = h.to(compute_dtype), weight.to(compute_dtype)
         logits = hc @ wc.t()                                                   # (N, V)
         if bias is not None and not folded:
             logits.add_(bias.to(compute_dtype))
         # PyTorch's fused softmax kernel (fp32 arithmetic inside), output in the matmul dtype:
-        # what autocast would feed the backward matmuls anyway.
-        probs = torch.softmax(logits, dim=1)
+        # what autocast would feed the backward matmuls anyway; over the logits where it can.
+        probs = softmax_(logits)
         del logits
         acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
         # -log p(target); a probability that underflows to 0 gives inf, which the trainer reports.

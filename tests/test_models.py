@@ -171,18 +171,63 @@ def test_dropout_keeps_the_expectation_and_is_identity_in_eval():
     from rnnlm.models import Dropout
     torch.manual_seed(0)
     d = Dropout(0.3)
+    assert abs(d.rate - 0.3) <= 1e-4 * 0.3               # the realised rate, 2^-16 resolution
     x = torch.ones(200, 500)
     y = d(x)
     zeros = (y == 0).float().mean().item()
     assert abs(zeros - 0.3) < 0.01                      # the drop rate
-    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))  # inverted scaling
+    scale = 1 / (1 - d.rate)
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], scale), rtol=0, atol=1e-6)  # inverted scaling
     assert abs(y.mean().item() - 1.0) < 0.02            # expectation kept
     x.requires_grad_()
     d(x).sum().backward()
     g = x.grad.unique()
-    assert len(g) == 2 and g[0] == 0 and abs(g[1].item() - 1 / 0.7) < 1e-6
+    assert len(g) == 2 and g[0] == 0 and abs(g[1].item() - scale) < 1e-6
     d.eval()
     assert d(x) is x
+
+
+@pytest.mark.parametrize("p, bits, k", [(0.2, 16, 13107), (0.5, 16, 32768), (0.25, 16, 16384), (0.65, 16, 42598),
+                                        (0.01, 32, 42949673), (1e-6, 32, 4295)])
+def test_dropout_mask_plan_known_answers(p, bits, k):
+    """Rates realised to 2^-16 within 0.01 % use 16-bit draws; others 32-bit ones."""
+    from rnnlm.models import keep_mask_plan
+    got_bits, threshold, rate = keep_mask_plan(p)
+    assert got_bits == bits
+    assert threshold == k - 2 ** (bits - 1)             # signed: drop r < threshold, i.e. k of 2^bits values
+    assert rate == k / 2 ** bits
+    assert abs(rate - p) <= (1e-4 * p if bits == 16 else 2 ** -32)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.01])
+def test_dropout_every_slice_of_a_draw_is_uniform(p):
+    """Four 16-bit (or two 32-bit) masks come out of each 64-bit draw: each slot must drop at the
+    rate, the top slot included (a generator giving 63-bit draws would bias it)."""
+    from rnnlm.models import Dropout
+    torch.manual_seed(1)
+    d = Dropout(p)
+    per = 64 // d.bits
+    n = 400_000 * per
+    dropped = (d(torch.ones(n)) == 0).view(-1, per).double()
+    sd = math.sqrt(d.rate * (1 - d.rate) / (n // per))
+    for slot in range(per):
+        assert abs(dropped[:, slot].mean().item() - d.rate) < 5 * sd, slot
+    # neighbouring elements are independent: P(both dropped) = rate^2
+    both = (dropped[:, 0] * dropped[:, 1]).mean().item()
+    assert abs(both - d.rate ** 2) < 5 * math.sqrt(d.rate ** 2 * (1 - d.rate ** 2) / (n // per))
+
+
+def test_dropout_is_reproducible_under_the_seed_and_works_in_bf16():
+    from rnnlm.models import Dropout
+    d = Dropout(0.2)
+    x = torch.randn(35, 20, 7, dtype=torch.bfloat16)
+    torch.manual_seed(5)
+    a = d(x)
+    torch.manual_seed(5)
+    b = d(x)
+    assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+    kept = a != 0
+    assert torch.equal(a[kept], x[kept] * 1.25)           # 1 / (1 - 0.19999695) rounds to 1.25 in bf16
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])

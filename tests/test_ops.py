@@ -139,3 +139,29 @@ def test_bf16_folded_bias_gradient_close_to_reference():
     F.cross_entropy(F.linear(h, W, b), y).backward()
     assert F.cosine_similarity(gb, b.grad, dim=0) > 0.99
     assert F.cosine_similarity(gh.flatten(), h.grad.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(700, 10000), (3, 17), (64, 4099)])
+def test_softmax_in_place_gives_the_same_bits(dtype, shape):
+    """linear_cross_entropy writes the probabilities over the logits (one (N, V) buffer instead of
+    two); that must change nothing: bit-identical to torch.softmax, and truly in place on CPU."""
+    from rnnlm.ops import softmax_
+    torch.manual_seed(0)
+    x = (torch.randn(*shape) * 5).to(dtype)
+    want = torch.softmax(x, dim=1)
+    ptr = x.data_ptr()
+    got = softmax_(x)
+    assert torch.equal(got, want)
+    assert got.data_ptr() == ptr
+
+
+def test_in_place_softmax_check_leaves_the_global_random_stream_alone():
+    import rnnlm.ops as ops
+    ops._INPLACE_SOFTMAX.clear()
+    torch.manual_seed(3)
+    a = torch.rand(4)
+    torch.manual_seed(3)
+    ops.softmax_(torch.randn(2, 5, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(torch.rand(4), a)
+    assert ops._INPLACE_SOFTMAX[torch.float32] is True
