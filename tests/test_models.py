@@ -256,3 +256,27 @@ def test_layerwise_training_stack_equals_the_module(cell):
             p.copy_(getattr(rnn2, name[:-1] + "1"))
     ref, _ = top(torch.zeros(7, 4, 5), None)
     assert torch.allclose(zeroed, ref, atol=1e-6)
+
+
+def test_dropout_off_cpu_path_uses_the_same_realised_rate(monkeypatch):
+    """Devices with a parallel generator compare torch.rand with the realised rate (exercised here
+    on CPU by switching the sliced draws off)."""
+    import rnnlm.models as M
+    monkeypatch.setattr(M, "_sliced_draws", lambda device: False)
+    torch.manual_seed(2)
+    d = M.Dropout(0.2)
+    y = d(torch.ones(400, 1000))
+    assert abs((y == 0).float().mean().item() - 0.2) < 0.005
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - d.rate)), rtol=0, atol=1e-6)
+
+
+def test_dropout_rate_change_recomputes_the_mask_plan():
+    from rnnlm.models import Dropout, keep_mask_plan
+    d = Dropout(0.2)
+    d.p = 0.01
+    assert (d.bits, d.threshold, d.rate) == keep_mask_plan(0.01)
+    torch.manual_seed(0)
+    assert abs((d(torch.ones(1_000_000)) == 0).float().mean().item() - 0.01) < 0.001
+    d.p = 0.0
+    x = torch.ones(3)
+    assert d(x) is x
