@@ -165,3 +165,44 @@ def test_in_place_softmax_check_leaves_the_global_random_stream_alone():
     ops.softmax_(torch.randn(2, 5, generator=torch.Generator().manual_seed(1)))
     assert torch.equal(torch.rand(4), a)
     assert ops._INPLACE_SOFTMAX[torch.float32] is True
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("use_onednn", [True, False])
+def test_fp32_matches_float64_cross_entropy_with_and_without_onednn(reduction, bias, use_onednn, monkeypatch):
+    """fp32 on CPU: the loss and all three gradients agree with float64 F.cross_entropy to fp32
+    accuracy, whether the matmuls go to oneDNN (dH = g W and [h r | r]^T g, the bias gradient as
+    the product's last row) or to PyTorch's default BLAS."""
+    import rnnlm.ops as ops
+    if use_onednn and not ops.onednn_f32_matmul():
+        pytest.skip("oneDNN's fp32 linear is not usable in this PyTorch build")
+    monkeypatch.setattr(ops, "_ONEDNN_F32", use_onednn)
+    h64, W64, b64, y = _inputs(N=300, D=40, V=5003, bias=bias, seed=3)
+    h, W = h64.detach().float().requires_grad_(), W64.detach().float().requires_grad_()
+    b = b64.detach().float().requires_grad_() if bias else None
+    w_out = torch.rand(h.size(0), dtype=torch.float64) if reduction == "none" else None
+    ours = linear_cross_entropy(h, W, b, y, reduction)
+    ref = F.cross_entropy(F.linear(h64, W64, b64), y, reduction=reduction)
+    assert torch.allclose(ours.double(), ref, rtol=1e-5, atol=1e-5)
+    params, params64 = [h, W] + ([b] if bias else []), [h64, W64] + ([b64] if bias else [])
+    go = torch.autograd.grad((ours * w_out.float()).sum() if w_out is not None else ours, params)
+    gr = torch.autograd.grad((ref * w_out).sum() if w_out is not None else ref, params64)
+    for a, c in zip(go, gr):
+        assert a.dtype == torch.float32 and a.is_contiguous()
+        assert (a.double() - c).abs().max() <= 1e-5 * c.abs().max() + 1e-9
+
+
+def test_onednn_fp32_matmul_is_used_here_and_can_be_turned_off(monkeypatch):
+    import rnnlm.ops as ops
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("PyTorch built without oneDNN")
+    monkeypatch.setattr(ops, "_ONEDNN_F32", None)
+    assert ops.onednn_f32_matmul() is True               # the x86-64 CPU wheel has it
+    monkeypatch.setattr(ops, "_ONEDNN_F32", None)
+    monkeypatch.setenv("RNNLM_ONEDNN_MATMUL", "0")
+    assert ops.onednn_f32_matmul() is False
+    monkeypatch.setattr(ops, "_ONEDNN_F32", None)        # a failing op means: the default BLAS
+    monkeypatch.delenv("RNNLM_ONEDNN_MATMUL")
+    monkeypatch.setattr(ops, "linear_onednn", lambda *a: (_ for _ in ()).throw(RuntimeError("no such op")))
+    assert ops.onednn_f32_matmul() is False
