@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import adaptive_target_log_prob, linear_cross_entropy
+from .ops import adaptive_target_log_prob, fp32_linear, linear_cross_entropy
 
 State = Any  # None, a tensor (L, B, H), or an LSTM tuple (h, c) of such tensors
 
@@ -259,7 +259,8 @@ class RNNLM(nn.Module):
             return -(out.sum() if reduction == "sum" else out.mean()) if reduction != "none" else -out
         if not torch.is_grad_enabled():
             # Evaluation: the plain fp32 log-softmax, exact even where a probability underflows.
-            return F.cross_entropy(self.decoder(h2).float(), y2, reduction=reduction)
+            return F.cross_entropy(fp32_linear(h2, self.decoder.weight, self.decoder.bias).float(), y2,
+                                   reduction=reduction)
         # Training: fused linear + cross-entropy, far less memory traffic than logits -> log_softmax -> nll.
         return linear_cross_entropy(h2, self.decoder.weight, self.decoder.bias, y2, reduction)
 

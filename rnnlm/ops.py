@@ -81,6 +81,15 @@ def onednn_f32_matmul() -> bool:
     return _ONEDNN_F32
 
 
+def fp32_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, w, b)``, through oneDNN for fp32 on CPU outside autocast (see
+    :func:`onednn_f32_matmul`); used for the exact fp32 logits of evaluation."""
+    if (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
+            and x.size(0) > 0 and not torch.is_autocast_enabled("cpu") and onednn_f32_matmul()):
+        return linear_onednn(x, w, b)
+    return torch.nn.functional.linear(x, w, b)
+
+
 def _fold_bias(compute_dtype: torch.dtype) -> bool:
     """Fold the bias into the logits matmul (16-bit compute dtypes; see _LinearCrossEntropy)."""
     return compute_dtype in (torch.bfloat16, torch.float16)

@@ -206,3 +206,18 @@ def test_onednn_fp32_matmul_is_used_here_and_can_be_turned_off(monkeypatch):
     monkeypatch.delenv("RNNLM_ONEDNN_MATMUL")
     monkeypatch.setattr(ops, "linear_onednn", lambda *a: (_ for _ in ()).throw(RuntimeError("no such op")))
     assert ops.onednn_f32_matmul() is False
+
+
+def test_fp32_linear_is_f_linear_to_fp32_accuracy_and_defers_to_autocast():
+    """Evaluation's exact fp32 logits go through oneDNN where it is usable: the same numbers as
+    F.linear to fp32 rounding; under autocast it is F.linear itself (bf16 out)."""
+    from rnnlm.ops import fp32_linear
+    g = torch.Generator().manual_seed(4)
+    x, w, b = torch.randn(256, 200, generator=g), torch.randn(1000, 200, generator=g) * 0.1, torch.randn(1000, generator=g)
+    want = F.linear(x.double(), w.double(), b.double())
+    got = fp32_linear(x, w, b)
+    assert got.dtype == torch.float32 and got.shape == (256, 1000)
+    assert (got.double() - want).abs().max() <= 1e-6 * want.abs().max()
+    assert fp32_linear(x[:0], w, b).shape == (0, 1000)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fp32_linear(x, w, b).dtype == torch.bfloat16
