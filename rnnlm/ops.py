@@ -81,12 +81,25 @@ def onednn_f32_matmul() -> bool:
     return _ONEDNN_F32
 
 
+def _linear_f32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w.T (+ b)`` for fp32 CPU tensors: oneDNN, or PyTorch's matmul if oneDNN ever refuses
+    (then for the rest of the process), so a shape oneDNN cannot take costs speed, not the run."""
+    global _ONEDNN_F32
+    if _ONEDNN_F32:
+        try:
+            return linear_onednn(x, w, b)
+        except RuntimeError:
+            _ONEDNN_F32 = False
+    out = x @ w.t()
+    return out.add_(b) if b is not None else out
+
+
 def fp32_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, w, b)``, through oneDNN for fp32 on CPU outside autocast (see
     :func:`onednn_f32_matmul`); used for the exact fp32 logits of evaluation."""
     if (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
             and x.size(0) > 0 and not torch.is_autocast_enabled("cpu") and onednn_f32_matmul()):
-        return linear_onednn(x, w, b)
+        return _linear_f32(x, w, b)
     return torch.nn.functional.linear(x, w, b)
 
 
@@ -120,7 +133,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         onednn = (not folded and compute_dtype == torch.float32 and h.device.type == "cpu" and h.numel() > 0
                   and onednn_f32_matmul())
         if onednn:  # fp32 on CPU: oneDNN, the bias added inside the matmul
-            logits = linear_onednn(hc, wc, bias.to(compute_dtype) if bias is not None else None)
+            logits = _linear_f32(hc, wc, bias.to(compute_dtype) if bias is not None else None)
         else:
             logits = hc @ wc.t()                                               # (N, V)
             if bias is not None and not folded:
@@ -167,12 +180,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.onednn:
             # oneDNN: dH = g W, and [h r | r]^T g in one product whose last row is the bias gradient.
             rr = r.unsqueeze(1).to(cd)
-            grad_h = (linear_onednn(g, wc.t()) * rr).to(h_dtype) if ctx.needs_input_grad[0] else None
+            grad_h = (_linear_f32(g, wc.t()) * rr).to(h_dtype) if ctx.needs_input_grad[0] else None
             grad_w = grad_b = None
             want_b = ctx.has_bias and ctx.needs_input_grad[2]
             if ctx.needs_input_grad[1] or want_b:
                 a = torch.cat([hc * rr, rr], 1) if ctx.has_bias else hc * rr  # (N, D [+ 1])
-                t = linear_onednn(a.t(), g.t())                                # (D [+ 1], V) = a^T g
+                t = _linear_f32(a.t(), g.t())                                  # (D [+ 1], V) = a^T g
                 D = ctx.D
                 grad_w = t[:D].t().contiguous().to(w_dtype) if ctx.needs_input_grad[1] else None
                 grad_b = t[D].to(b_dtype) if want_b else None

@@ -221,3 +221,26 @@ def test_fp32_linear_is_f_linear_to_fp32_accuracy_and_defers_to_autocast():
     assert fp32_linear(x[:0], w, b).shape == (0, 1000)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fp32_linear(x, w, b).dtype == torch.bfloat16
+
+
+def test_a_refusal_by_onednn_mid_run_falls_back_to_the_default_matmul(monkeypatch):
+    """If oneDNN raises for some shape after the start-up check passed, the step still gives the
+    right loss and gradients (PyTorch's matmul), and oneDNN is not asked again."""
+    import rnnlm.ops as ops
+    monkeypatch.setattr(ops, "_ONEDNN_F32", True)
+    calls = []
+
+    def refuse(*args):
+        calls.append(1)
+        raise RuntimeError("could not create a primitive descriptor")
+    monkeypatch.setattr(ops, "linear_onednn", refuse)
+    h64, W64, b64, y = _inputs(N=50, D=8, V=301, seed=5)
+    h, W, b = (t.detach().float().requires_grad_() for t in (h64, W64, b64))
+    loss = linear_cross_entropy(h, W, b, y)
+    loss.backward()
+    ref = F.cross_entropy(F.linear(h64, W64, b64), y)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5
+    for a, c in ((h, h64), (W, W64), (b, b64)):
+        assert torch.allclose(a.grad.double(), c.grad, atol=1e-6)
+    assert ops._ONEDNN_F32 is False and len(calls) == 1
