@@ -6,15 +6,16 @@ is memory traffic: the (N, V) logits are copied to fp32, a log-softmax is writte
 zero-filled one-hot gradient is scattered, the log-softmax backward reads both back... about
 ten passes over an (N, V) array per step.
 
-:func:`linear_cross_entropy` does it in a few: the logits matmul (plus the bias: added in place
-in fp32, folded into the matmul as an extra input column in bf16/fp16), PyTorch's fused softmax
-kernel writing the probabilities (over the logits, on CPU), ``-log p(target)`` gathered from them,
-and in backward the in-place ``p - onehot`` followed by the gradient matmuls, with the 1/N scale
+:func:`linear_cross_entropy` does it in a few: the logits matmul (plus the bias: folded into the
+matmul as an extra input column in bf16/fp16, added inside oneDNN's fp32 product on CPU, in place
+otherwise), PyTorch's fused softmax kernel writing the probabilities (over the logits, on CPU),
+``-log p(target)`` gathered from them, and in backward the in-place ``p - onehot`` followed by the gradient matmuls, with the 1/N scale
 folded into the small operands. The probabilities are kept in the matmul's dtype (bf16 under bf16
 autocast, fp32 otherwise), exactly the precision autocast would feed the backward matmuls anyway;
 in fp32 the result equals ``F.cross_entropy(F.linear(h, W, b), y)`` to rounding (tests compare to
-1e-10 in float64). A target probability that underflows to 0 (a loss above
-~87 nats in fp32) gives an infinite loss, which the trainer reports as divergence.
+1e-10 in float64). fp32 products on CPU go to oneDNN rather than PyTorch's default BLAS where that
+works (:func:`onednn_f32_matmul`). A target probability that underflows to 0 (a loss above ~87
+nats in fp32) gives an infinite loss, which the trainer reports as divergence.
 """
 
 from __future__ import annotations
@@ -177,8 +178,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             scale = grad_out / N if ctx.reduction == "mean" else grad_out
             r = scale.to(rd).expand(N)
         h_dtype, w_dtype, b_dtype = ctx.dtypes
-        if ctx.onednn:
-            # oneDNN: dH = g W, and [h r | r]^T g in one product whose last row is the bias gradient.
+        if ctx.onednn:  # the fp32 CPU route (oneDNN, or PyTorch's matmul if oneDNN refused)
+            # dH = g W, and [h r | r]^T g in one product whose last row is the bias gradient.
             rr = r.unsqueeze(1).to(cd)
             grad_h = (_linear_f32(g, wc.t()) * rr).to(h_dtype) if ctx.needs_input_grad[0] else None
             grad_w = grad_b = None
