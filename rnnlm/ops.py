@@ -9,13 +9,14 @@ ten passes over an (N, V) array per step.
 :func:`linear_cross_entropy` does it in a few: the logits matmul (plus the bias: folded into the
 matmul as an extra input column in bf16/fp16, added inside oneDNN's fp32 product on CPU, in place
 otherwise), PyTorch's fused softmax kernel writing the probabilities (over the logits, on CPU),
-``-log p(target)`` gathered from them, and in backward the in-place ``p - onehot`` followed by
-the gradient matmuls, with the 1/N scale folded into the small operands. The probabilities are
-kept in the matmul's dtype (bf16 under bf16 autocast, fp32 otherwise), exactly the precision
-autocast would feed the backward matmuls anyway; in fp32 the result equals ``F.cross_entropy(F.linear(h, W, b), y)`` to rounding (tests compare to
-1e-10 in float64). fp32 products on CPU go to oneDNN rather than PyTorch's default BLAS where that
-works (:func:`onednn_f32_matmul`). A target probability that underflows to 0 (a loss above ~87
-nats in fp32) gives an infinite loss, which the trainer reports as divergence.
+``-log p(target)`` gathered from them, and in backward the in-place ``p - onehot`` followed by the
+gradient matmuls, with the 1/N scale folded into the small operands. The probabilities are kept in
+the matmul's dtype (bf16 under bf16 autocast, fp32 otherwise), exactly the precision autocast would
+feed the backward matmuls anyway; in fp32 the result equals ``F.cross_entropy(F.linear(h, W, b),
+y)`` to rounding (tests compare to 1e-10 in float64). fp32 products on CPU go to oneDNN rather than
+PyTorch's default BLAS where that works (:func:`onednn_f32_matmul`). A target probability that
+underflows to 0 (a loss above ~87 nats in fp32) gives an infinite loss, which the trainer reports
+as divergence.
 """
 
 from __future__ import annotations
