@@ -213,7 +213,8 @@ def test_fp32_linear_is_f_linear_to_fp32_accuracy_and_defers_to_autocast():
     F.linear to fp32 rounding; under autocast it is F.linear itself (bf16 out)."""
     from rnnlm.ops import fp32_linear
     g = torch.Generator().manual_seed(4)
-    x, w, b = torch.randn(256, 200, generator=g), torch.randn(1000, 200, generator=g) * 0.1, torch.randn(1000, generator=g)
+    x, w = torch.randn(256, 200, generator=g), torch.randn(1000, 200, generator=g) * 0.1
+    b = torch.randn(1000, generator=g)
     want = F.linear(x.double(), w.double(), b.double())
     got = fp32_linear(x, w, b)
     assert got.dtype == torch.float32 and got.shape == (256, 1000)
