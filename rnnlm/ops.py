@@ -26,6 +26,7 @@ import os
 import torch
 
 _ONEDNN_F32: bool | None = None
+_ONEDNN_PACKED: bool | None = None
 _INPLACE_SOFTMAX: dict[torch.dtype, bool] = {}
 
 
@@ -94,6 +95,55 @@ def _linear_f32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None)
             _ONEDNN_F32 = False
     out = x @ w.t()
     return out.add_(b) if b is not None else out
+
+
+def _packed_weights_ok() -> bool:
+    """Does oneDNN's packed-weight linear (``torch.ops.mkldnn._reorder_linear_weight``, then
+    ``_linear_pointwise``) give ``x @ w.T``? Checked once per process, like :func:`onednn_f32_matmul`."""
+    global _ONEDNN_PACKED
+    if _ONEDNN_PACKED is None:
+        _ONEDNN_PACKED = False
+        if onednn_f32_matmul():
+            try:
+                g = torch.Generator().manual_seed(1)
+                x, w = torch.randn(5, 24, generator=g), torch.randn(40, 24, generator=g)
+                wp = torch.ops.mkldnn._reorder_linear_weight(w, 5)
+                _ONEDNN_PACKED = bool(torch.allclose(linear_onednn(x, wp), x @ w.t(), rtol=1e-5, atol=1e-5))
+            except Exception:
+                _ONEDNN_PACKED = False
+    return _ONEDNN_PACKED
+
+
+def step_matmul(w: torch.Tensor, batch_size: int, steps: int):
+    """``x -> x @ w.T`` through oneDNN for the per-step products of a recurrent loop (`steps` calls,
+    x of `batch_size` rows, the same weight `w`), or None where that does not pay: the caller then
+    keeps its own ``torch.addmm``.
+
+    For fp32 CPU tensors over enough steps (>= 8), `w` is packed once into oneDNN's blocked layout
+    and each product is one ``_linear_pointwise`` (this CPU: a 20x512 . 512x2048 product ~100 us
+    instead of ~350 with MKL's ``addmm``). Other dtypes and devices, few steps, oneDNN off
+    (``RNNLM_ONEDNN_MATMUL=0``) or failing its start-up check: None. An error from oneDNN later in
+    the run switches it off for the rest of the process (as :func:`_linear_f32`) and that product
+    is computed with ``torch.mm`` instead, so it costs speed, not the run.
+    """
+    if not (w.dtype == torch.float32 and w.device.type == "cpu" and steps >= 8 and batch_size > 0
+            and _packed_weights_ok()):
+        return None
+    try:
+        wp = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch_size)
+    except RuntimeError:
+        return None
+    wt = w.t()
+
+    def mm(x: torch.Tensor) -> torch.Tensor:
+        global _ONEDNN_F32
+        if _ONEDNN_F32:
+            try:
+                return linear_onednn(x, wp)
+            except RuntimeError:
+                _ONEDNN_F32 = False
+        return x @ wt
+    return mm
 
 
 def fp32_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,9 +21,11 @@ Implementation: per layer, the input projection of all T steps is one matmul; th
 loop then does only the recurrent matmul and the gate arithmetic. The loop is one
 ``torch.autograd.Function`` with a hand-written backward (BPTT), so autograd sees a
 single node per layer instead of ~15 per time step; the gates' local derivatives, the
-peephole and W_hh gradients are computed for all steps at once, outside the loop. See
-``docs/peephole.md`` for the alternatives measured (eager autograd, TorchScript,
-torch.compile) and the numbers. Double backward is not supported: a backward pass
+peephole and W_hh gradients are computed for all steps at once, outside the loop. In fp32 on
+CPU the per-step recurrent products (a⟨t−1⟩ U^T forward, dz U backward) go to oneDNN with U
+packed once per layer call (:func:`rnnlm.ops.step_matmul`, checked at start-up, falling back to
+``torch.mm``). See ``docs/peephole.md`` for the alternatives measured (eager autograd,
+TorchScript, torch.compile) and the numbers. Double backward is not supported: a backward pass
 with ``create_graph=True`` through this module raises a RuntimeError.
 """
 
@@ -35,6 +37,8 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .ops import step_matmul
 
 __all__ = ["PeepholeLSTM"]
 
@@ -63,6 +67,7 @@ class _PeepholeLayer(torch.autograd.Function):
             out = xp.new_empty(T, B, H)                  # a⟨1..T⟩
             cs[0] = c0
             u_t = w_hh.t()
+            h_u = step_matmul(w_hh, B, T)                # fp32 on CPU: h -> h @ U^T by oneDNN, U packed once
             p_if = torch.stack((p_i, p_f))               # (2, H)
             # Per-step views, made once (slicing in the loop costs more than the math at
             # small sizes): gate blocks of step t, cell states, outputs.
@@ -73,7 +78,10 @@ class _PeepholeLayer(torch.autograd.Function):
             cs_l, cs_u = cs.unbind(0), cs.unsqueeze(2).unbind(0)
             h = h0
             for t in range(T):
-                torch.addmm(xs[t], h, u_t, out=zs[t])                  # W x + b + U a⟨t−1⟩
+                if h_u is None:
+                    torch.addmm(xs[t], h, u_t, out=zs[t])              # W x + b + U a⟨t−1⟩
+                else:
+                    torch.add(xs[t], h_u(h), out=zs[t])
                 zif[t].addcmul_(p_if, cs_u[t]).sigmoid_()              # Γi, Γf see c⟨t−1⟩
                 ggs[t].tanh_()                                         # c̃⟨t⟩
                 torch.mul(gfs[t], cs_l[t], out=cs_l[t + 1]).addcmul_(gis[t], ggs[t])  # c⟨t⟩
@@ -111,12 +119,18 @@ class _PeepholeLayer(torch.autograd.Function):
             dzis, dzfs, dzos = (dz_all[:, :, j].unbind(0) for j in (0, 1, 3))
             a_l, b_l, pq_l, gf_l = a_o.unbind(0), b_c.unbind(0), pq.unbind(0), gf.unbind(0)
             do_l = d_out.unbind(0)
+            dz_u = step_matmul(w_hh.t(), B, T)           # fp32 on CPU: dz -> dz @ U by oneDNN
             for t in range(T - 1, -1, -1):
                 dzo = torch.mul(dh, a_l[t], out=dzos[t])
                 dc.addcmul_(dh, b_l[t]).addcmul_(dzo, p_o)
                 torch.mul(dc.unsqueeze(1), pq_l[t], out=dz3s[t])
                 dc = (dc * gf_l[t]).addcmul_(dzis[t], p_i).addcmul_(dzfs[t], p_f)
-                dh = torch.addmm(do_l[t - 1], dzs[t], w_hh) if t > 0 else torch.mm(dzs[t], w_hh)
+                if dz_u is None:
+                    dh = torch.addmm(do_l[t - 1], dzs[t], w_hh) if t > 0 else torch.mm(dzs[t], w_hh)
+                else:
+                    dh = dz_u(dzs[t])
+                    if t > 0:
+                        dh.add_(do_l[t - 1])
             dz_flat = dz_all.view(T * B, 4, H)
             d_w_hh = d_pi = d_pf = d_po = None
             if ctx.needs_input_grad[3]:

@@ -244,3 +244,77 @@ def test_autocast_bfloat16():
     (out.float().sum() + c.float().sum()).backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+
+
+# -- the fp32 CPU route through oneDNN (rnnlm.ops.step_matmul) ------------------------------
+
+import rnnlm.ops as ops  # noqa: E402
+
+needs_packed_onednn = pytest.mark.skipif(not ops._packed_weights_ok(),
+                                         reason="oneDNN's packed fp32 linear is not available in this torch build")
+
+
+def _forward_backward(m: PeepholeLSTM, x: torch.Tensor, state=None):
+    x = x.clone().requires_grad_()
+    out, (h, c) = m(x, state)
+    (out.sin().sum() + (h * h).sum() + c.cos().sum()).backward()
+    grads = [p.grad.clone() for p in m.parameters()] + [x.grad]
+    m.zero_grad()
+    return [out.detach(), h.detach(), c.detach()], grads
+
+
+@needs_packed_onednn
+@pytest.mark.parametrize("use_onednn", [True, False])
+def test_fp32_per_step_matmuls_match_float64_with_and_without_onednn(use_onednn, monkeypatch):
+    if not use_onednn:
+        monkeypatch.setattr(ops, "_ONEDNN_PACKED", False)
+    torch.manual_seed(3)
+    m = PeepholeLSTM(24, 40, num_layers=2)
+    x = torch.randn(12, 5, 24)
+    state = (torch.randn(2, 5, 40) * 0.5, torch.randn(2, 5, 40) * 0.5)
+    w = m.weight_hh_l0
+    assert (ops.step_matmul(w, 5, 12) is not None) == use_onednn
+    outs, grads = _forward_backward(m, x, state)
+    m64 = PeepholeLSTM(24, 40, num_layers=2).double()
+    m64.load_state_dict(m.state_dict())
+    outs64, grads64 = _forward_backward(m64, x.double(), tuple(s.double() for s in state))
+    for a, b in zip(outs + grads, outs64 + grads64):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=2e-6)
+
+
+@needs_packed_onednn
+def test_step_matmul_is_x_times_w_transposed_and_only_where_it_pays():
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(64, 32, generator=g), torch.randn(7, 32, generator=g)
+    mm = ops.step_matmul(w, 7, steps=35)
+    assert mm is not None
+    torch.testing.assert_close(mm(x).double(), x.double() @ w.double().t(), rtol=1e-5, atol=1e-5)
+    mt = ops.step_matmul(w.t(), 7, steps=35)           # a transposed (strided) weight: x @ w
+    torch.testing.assert_close(mt(torch.randn(7, 64, generator=g)).shape, torch.Size([7, 32]))
+    assert ops.step_matmul(w, 7, steps=4) is None        # too few steps to repay the packing
+    assert ops.step_matmul(w.bfloat16(), 7, steps=35) is None
+    assert ops.step_matmul(w.double(), 7, steps=35) is None
+
+
+@needs_packed_onednn
+def test_onednn_refusing_mid_sequence_falls_back_to_the_same_values(monkeypatch):
+    torch.manual_seed(4)
+    m = PeepholeLSTM(16, 24, num_layers=2)
+    x = torch.randn(10, 3, 16)
+    monkeypatch.setattr(ops, "_ONEDNN_PACKED", False)
+    want_outs, want_grads = _forward_backward(m, x)      # torch.mm throughout
+    monkeypatch.setattr(ops, "_ONEDNN_PACKED", True)
+    monkeypatch.setattr(ops, "_ONEDNN_F32", True)
+    real, calls = ops.linear_onednn, []
+
+    def flaky(*args):                                    # works five times, then refuses
+        calls.append(1)
+        if len(calls) > 5:
+            raise RuntimeError("oneDNN refused")
+        return real(*args)
+    monkeypatch.setattr(ops, "linear_onednn", flaky)
+    outs, grads = _forward_backward(m, x)
+    assert ops._ONEDNN_F32 is False and len(calls) == 6  # switched off at the first refusal
+    for a, b in zip(outs + grads, want_outs + want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
