@@ -320,3 +320,49 @@ def test_trained_on_iid_text_perplexity_is_the_entropy(tmp_path, monkeypatch):
     assert res["tokens"] == 20_000
     assert abs(res["ppl"] / entropy_ppl - 1) < 0.03, (res["ppl"], entropy_ppl)
     assert res["ppl"] >= true_on_sample * 0.998, (res["ppl"], true_on_sample)
+
+
+# -- words and word_ppl at char level --------------------------------------------------------------
+
+from rnnlm.evaluate import WORD_SPACE_MIN, _word_count  # noqa: E402
+
+
+def _ids(text: str, vocab: Vocab, tok: Tokenizer) -> np.ndarray:
+    return np.asarray(text_ids(text, tok, vocab))
+
+
+@pytest.mark.parametrize("eos", ["line", "none"])
+def test_word_count_known_answers(eos):
+    vocab, tok = char_setup(eos)
+    ids = _ids("ab cd  e\nfgh a\n", vocab, tok)
+    eos_tokens = int(np.count_nonzero(ids == EOS_ID))
+    assert _word_count(ids, vocab) == 5 + eos_tokens    # ab, cd, e, fgh, a (+ the <eos> tokens)
+
+
+@pytest.mark.parametrize("eos", ["line", "none"])
+def test_text_without_spaces_has_no_word_count(eos):
+    """Chinese poetry, DNA...: runs of characters between line breaks are lines, not words."""
+    vocab, tok = Vocab([UNK, EOS, *"床前明月光疑是地上霜 \n"]), Tokenizer(level="char", eos=eos)
+    assert _word_count(_ids("床前明月光\n疑是地上霜\n" * 20, vocab, tok), vocab) is None
+
+
+def test_word_count_threshold_is_the_share_of_inline_spaces():
+    vocab, tok = char_setup("none")
+    n = 400                                                # characters on each line, breaks aside
+    for spaces, counted in ((int(n * WORD_SPACE_MIN) - 1, False), (int(n * WORD_SPACE_MIN) + 1, True)):
+        line = ("a" * (n // spaces - 1) + " ") * spaces
+        line = (line + "b" * n)[:n]
+        assert line.count(" ") == spaces
+        assert (_word_count(_ids(line + "\n", vocab, tok), vocab) is not None) == counted
+
+
+def test_perplexity_reports_word_ppl_only_for_space_separated_text(tmp_path):
+    vocab, tok = char_setup()
+    model = random_model(len(vocab))
+    spaced, solid = tmp_path / "spaced.txt", tmp_path / "solid.txt"
+    spaced.write_text("abc de fgh\nab c\n", encoding="utf-8")
+    solid.write_text("abcdefgh\nhgfedcba\n", encoding="utf-8")
+    r = perplexity(model, vocab, tok, spaced)
+    assert r["words"] == 5 + 2 and math.isclose(r["word_ppl"], math.exp(r["nll"] / 7), rel_tol=1e-9)
+    r = perplexity(model, vocab, tok, solid)
+    assert "words" not in r and "word_ppl" not in r and r["bpc"] > 0
