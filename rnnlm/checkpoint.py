@@ -156,16 +156,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
+def _first_sentence(text: str, limit: int = 160) -> str:
+    """The first sentence of a library's error text (its advice after that is not for rnnlm's users)."""
+    text = text.strip()
+    for prefix in ("WeightsUnpickler error:",):
+        if text.startswith(prefix):
+            text = text[len(prefix):].strip()
+    head = text.split(". ")[0].rstrip(".")
+    return head if len(head) <= limit else head[:limit - 3].rstrip() + "..."
+
+
 def _refusal(err: BaseException) -> tuple[str, bool]:
     """(what the weights-only unpickler refused, whether it was a Python object that could run code)."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     for ln in lines:
         if "GLOBAL" in ln or ln.startswith(("Trying to call reduce", "Can only build", "Unsupported class")):
-            return ln[:200], True
+            return _first_sentence(ln), True
     for i, ln in enumerate(lines):
         if "WeightsUnpickler error" in ln and i + 1 < len(lines):
-            return lines[i + 1][:200], False
-    return (lines[0] if lines else type(err).__name__)[:200], False
+            return _first_sentence(lines[i + 1]), False
+    return _first_sentence(lines[0] if lines else type(err).__name__), False
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -202,8 +212,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise UsageError(f"cannot read checkpoint {p}: it is corrupt (it asks for more memory than "
                          f"there is)") from None
     except Exception as e:  # zip/stream errors of a truncated or damaged file, and anything else odd
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot read checkpoint {p}: it is truncated or corrupt ({msg[:200]}). Use the "
+        msg = _first_sentence(str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot read checkpoint {p}: it is truncated or corrupt ({msg}). Use the "
                          f"run's other checkpoint ({BEST} or {LAST}) or train again") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UsageError(f"{p} is not an rnnlm checkpoint (a torch file without rnnlm's format marker)")

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -85,8 +86,8 @@ def _run(fn: Callable[[], None]) -> None:
             warnings.showwarning = _show_warning
             fn()
     except RnnlmError as e:
-        if _state["debug"]:
-            raise
+        if _state["debug"]:  # the traceback, but the same exit code
+            traceback.print_exc()
         _error(str(e))
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
@@ -100,6 +101,10 @@ def _run(fn: Callable[[], None]) -> None:
     except Exception as e:  # an unexpected failure: still no traceback unless --debug
         if _state["debug"]:
             raise
+        if isinstance(e, MemoryError) or "can't allocate memory" in str(e) or type(e).__name__ == "OutOfMemoryError":
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            _error(f"out of memory ({first[:200]}); use a smaller model, batch size or --num-samples")
+            raise typer.Exit(1)
         _error(f"{type(e).__name__}: {e}\n(this is a bug or an unexpected environment problem; run "
                f"`rnnlm --debug ...` for the traceback)")
         raise typer.Exit(1)
@@ -116,7 +121,7 @@ def _silence_stdout() -> None:
 
 def _device(name: str):
     from .train import select_device
-    return select_device(name)
+    return select_device(name, "--device")
 
 
 # -- train ---------------------------------------------------------------------------------------
@@ -176,7 +181,7 @@ def sample(
         from .checkpoint import load_model
         from .sample import Sampler
 
-        _check_sample_options(temperature, top_k, top_p, max_length, num_samples)
+        _check_sample_options(temperature, top_k, top_p, max_length, num_samples, seed)
         dev = _device(device)
         lm = load_model(checkpoint, dev)
         sc = lm.config.sample
@@ -210,17 +215,21 @@ def sample(
 
 
 def _check_sample_options(t: Optional[float], k: Optional[int], tp: Optional[float], length: Optional[int],
-                          n: Optional[int]) -> None:
+                          n: Optional[int], seed: Optional[int] = None) -> None:
+    from .config import COUNT_MAX, SEED_MAX, SEED_MIN
+
     if t is not None and (not math.isfinite(t) or t < 0):
         raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {t}")
     if k is not None and k < 0:
         raise UsageError(f"--top-k must be >= 0 (0 = off), got {k}")
     if tp is not None and not (0 < tp <= 1):  # also false for NaN
         raise UsageError(f"--top-p must lie in (0, 1], got {tp}")
-    if length is not None and length < 0:
-        raise UsageError(f"--max-length must be >= 0, got {length}")
-    if n is not None and n < 0:
-        raise UsageError(f"--num-samples must be >= 0, got {n}")
+    if length is not None and not 0 <= length <= COUNT_MAX:
+        raise UsageError(f"--max-length must lie in [0, {COUNT_MAX}], got {length}")
+    if n is not None and not 0 <= n <= COUNT_MAX:
+        raise UsageError(f"--num-samples must lie in [0, {COUNT_MAX}], got {n}")
+    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+        raise UsageError(f"--seed must lie in [{SEED_MIN}, {SEED_MAX}], got {seed}")
 
 
 # -- eval-perplexity -----------------------------------------------------------------------------
@@ -247,7 +256,8 @@ def eval_perplexity(
         if data.is_dir():
             raise UsageError(f"--data {data} is a directory; give the text file to evaluate (e.g. {data}/test.txt)")
         if not data.is_file():
-            raise UsageError(f"evaluation file not found: {data}")
+            raise UsageError(f"--data {data} is not a regular file; give the text file to evaluate" if data.exists()
+                             else f"evaluation file not found: {data}")
         dev = _device(device)
         lm = load_model(checkpoint, dev)
         res = perplexity(lm.model, lm.vocab, lm.tokenizer, data, batch_size, dev,
@@ -316,7 +326,8 @@ def _read_sentences(src: str) -> list[str]:
         if p.is_dir():
             raise UsageError(f"--input {p} is a directory; give a text file with one sentence per line")
         if not p.is_file():
-            raise UsageError(f"input file not found: {p}")
+            raise UsageError(f"--input {p} is not a regular file; give a text file with one sentence per line"
+                             if p.exists() else f"input file not found: {p}")
         data = p.read_bytes()
         name = str(p)
     if b"\x00" in data:

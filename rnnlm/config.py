@@ -25,6 +25,12 @@ from .errors import UsageError
 SECTIONS = ("data", "model", "train", "sample")
 
 
+# The seeds torch.manual_seed accepts, and a bound on sample counts and lengths (beyond it, PyTorch
+# cannot index the result anyway).
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
+COUNT_MAX = 2 ** 31 - 1
+
+
 def _f(default: Any, help: str, **rules: Any) -> Any:
     """A dataclass field with a help text and validation rules in its metadata."""
     if isinstance(default, list):
@@ -86,7 +92,7 @@ class TrainConfig:
                                          "a cosine schedule then anneals to 0 by that time", gt=0)
     optimizer: str = _f("adam", "optimizer", choices=("sgd", "adam", "adamw"))
     lr: float = _f(0.003, "learning rate", gt=0)
-    momentum: float = _f(0.0, "SGD momentum", min=0)
+    momentum: float = _f(0.0, "SGD momentum, in [0, 1)", min=0, lt=1)
     weight_decay: float = _f(0.0, "weight decay (decoupled for adamw)", min=0)
     beta2: float = _f(0.999, "adam/adamw second-moment decay β2 (0.99 suits short runs on small data)", min=0, lt=1)
     lr_schedule: str = _f("plateau", "plateau: divide by lr_decay when validation stops improving; "
@@ -99,7 +105,7 @@ class TrainConfig:
     warmup_steps: int = _f(0, "linear warmup steps (cosine schedule)", min=0)
     clip_grad_norm: float | None = _f(5.0, "clip gradients to this global L2 norm (null = off)", gt=0)
     early_stopping_patience: int | None = _f(None, "stop after this many evaluations without improvement", min=1)
-    seed: int = _f(1234, "random seed (weights, dropout)")
+    seed: int = _f(1234, "random seed (weights, dropout)", min=SEED_MIN, max=SEED_MAX)
     device: str = _f("auto", "auto = cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
     precision: str = _f("fp32", "fp32; bf16 autocast (CPU and GPU); fp16 autocast + GradScaler (CUDA); auto = bf16 "
                                 "where the hardware computes it natively (a CUDA GPU with bf16, a CPU with "
@@ -122,11 +128,11 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    max_length: int = _f(500, "tokens per sample at most", min=0)
+    max_length: int = _f(500, "tokens per sample at most", min=0, max=COUNT_MAX)
     temperature: float = _f(0.8, "softmax temperature; 0 = greedy", min=0)
     top_k: int = _f(0, "keep only the k most probable tokens (0 = off)", min=0)
     top_p: float = _f(1.0, "nucleus sampling: keep the smallest set whose mass reaches p", prob=True, gt=0)
-    num_samples: int = _f(1, "samples to draw", min=0)
+    num_samples: int = _f(1, "samples to draw", min=0, max=COUNT_MAX)
     prime: str = _f("", "text the samples continue")
 
 
@@ -248,6 +254,8 @@ def _check_value(key: str, value: Any, hint: Any, meta: dict[str, Any]) -> Any:
             raise UsageError(f"config key '{key}' must be > {meta['gt']}, got {_show(value)}")
         if "lt" in meta and value >= meta["lt"]:
             raise UsageError(f"config key '{key}' must be < {meta['lt']}, got {_show(value)}")
+        if "max" in meta and value > meta["max"]:
+            raise UsageError(f"config key '{key}' must be <= {meta['max']}, got {_show(value)}")
         if meta.get("prob") and not 0.0 <= value <= 1.0:
             raise UsageError(f"config key '{key}' is a probability and must lie in [0, 1], got {_show(value)}")
     return value
@@ -330,6 +338,25 @@ def apply_dict(cfg: Config, data: Any, origin: str) -> None:
                 raise UsageError(f"{origin}: {e}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice (PyYAML would keep the last
+    one silently: a config with two `model:` sections would lose the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: let PyYAML report it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (it appears twice in one mapping)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> Any:
     p = Path(path)
     if p.is_dir():
@@ -343,12 +370,13 @@ def load_yaml(path: str | Path) -> Any:
     except UnicodeDecodeError as e:
         raise UsageError(f"config file {p} is not UTF-8 text (invalid byte at offset {e.start})") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UsageError(f"YAML syntax error in {p}{where}: {problem}") from None
+        kind = "YAML error" if isinstance(e, yaml.constructor.ConstructorError) else "YAML syntax error"
+        raise UsageError(f"{kind} in {p}{where}: {problem}") from None
     except RecursionError:
         raise UsageError(f"config file {p} is nested too deeply to be a config") from None
     except Exception as e:  # e.g. `!!timestamp 2020-13-45`: valid YAML syntax, an impossible value

@@ -171,7 +171,7 @@ def read_blocks(src: TextSource, encoding: str = "utf-8", errors: str = "strict"
                 off = block.index(b"\x00")
                 nul_line = line_no + block.count(b"\n", 0, off)
                 raise UsageError(f"{src.path}: looks like a binary file (NUL byte at line {nul_line}, "
-                                 f"byte offset {pos + off}); rnnlm trains on text files")
+                                 f"byte offset {pos + off}); rnnlm reads text files")
             try:
                 text = block.decode(codec, errors)
             except UnicodeDecodeError as e:
@@ -179,8 +179,9 @@ def read_blocks(src: TextSource, encoding: str = "utf-8", errors: str = "strict"
                 bad = block[e.start:e.end][:4].hex(" ")
                 raise UsageError(
                     f"{src.path}: invalid {encoding} at line {line}, byte offset {pos + e.start} "
-                    f"(bytes {bad}: {e.reason}); set data.encoding=ENCODING if the file is not {encoding}, "
-                    f"or data.errors=replace to replace undecodable bytes") from None
+                    f"(bytes {bad}: {e.reason}); if the file is in another encoding, convert it (iconv -f "
+                    f"ENCODING -t {encoding}), or when training set data.encoding=ENCODING, or data.errors=replace "
+                    f"to replace undecodable bytes") from None
             line_no += block.count(b"\n")
             pos += len(block)
             yield text, len(block)
@@ -293,6 +294,9 @@ def resolve_sources(data_cfg) -> tuple[dict[str, TextSource], str]:
             if f.is_file():
                 srcs[name] = TextSource(f)
         if "train" not in srcs:
+            if (p / "train.txt").exists():
+                raise UsageError(f"{p / 'train.txt'} is not a regular file; the data directory needs a text file "
+                                 f"train.txt (and optionally valid.txt, test.txt)")
             raise UsageError(f"data directory {p} has no train.txt (expected train.txt and optionally "
                              f"valid.txt, test.txt)")
         return srcs, str(p)

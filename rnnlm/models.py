@@ -23,6 +23,7 @@ feeding next-token prediction would leak it).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -188,7 +189,12 @@ class RNNLM(nn.Module):
         self.adaptive = cfg.softmax == "adaptive"
         if self.adaptive:
             cutoffs = list(cfg.adaptive_cutoffs) if cfg.adaptive_cutoffs else auto_cutoffs(vocab_size)
-            cutoffs = [c for c in cutoffs if c < vocab_size - 1] or [max(1, vocab_size // 2)]
+            kept = [c for c in cutoffs if c < vocab_size - 1] or [max(1, vocab_size // 2)]
+            if cfg.adaptive_cutoffs and kept != cutoffs:
+                warnings.warn(f"model.adaptive_cutoffs {list(cfg.adaptive_cutoffs)} do not fit a vocabulary of "
+                              f"{vocab_size} tokens (each cutoff must be below {vocab_size - 1}); using {kept}",
+                              stacklevel=2)
+            cutoffs = kept
             self.softmax = nn.AdaptiveLogSoftmaxWithLoss(out_dim, vocab_size, cutoffs, div_value=4.0)
             self.decoder = None
         else:

@@ -9,19 +9,31 @@ from .errors import UsageError
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    run = Path(run_dir)
+    if not run.exists():
+        raise UsageError(f"run directory not found: {run_dir}")
+    if not run.is_dir():
+        raise UsageError(f"{run_dir} is a file; give the run directory (the one holding metrics.jsonl)")
+    path = run / "metrics.jsonl"
     if not path.is_file():
         raise UsageError(f"{run_dir} has no metrics.jsonl; is it an rnnlm run directory?")
-    events = []
-    with open(path, encoding="utf-8") as f:
+    events, torn = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
             if not line:
                 continue
             try:
-                events.append(json.loads(line))
+                event = json.loads(line)
             except ValueError:
-                continue  # a line torn by a crash: skip it, keep the rest
+                torn += 1  # a line torn by a crash: skip it, keep the rest
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+            else:
+                torn += 1
+    if torn and not events:
+        raise UsageError(f"{path} is not an rnnlm metrics log: none of its {torn} lines is a JSON event")
     return events
 
 
@@ -48,6 +60,14 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "tokens") ->
                              + ("" if x == "tokens" else f" against {x}"))
         curves.append((Path(run_dir).resolve().name, train, valid))
 
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"--out {out} is a directory; give an image path such as {path / 'loss.png'}")
+    if not path.parent.is_dir():
+        raise UsageError(f"--out {out}: the folder {path.parent} does not exist")
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: the image is written as PNG; give a name ending in .png")
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,9 +89,13 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "tokens") ->
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8 if not single else None)
     fig.tight_layout()
-    path = Path(out)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
     return path

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -40,17 +41,28 @@ from .text import Tokenizer, Vocab
 
 # -- building blocks -------------------------------------------------------------------------
 
-def select_device(name: str) -> torch.device:
+def select_device(name: str, source: str = "train.device") -> torch.device:
+    """The torch device for `name` (auto, cpu, cuda, cuda:N, mps); a name it does not know, or a
+    device this machine lacks, is a UsageError naming `source`, the setting it came from (a config
+    key, or a command-line option such as ``--device``)."""
+    key = "." in source                      # train.device=cuda, or --device cuda
+    asked = f"{source}={name}" if key else f"{source} {name}"
+    instead = f"use {source}=auto or cpu" if key else f"use {source} auto or cpu"
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        raise UsageError(f"{source} must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"{asked} but no CUDA device is available; {instead}")
+        if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+            raise UsageError(f"{asked} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError("train.device=mps but MPS is not available; use train.device=auto or cpu")
+        raise UsageError(f"{asked} but MPS is not available; {instead}")
     return torch.device(name)
 
 
@@ -375,6 +387,10 @@ class Trainer:
         ckpt = None
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise UsageError(f"--out {self.run_dir} exists and is not a directory; choose another --out")
+        above = next((p for p in self.run_dir.parents if p.exists()), None)
+        if not self.run_dir.exists() and above is not None and not above.is_dir():
+            raise UsageError(f"--out {self.run_dir} cannot be created: {above} is a file, not a directory; "
+                             f"choose another --out")
         if self.run_dir.is_dir():
             RunLock(self.run_dir).check()  # another live trainer here: say so before anything else
         if resume:
@@ -555,7 +571,11 @@ class Trainer:
         D.barrier(self.dist)  # every rank has checked the run directory before rank 0 writes into it
         lock = RunLock(self.run_dir)
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UsageError(f"cannot create the run directory {self.run_dir}: {e.strerror or e}; "
+                                 f"choose another --out") from None
             lock.acquire()
         try:
             return self._fit()

@@ -24,6 +24,8 @@ from typer.testing import CliRunner
 from rnnlm import __version__
 from rnnlm.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint
 from rnnlm.cli import app
+from rnnlm.config import build_config
+from rnnlm.errors import UsageError
 
 TINY = ["model.hidden_size=32", "model.embedding_size=16", "model.num_layers=1", "train.batch_size=4",
         "train.bptt=16", "train.max_steps=30", "train.eval_every=10", "train.log_every=5", "train.device=cpu"]
@@ -621,9 +623,10 @@ def test_bad_input_through_the_real_command(work, bad):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
-def test_debug_flag_shows_the_traceback(work, bad):
+def test_debug_flag_shows_the_traceback_and_keeps_the_exit_code(work, bad):
     proc = run(["--debug", "train", "--data", bad / "nope.txt", "--out", work / "never"], work, work / "cache")
-    assert proc.returncode != 0 and "Traceback" in proc.stderr and "UsageError" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "UsageError" in proc.stderr
+    assert "data path not found" in proc.stderr
 
 
 def test_import_and_help_do_not_import_torch():
@@ -650,3 +653,110 @@ def test_train_says_whether_the_encoded_data_came_from_the_cache(tmp_path):
     assert "(encoded now, cached)" in flat[0]
     assert "(ids from the cache)" in flat[1]
     assert "(encoded now, not cached)" in flat[2]
+
+
+# -- bad input found by fuzzing the commands (fifth session) -----------------------------------------
+
+def test_out_below_a_regular_file_is_a_usage_error(work):
+    f = work / "a_plain_file"
+    f.write_text("x")
+    r = run(["train", "--data", work / "word.txt", "--out", f / "sub" / "run", "data.level=word", *TINY],
+            work, work / "cache")
+    assert_usage_error(r, "--out", "is a file")
+
+
+@pytest.mark.parametrize("command", ["sample", "eval-perplexity", "score"])
+def test_device_option_is_checked(work, word_run, command):
+    extra = {"sample": ["-l", "3"], "eval-perplexity": ["--data", work / "word_test.txt"],
+             "score": ["--input", work / "word_test.txt"]}[command]
+    err = assert_usage_error(invoke([command, "-m", word_run, *extra, "--device", "tpu0"]), "--device", "tpu0")
+    assert "cuda:N" in err
+    if not torch.cuda.is_available():   # the message names the option the user typed, not a config key
+        err = assert_usage_error(invoke([command, "-m", word_run, *extra, "--device", "cuda"]), "--device cuda")
+        assert "train.device" not in err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--seed", str(2 ** 64)], "--seed"),
+    (["--seed", str(-(2 ** 63) - 1)], "--seed"),
+    (["-l", str(2 ** 31)], "--max-length"),
+    (["-n", str(10 ** 23)], "--num-samples"),
+])
+def test_sample_numbers_out_of_range(word_run, args, needle):
+    assert_usage_error(invoke(["sample", "-m", word_run, "-l", "3", *args]), needle)
+
+
+def test_sample_seed_extremes_work(word_run):
+    for seed in (2 ** 64 - 1, -(2 ** 63)):
+        r = invoke(["sample", "-m", word_run, "-l", "3", "--seed", str(seed), "--json"])
+        assert r.exit_code == 0, r.stderr
+
+
+@pytest.mark.parametrize("item, needle", [
+    ("train.momentum=2", "train.momentum"), ("train.momentum=1", "train.momentum"),
+    (f"train.seed={2 ** 64}", "train.seed"), ("sample.num_samples=99999999999", "sample.num_samples"),
+])
+def test_config_ranges_found_by_fuzzing(item, needle):
+    with pytest.raises(UsageError, match=needle.replace(".", r"\.")):
+        build_config(None, [item])
+
+
+def test_duplicate_yaml_key_is_a_usage_error(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("model:\n  hidden_size: 64\ntrain:\n  lr: 0.1\nmodel:\n  num_layers: 3\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="YAML error in .*line 5, column 1: duplicate key 'model'"):
+        build_config(p, [])
+    p.write_text("model:\n  hidden_size: 64\n  hidden_size: 32\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="duplicate key 'hidden_size'"):
+        build_config(p, [])
+
+
+def test_plot_out_problems_are_usage_errors(work, word_run):
+    assert_usage_error(invoke(["plot", word_run, "--out", work / "no_such_folder" / "x.png"]), "does not exist")
+    folder = work / "plot_folder"
+    folder.mkdir()
+    assert_usage_error(invoke(["plot", word_run, "--out", folder]), "is a directory")
+    assert_usage_error(invoke(["plot", word_run, "--out", work / "curves.xyz"]), ".png")
+    assert not list(work.glob(".*.tmp.png")) and not list(folder.parent.glob(".plot_folder*"))
+
+
+def test_plot_run_dir_problems_say_what_is_wrong(work, word_run):
+    assert_usage_error(invoke(["plot", work / "no_such_run"]), "not found")
+    assert_usage_error(invoke(["plot", work / "word.txt"]), "is a file")
+    torn = work / "torn_run"
+    torn.mkdir()
+    (torn / "metrics.jsonl").write_text("this is not json\n[1, 2]\n", encoding="utf-8")
+    assert_usage_error(invoke(["plot", torn]), "not an rnnlm metrics log")
+
+
+def test_eval_and_score_on_a_path_that_is_not_a_regular_file(word_run):
+    if not Path("/dev/null").exists():
+        pytest.skip("no /dev/null here")
+    assert_usage_error(invoke(["eval-perplexity", "-m", word_run, "--data", "/dev/null"]), "not a regular file")
+    assert_usage_error(invoke(["score", "-m", word_run, "--input", "/dev/null"]), "not a regular file")
+
+
+def test_train_txt_that_is_a_directory(work):
+    d = work / "train_is_dir"
+    (d / "train.txt").mkdir(parents=True)
+    r = run(["train", "--data", d, "--out", work / "never2", *TINY], work, work / "cache")
+    assert_usage_error(r, "train.txt", "not a regular file")
+
+
+def test_adaptive_cutoffs_beyond_the_vocabulary_warn(work):
+    r = run(["train", "--data", work / "word.txt", "--out", work / "adaptive_warn", "data.level=word", *TINY,
+             "train.max_steps=2", "model.softmax=adaptive", "model.adaptive_cutoffs=[5000,8000]"],
+            work, work / "cache")
+    ok(r)
+    assert "adaptive_cutoffs" in r.stderr and "do not fit" in r.stderr
+
+
+def test_out_of_memory_is_reported_as_such(word_run, monkeypatch):
+    from rnnlm.sample import Sampler
+
+    def no_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 64000000000 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(Sampler, "generate", no_memory)
+    r = invoke(["sample", "-m", word_run, "-l", "3"])
+    assert r.exit_code == 1 and "out of memory" in r.stderr and "this is a bug" not in r.stderr
