@@ -709,6 +709,12 @@ def test_duplicate_yaml_key_is_a_usage_error(tmp_path):
     p.write_text("model:\n  hidden_size: 64\n  hidden_size: 32\n", encoding="utf-8")
     with pytest.raises(UsageError, match="duplicate key 'hidden_size'"):
         build_config(p, [])
+    # a YAML merge (<<: *anchor) whose keys are then overridden is not a duplicate
+    p.write_text("train: &t {lr: 0.1, bptt: 10}\nsample:\n  max_length: 7\n", encoding="utf-8")
+    base = build_config(p, [])
+    p.write_text("x: &t {lr: 0.1, bptt: 10}\ntrain:\n  <<: *t\n  lr: 0.2\n", encoding="utf-8")
+    from rnnlm.config import load_yaml
+    assert load_yaml(p)["train"] == {"lr": 0.2, "bptt": 10} and base.train.bptt == 10
 
 
 def test_plot_out_problems_are_usage_errors(work, word_run):
