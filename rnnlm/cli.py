@@ -119,6 +119,15 @@ def _silence_stdout() -> None:
         pass
 
 
+def _path(value: Optional[str], option: str) -> Optional[Path]:
+    """A path given on the command line; an empty one is a usage error (Path("") would mean ".")."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise UsageError(f"{option} is empty; give a path")
+    return Path(value)
+
+
 def _device(name: str):
     from .train import select_device
     return select_device(name, "--device")
@@ -132,10 +141,11 @@ def _device(name: str):
                   "data.level=word; values parse as YAML scalars.")
 def train(
     overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...", show_default=False),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", metavar="PATH", help="YAML config file."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Shorthand for data.path=PATH (a text file, or "
                                                                   "a directory with train.txt [valid.txt test.txt])."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<config>-<time>)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH",
+                                      help="Run directory (default runs/<config>-<time>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="Force the rich progress bar on or off (default: on a terminal)."),
@@ -144,13 +154,16 @@ def train(
         from .config import build_config
         from .train import Trainer
 
+        cfg_path, out_dir = _path(config, "--config"), _path(out, "--out")
+        if data is not None:
+            _path(data, "--data")
         items = list(overrides or [])
         if data is not None:
             items.insert(0, f"data.path={json.dumps(data)}")
-        cfg = build_config(config, items)
+        cfg = build_config(cfg_path, items)
         if data is not None and config is None:
             cfg.name = Path(data).stem or "data"
-        run_dir = out if out is not None else (Path(cfg.train.out) if cfg.train.out else None)
+        run_dir = out_dir if out_dir is not None else (Path(cfg.train.out) if cfg.train.out else None)
         trainer = Trainer(cfg, run_dir, resume=resume, console=err_console, progress=progress)
         trainer.fit()
         if trainer.dist.is_main:  # under torchrun, one line, not one per rank
@@ -164,7 +177,8 @@ def train(
                   "tokens; each is followed by a blank line. <unk> is never produced unless --allow-unk. "
                   "Bidirectional models sample with their forward direction.")
 def sample(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-m", help="Run directory (its best.pt) or a checkpoint."),
+    checkpoint: str = typer.Option(..., "--checkpoint", "-m", metavar="PATH",
+                                   help="Run directory (its best.pt) or a checkpoint."),
     prime: Optional[str] = typer.Option(None, "--prime", "-p", help="Text the samples continue."),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="Number of samples (one batch)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", "-l", help="Tokens per sample at most."),
@@ -183,7 +197,7 @@ def sample(
 
         _check_sample_options(temperature, top_k, top_p, max_length, num_samples, seed)
         dev = _device(device)
-        lm = load_model(checkpoint, dev)
+        lm = load_model(_path(checkpoint, "--checkpoint"), dev)
         sc = lm.config.sample
         p = prime if prime is not None else sc.prime
         n = num_samples if num_samples is not None else sc.num_samples
@@ -241,8 +255,9 @@ def _check_sample_options(t: Optional[float], k: Optional[int], tp: Optional[flo
                   "so every batch size gives the batch-1 number. Bidirectional models report forward, backward and "
                   "combined (geometric mean) perplexity.")
 def eval_perplexity(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-m", help="Run directory (its best.pt) or a checkpoint."),
-    data: Path = typer.Option(..., "--data", "-d", help="Text file to evaluate."),
+    checkpoint: str = typer.Option(..., "--checkpoint", "-m", metavar="PATH",
+                                   help="Run directory (its best.pt) or a checkpoint."),
+    data: str = typer.Option(..., "--data", "-d", metavar="PATH", help="Text file to evaluate."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Pieces evaluated in parallel; the result is the same at every batch size."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
@@ -253,14 +268,16 @@ def eval_perplexity(
 
         if batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-        if data.is_dir():
+        ckpt = _path(checkpoint, "--checkpoint")
+        data_path = _path(data, "--data")
+        if data_path.is_dir():
             raise UsageError(f"--data {data} is a directory; give the text file to evaluate (e.g. {data}/test.txt)")
-        if not data.is_file():
-            raise UsageError(f"--data {data} is not a regular file; give the text file to evaluate" if data.exists()
-                             else f"evaluation file not found: {data}")
+        if not data_path.is_file():
+            raise UsageError(f"--data {data} is not a regular file; give the text file to evaluate"
+                             if data_path.exists() else f"evaluation file not found: {data}")
         dev = _device(device)
-        lm = load_model(checkpoint, dev)
-        res = perplexity(lm.model, lm.vocab, lm.tokenizer, data, batch_size, dev,
+        lm = load_model(ckpt, dev)
+        res = perplexity(lm.model, lm.vocab, lm.tokenizer, data_path, batch_size, dev,
                          lm.config.data.encoding, lm.config.data.errors, progress="auto")
         if as_json:
             sys.stdout.write(json.dumps(res) + "\n")
@@ -287,7 +304,8 @@ def eval_perplexity(
                   "recogniser rescoring its candidates would. logprob is the natural-log probability of the "
                   "sentence including its <eos>.")
 def score(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-m", help="Run directory (its best.pt) or a checkpoint."),
+    checkpoint: str = typer.Option(..., "--checkpoint", "-m", metavar="PATH",
+                                   help="Run directory (its best.pt) or a checkpoint."),
     input: str = typer.Option("-", "--input", "-i", help="File with one sentence per line, or - for stdin."),
     as_json: bool = typer.Option(False, "--json", help='One JSON object per line: {"text","tokens","logprob","ppl"}.'),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
@@ -298,7 +316,7 @@ def score(
 
         lines = _read_sentences(input)
         dev = _device(device)
-        lm = load_model(checkpoint, dev)
+        lm = load_model(_path(checkpoint, "--checkpoint"), dev)
         results = score_sentences(lm.model, lm.vocab, lm.tokenizer, lines, dev)
         if as_json:
             for r in results:
@@ -318,6 +336,7 @@ def score(
 
 
 def _read_sentences(src: str) -> list[str]:
+    _path(src, "--input")
     if src == "-":
         data = sys.stdin.buffer.read()
         name = "standard input"
@@ -348,8 +367,9 @@ def _read_sentences(src: str) -> list[str]:
 @app.command(help="Draw loss curves (train and valid loss against tokens, time or steps): one run into its "
                   "loss.png or --out, several runs overlaid into --out.")
 def plot(
-    run_dirs: list[Path] = typer.Argument(..., help="Run directories with metrics.jsonl (several: one chart)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o",
+    run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR...",
+                                         help="Run directories with metrics.jsonl (several: one chart)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH",
                                        help="Image path (default RUN_DIR/loss.png for one run; needed for several)."),
     x: str = typer.Option("tokens", "--x", help="Horizontal axis: tokens, time (training seconds) or step."),
 ) -> None:
@@ -357,7 +377,9 @@ def plot(
         from .plot import plot_run, plot_runs
         if len(run_dirs) > 1 and out is None:
             raise UsageError("plotting several runs needs --out IMAGE.png")
-        path = plot_run(run_dirs[0], out, x) if len(run_dirs) == 1 else plot_runs(run_dirs, out, x)
+        runs = [_path(r, "RUN_DIR") for r in run_dirs]
+        image = _path(out, "--out")
+        path = plot_run(runs[0], image, x) if len(runs) == 1 else plot_runs(runs, image, x)
         out_console.print(f"wrote {escape(str(path))}", soft_wrap=True)
     _run(body)
 

@@ -766,3 +766,13 @@ def test_out_of_memory_is_reported_as_such(word_run, monkeypatch):
     monkeypatch.setattr(Sampler, "generate", no_memory)
     r = invoke(["sample", "-m", word_run, "-l", "3"])
     assert r.exit_code == 1 and "out of memory" in r.stderr and "this is a bug" not in r.stderr
+
+
+@pytest.mark.parametrize("args, option", [
+    (["train", "--config", ""], "--config"), (["train", "--data", ""], "--data"), (["train", "--out", ""], "--out"),
+    (["sample", "-m", ""], "--checkpoint"), (["eval-perplexity", "-m", "", "-d", "x.txt"], "--checkpoint"),
+    (["eval-perplexity", "-m", "RUN", "-d", ""], "--data"), (["score", "-m", "RUN", "-i", ""], "--input"),
+    (["plot", ""], "RUN_DIR"), (["plot", "RUN", "--out", " "], "--out"),
+])
+def test_an_empty_path_is_named_not_taken_for_the_current_directory(args, option):
+    assert_usage_error(invoke(args), option, "is empty")
