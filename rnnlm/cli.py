@@ -367,7 +367,7 @@ def _read_sentences(src: str) -> list[str]:
 @app.command(help="Draw loss curves (train and valid loss against tokens, time or steps): one run into its "
                   "loss.png or --out, several runs overlaid into --out.")
 def plot(
-    run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR...",
+    run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR",
                                          help="Run directories with metrics.jsonl (several: one chart)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH",
                                        help="Image path (default RUN_DIR/loss.png for one run; needed for several)."),
