@@ -142,8 +142,9 @@ def _device(name: str):
 def train(
     overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...", show_default=False),
     config: Optional[str] = typer.Option(None, "--config", "-c", metavar="PATH", help="YAML config file."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Shorthand for data.path=PATH (a text file, or "
-                                                                  "a directory with train.txt [valid.txt test.txt])."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", metavar="PATH",
+                                       help="Shorthand for data.path=PATH (a text file, or a directory with "
+                                            "train.txt and optionally valid.txt, test.txt)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH",
                                       help="Run directory (default runs/<config>-<time>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer
 import yaml
 from typer.testing import CliRunner
 
@@ -776,3 +778,12 @@ def test_out_of_memory_is_reported_as_such(word_run, monkeypatch):
 ])
 def test_an_empty_path_is_named_not_taken_for_the_current_directory(args, option):
     assert_usage_error(invoke(args), option, "is empty")
+
+
+def test_help_texts_are_not_eaten_by_rich_markup():
+    """rich treats [words] in a help text as markup and drops it: the --data help once lost its file names."""
+    r = invoke(["train", "--help"])
+    assert r.exit_code == 0 and "valid.txt" in " ".join(r.stdout.split())
+    for command in COMMANDS:
+        params = typer.main.get_command(app).commands[command].params
+        assert not [p.help for p in params if p.help and re.search(r"\[[A-Za-z]", p.help)], command
