@@ -348,7 +348,10 @@ def _read_sentences(src: str) -> list[str]:
         if not p.is_file():
             raise UsageError(f"--input {p} is not a regular file; give a text file with one sentence per line"
                              if p.exists() else f"input file not found: {p}")
-        data = p.read_bytes()
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise UsageError(f"cannot read --input {p}: {e.strerror or e}") from None
         name = str(p)
     if b"\x00" in data:
         raise UsageError(f"{name} looks like a binary file; give one sentence per line of text")
@@ -379,8 +382,8 @@ def plot(
         if len(run_dirs) > 1 and out is None:
             raise UsageError("plotting several runs needs --out IMAGE.png")
         runs = [_path(r, "RUN_DIR") for r in run_dirs]
-        image = _path(out, "--out")
-        path = plot_run(runs[0], image, x) if len(runs) == 1 else plot_runs(runs, image, x)
+        _path(out, "--out")  # (the string itself goes on: a trailing "/" says it names a folder)
+        path = plot_run(runs[0], out, x) if len(runs) == 1 else plot_runs(runs, out, x)
         out_console.print(f"wrote {escape(str(path))}", soft_wrap=True)
     _run(body)
 

@@ -342,20 +342,28 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a mapping with the same key twice (PyYAML would keep the last
     one silently: a config with two `model:` sections would lose the first)."""
 
-    def construct_mapping(self, node, deep=False):
+    def _check_unique(self, node) -> None:
         seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: explicit keys may override it
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: explicit keys may override it,
+                sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                for src in sources:                        # but the merged mapping itself is checked
+                    if isinstance(src, yaml.MappingNode):
+                        self._check_unique(src)
                 continue
-            key = self.construct_object(key_node, deep=deep)
+            key = self.construct_object(key_node)
             try:
                 duplicate = key in seen
             except TypeError:  # an unhashable key: let PyYAML report it
-                break
+                return
             if duplicate:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r} (it appears twice in one mapping)", key_node.start_mark)
             seen.add(key)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self._check_unique(node)
         return super().construct_mapping(node, deep=deep)
 
 

@@ -109,6 +109,16 @@ class TextSource:
         return max(0, end - self.start)
 
 
+def check_readable(path: Path, what: str = "data file") -> None:
+    """A file the user named must open for reading: a UsageError that says why not (permissions,
+    a broken link...) instead of an OSError deep inside the reader."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
 def _codec_name(encoding: str) -> str:
     try:
         return codecs.lookup(encoding).name
@@ -286,6 +296,9 @@ def resolve_sources(data_cfg) -> tuple[dict[str, TextSource], str]:
         path = default_corpus_path(data_cfg.cache_dir)
         desc = f"embedded default corpus: the Python {sys.version_info.major}.{sys.version_info.minor} standard library"
         return split_file(path, data_cfg.split), desc
+    if not str(data_cfg.path).strip():
+        raise UsageError("data.path is empty; give a text file or a directory with train.txt (or leave it unset "
+                         "for the embedded default corpus)")
     p = Path(data_cfg.path).expanduser()
     if p.is_dir():
         srcs = {}
@@ -299,8 +312,11 @@ def resolve_sources(data_cfg) -> tuple[dict[str, TextSource], str]:
                                  f"train.txt (and optionally valid.txt, test.txt)")
             raise UsageError(f"data directory {p} has no train.txt (expected train.txt and optionally "
                              f"valid.txt, test.txt)")
+        for src in srcs.values():
+            check_readable(src.path)
         return srcs, str(p)
     if p.is_file():
+        check_readable(p)
         if p.stat().st_size == 0:
             raise UsageError(f"data file {p} is empty")
         return split_file(p, data_cfg.split), str(p)

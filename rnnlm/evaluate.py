@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Union
 import numpy as np
 import torch
 
-from .data import TextSource, encode_source, encode_text
+from .data import TextSource, check_readable, encode_source, encode_text
 from .errors import UsageError
 from .text import EOS_ID, UNK, UNK_ID, Tokenizer, Vocab
 
@@ -290,6 +290,7 @@ def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batc
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"evaluation file not found: {p}")
+    check_readable(p, "evaluation file")
     stats: dict = {}
     try:
         ids = encode_source(TextSource(p), tokenizer, vocab, encoding, errors, stats=stats,

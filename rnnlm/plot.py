@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .errors import UsageError
@@ -61,10 +62,12 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "tokens") ->
         curves.append((Path(run_dir).resolve().name, train, valid))
 
     path = Path(out)
-    if path.is_dir():
-        raise UsageError(f"--out {out} is a directory; give an image path such as {path / 'loss.png'}")
+    if path.is_dir() or str(out).endswith(("/", os.sep)):
+        raise UsageError(f"--out {out} names a folder; give an image path such as {path / 'loss.png'}")
     if not path.parent.is_dir():
         raise UsageError(f"--out {out}: the folder {path.parent} does not exist")
+    if path.name.lower() == ".png":
+        raise UsageError(f"--out {out}: give a file name, such as {path.with_name('loss.png')}")
     if path.suffix.lower() != ".png":
         raise UsageError(f"--out {out}: the image is written as PNG; give a name ending in .png")
 

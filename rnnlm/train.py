@@ -48,7 +48,7 @@ def select_device(name: str, source: str = "train.device") -> torch.device:
     key = "." in source                      # train.device=cuda, or --device cuda
     asked = f"{source}={name}" if key else f"{source} {name}"
     instead = f"use {source}=auto or cpu" if key else f"use {source} auto or cpu"
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", name):
         raise UsageError(f"{source} must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     if name == "auto":
         if torch.cuda.is_available():

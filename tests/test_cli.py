@@ -723,7 +723,7 @@ def test_plot_out_problems_are_usage_errors(work, word_run):
     assert_usage_error(invoke(["plot", word_run, "--out", work / "no_such_folder" / "x.png"]), "does not exist")
     folder = work / "plot_folder"
     folder.mkdir()
-    assert_usage_error(invoke(["plot", word_run, "--out", folder]), "is a directory")
+    assert_usage_error(invoke(["plot", word_run, "--out", folder]), "names a folder")
     assert_usage_error(invoke(["plot", word_run, "--out", work / "curves.xyz"]), ".png")
     assert not list(work.glob(".*.tmp.png")) and not list(folder.parent.glob(".plot_folder*"))
 
@@ -787,3 +787,56 @@ def test_help_texts_are_not_eaten_by_rich_markup():
     for command in COMMANDS:
         params = typer.main.get_command(app).commands[command].params
         assert not [p.help for p in params if p.help and re.search(r"\[[A-Za-z]", p.help)], command
+
+
+def _deny_reading(monkeypatch, target: Path) -> None:
+    """Make opening `target` fail as an unreadable file does (the tests may run as root, where chmod 000
+    does not stop reads)."""
+    import builtins
+    import rnnlm.data
+    real_open = builtins.open
+
+    def guarded(file, *a, **k):
+        if Path(str(file)).resolve() == target.resolve():
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *a, **k)
+    monkeypatch.setattr(rnnlm.data, "open", guarded, raising=False)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if self.resolve() == target.resolve() else real_open(self, "rb").read())
+
+
+def test_unreadable_input_files_are_usage_errors(work, word_run, monkeypatch):
+    f = work / "unreadable.txt"
+    f.write_text("the cat sat\n", encoding="utf-8")
+    _deny_reading(monkeypatch, f)
+    for args in (["train", "--data", f, "--out", work / "never3", "data.level=word", *TINY],
+                 ["eval-perplexity", "-m", word_run, "-d", f], ["score", "-m", word_run, "-i", f]):
+        err = assert_usage_error(invoke(args), "cannot read", "permission denied")
+        assert "bug" not in err
+
+
+def test_empty_data_path_in_the_config_is_named():
+    from rnnlm.data import resolve_sources
+    cfg = build_config(None, ["data.path=''"])
+    with pytest.raises(UsageError, match="data.path is empty"):
+        resolve_sources(cfg.data)
+
+
+def test_plot_out_that_is_only_an_extension_or_a_folder_path(work, word_run):
+    assert_usage_error(invoke(["plot", word_run, "--out", work / ".png"]), "give a file name")
+    assert_usage_error(invoke(["plot", word_run, "--out", str(work / "new_folder") + "/"]), "names a folder")
+
+
+def test_duplicate_key_inside_a_merged_mapping(tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text("model:\n  <<: {hidden_size: 32, hidden_size: 16}\n  embedding_size: 8\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="duplicate key 'hidden_size'"):
+        build_config(p, [])
+    p.write_text("a: &a {hidden_size: 32}\nb: &b {num_layers: 3}\nmodel:\n  <<: [*a, *b]\n  hidden_size: 8\n",
+                 encoding="utf-8")
+    from rnnlm.config import load_yaml
+    assert load_yaml(p)["model"] == {"hidden_size": 8, "num_layers": 3}
+
+
+def test_device_index_must_be_ascii_digits(word_run):
+    assert_usage_error(invoke(["sample", "-m", word_run, "-l", "2", "--device", "cuda:\u0663"]), "--device")
