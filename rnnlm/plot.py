@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import RunError, UsageError
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -98,7 +99,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "tokens") ->
         tmp.replace(path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
+        # the user's choice of place (no permission, read-only): usage; a full or failing disk: a run error
+        kind = UsageError if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else RunError
+        raise kind(f"cannot write {out}: {e.strerror or e}") from None
     finally:
         plt.close(fig)
     return path

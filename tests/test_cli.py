@@ -840,3 +840,14 @@ def test_duplicate_key_inside_a_merged_mapping(tmp_path):
 
 def test_device_index_must_be_ascii_digits(word_run):
     assert_usage_error(invoke(["sample", "-m", word_run, "-l", "2", "--device", "cuda:\u0663"]), "--device")
+
+
+@pytest.mark.parametrize("err, code", [(13, 2), (28, 1)])   # EACCES: the user's choice of place; ENOSPC: the disk
+def test_plot_write_failure_exit_code_and_no_temp_file_left(work, word_run, monkeypatch, err, code):
+    import matplotlib.figure
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, path, *a, **k: (Path(path).write_bytes(b"partial"),
+                                                     (_ for _ in ()).throw(OSError(err, os.strerror(err))))[1])
+    r = invoke(["plot", word_run, "--out", work / f"fail{err}.png"])
+    assert r.exit_code == code and "cannot write" in r.stderr
+    assert not (work / f"fail{err}.png").exists() and not list(work.glob(f".fail{err}*"))
