@@ -17,6 +17,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not run.is_dir():
         raise UsageError(f"{run_dir} is a file; give the run directory (the one holding metrics.jsonl)")
     path = run / "metrics.jsonl"
+    if path.exists() and not path.is_file():
+        raise UsageError(f"{path} is not a regular file; is {run_dir} an rnnlm run directory?")
     if not path.is_file():
         raise UsageError(f"{run_dir} has no metrics.jsonl; is it an rnnlm run directory?")
     events, torn = [], 0

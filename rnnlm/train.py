@@ -380,6 +380,9 @@ class Trainer:
                 raise UsageError(f"train.batch_size={cfg.train.batch_size} must be divisible by the number of "
                                  f"processes ({self.dist.world_size}): each rank trains on an equal share")
             D.init(self.dist, select_device(cfg.train.device).type)
+        if cfg.train.out is not None and not cfg.train.out.strip():
+            raise UsageError("train.out is empty; give a run directory, or leave it unset (null) for "
+                             "runs/<config>-<time>")
         self.default_run_dir = run_dir is None and cfg.train.out is None
         if run_dir is None:
             run_dir = cfg.train.out or f"runs/{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"

@@ -851,3 +851,11 @@ def test_plot_write_failure_exit_code_and_no_temp_file_left(work, word_run, monk
     r = invoke(["plot", word_run, "--out", work / f"fail{err}.png"])
     assert r.exit_code == code and "cannot write" in r.stderr
     assert not (work / f"fail{err}.png").exists() and not list(work.glob(f".fail{err}*"))
+
+
+def test_metrics_log_that_is_a_directory_and_an_empty_train_out(work):
+    d = work / "odd_run"
+    (d / "metrics.jsonl").mkdir(parents=True)
+    assert_usage_error(invoke(["plot", d]), "not a regular file")
+    r = run(["train", "--data", work / "word.txt", "data.level=word", *TINY, "train.out=''"], work, work / "cache")
+    assert_usage_error(r, "train.out is empty")
