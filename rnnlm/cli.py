@@ -156,10 +156,9 @@ def train(
         from .train import Trainer
 
         cfg_path, out_dir = _path(config, "--config"), _path(out, "--out")
-        if data is not None:
-            _path(data, "--data")
         items = list(overrides or [])
         if data is not None:
+            _path(data, "--data")
             items.insert(0, f"data.path={json.dumps(data)}")
         cfg = build_config(cfg_path, items)
         if data is not None and config is None:

@@ -84,16 +84,18 @@ def onednn_f32_matmul() -> bool:
     return _ONEDNN_F32
 
 
-def _linear_f32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def _linear_f32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+                plain: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w.T (+ b)`` for fp32 CPU tensors: oneDNN, or PyTorch's matmul if oneDNN ever refuses
-    (then for the rest of the process), so a shape oneDNN cannot take costs speed, not the run."""
+    (then for the rest of the process), so a shape oneDNN cannot take costs speed, not the run.
+    `plain` is the ordinary tensor behind a oneDNN-packed `w`, for that fallback."""
     global _ONEDNN_F32
     if _ONEDNN_F32:
         try:
             return linear_onednn(x, w, b)
         except RuntimeError:
             _ONEDNN_F32 = False
-    out = x @ w.t()
+    out = x @ (w if plain is None else plain).t()
     return out.add_(b) if b is not None else out
 
 
@@ -133,17 +135,7 @@ def step_matmul(w: torch.Tensor, batch_size: int, steps: int):
         wp = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch_size)
     except RuntimeError:
         return None
-    wt = w.t()
-
-    def mm(x: torch.Tensor) -> torch.Tensor:
-        global _ONEDNN_F32
-        if _ONEDNN_F32:
-            try:
-                return linear_onednn(x, wp)
-            except RuntimeError:
-                _ONEDNN_F32 = False
-        return x @ wt
-    return mm
+    return lambda x: _linear_f32(x, wp, plain=w)
 
 
 def fp32_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
