@@ -22,10 +22,13 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun (or another launcher that sets the env:// variables)
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Whether this run uses a process group: under torchrun always, even with one process
+        (``--nproc_per_node 1`` then runs the same DDP + NCCL/gloo path as a larger job)."""
+        return self.world_size > 1 or self.launched
 
     @property
     def is_main(self) -> bool:
@@ -34,8 +37,14 @@ class DistInfo:
 
 def from_env() -> DistInfo:
     """Rank information set by torchrun (a single process when unset)."""
+    launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
     return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                    int(os.environ.get("LOCAL_RANK", "0")))
+                    int(os.environ.get("LOCAL_RANK", "0")), launched)
+
+
+def backend() -> str:
+    """The process group's backend ("nccl", "gloo"), or "" without one."""
+    return str(dist.get_backend()) if dist.is_initialized() else ""
 
 
 def init(info: DistInfo, device_type: str) -> None:

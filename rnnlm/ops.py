@@ -63,13 +63,22 @@ def linear_onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [None], "")
 
 
+def compiling() -> bool:
+    """Whether torch.compile is tracing this call: the direct oneDNN calls are then left out (the
+    compiler cannot lower them, and makes its own choice of matmul kernels)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
 def onednn_f32_matmul() -> bool:
     """Whether the fused cross-entropy sends its fp32 CPU matmuls to oneDNN instead of PyTorch's
     default BLAS. On this project's AMD EPYC, MKL's sgemm takes its AVX2 path and runs the
     700x200x10,000 products at ~170 GFLOP/s, oneDNN's AVX-512 kernels at ~400. Checked once per
     process against ``torch.addmm`` (any error or mismatch: no); ``RNNLM_ONEDNN_MATMUL=0`` turns
-    it off."""
+    it off, and so does torch.compile while it traces (see :func:`compiling`)."""
     global _ONEDNN_F32
+    if compiling():
+        return False
     if _ONEDNN_F32 is None:
         _ONEDNN_F32 = False
         if os.environ.get("RNNLM_ONEDNN_MATMUL", "1") != "0" and torch.backends.mkldnn.is_available():
@@ -129,7 +138,7 @@ def step_matmul(w: torch.Tensor, batch_size: int, steps: int):
     is computed with ``torch.mm`` instead, so it costs speed, not the run.
     """
     if not (w.dtype == torch.float32 and w.device.type == "cpu" and steps >= 8 and batch_size > 0
-            and _packed_weights_ok()):
+            and not compiling() and _packed_weights_ok()):
         return None
     try:
         wp = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch_size)
@@ -184,7 +193,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits.add_(bias.to(compute_dtype))
         # PyTorch's fused softmax kernel (fp32 arithmetic inside), output in the matmul dtype:
         # what autocast would feed the backward matmuls anyway; over the logits where it can.
-        probs = softmax_(logits)
+        # fp16 is the exception: it flushes probabilities under 6e-8 to zero, so a target given
+        # less than that (a loss above 16.6 nats, not rare in early training) would read as an
+        # infinite loss. Its probabilities stay fp32; backward casts p - onehot to fp16.
+        probs = torch.softmax(logits, dim=1, dtype=torch.float32) if compute_dtype == torch.float16 \
+            else softmax_(logits)
         del logits
         acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
         # -log p(target); a probability that underflows to 0 gives inf, which the trainer reports.
@@ -211,6 +224,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         N = probs.size(0)
         g = probs  # reused in place: d loss_i / d logits_i = p_i - onehot(y_i)
         g[torch.arange(N, device=g.device), target] -= 1
+        if g.dtype != hc.dtype:  # fp16: probabilities kept in fp32 (see forward)
+            g = g.to(hc.dtype)
         # The upstream gradient scales rows of g; fold it into the small operands instead of
         # touching the (N, V) array again: r (N,) is the weight of each row.
         cd = g.dtype

@@ -606,12 +606,14 @@ class Trainer:
                 _point_latest(self.run_dir)
         metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None, tc.tensorboard, self._log)
         n_params = self.model.num_parameters()
+        n_proc = self.dist.world_size
+        procs = f" · {n_proc} process{'es' if n_proc != 1 else ''} ({D.backend()})" if self.dist.enabled else ""
         self._log(f"[bold]rnnlm[/] {'resuming' if self.resume else 'training'} {cfg.model.cell} "
                   f"{cfg.model.num_layers}x{cfg.model.hidden_size}"
                   f"{' bidirectional' if self.bidirectional else ''} · {n_params:,} parameters · "
                   f"vocab {len(self.vocab):,} ({self.tokenizer.level}) · {len(self.corpus.train):,} train tokens · "
                   f"device {self.device} {self.precision}{' (auto)' if tc.precision == 'auto' else ''}"
-                  f"{f' · {self.dist.world_size} processes' if self.dist.enabled else ''}")
+                  f"{procs}")
         cache = ("ids from the cache" if self.corpus.cached else
                  "encoded now, cached" if self.corpus.cache_dir is not None else "encoded now, not cached")
         self._log(f"data: {escape(self.corpus.description)} ({cache}) · run directory: {escape(str(self.run_dir))}")
@@ -686,6 +688,11 @@ class Trainer:
                             D.all_reduce_max(first_bad, self.dist)
                         self._check_finite(first_bad)
                         self.clipped += int(clipped_acc.item())
+                        # Those reads waited for the device (a GPU runs behind the host that queues
+                        # its work): that wait is training time too.
+                        lag = time.perf_counter() - t_step - dt
+                        interval_time += lag
+                        self.train_seconds += lag
                         ev = {"event": "train", "step": self.step, "tokens": self.tokens,
                               "time": round(self._now(), 3), "epoch": self.epoch + 1,
                               "loss": loss_acc.item() / interval_steps, "lr": lr,

@@ -15,8 +15,12 @@ off. ``scripts/bench.py`` runs ref_loop.py in the same invocation so the two spe
 Only training time is counted (``train_seconds``): evaluation is excluded, which favours the
 reference. Stops at --target-ppl, --max-time (training seconds) or --epochs.
 
+``--device cuda`` runs the same recipe on a GPU (the example's ``--cuda``): ref_loop.py is CPU-only,
+and ``scripts/bench_gpu.py`` measures against this instead. Training seconds are then read after
+the GPU has finished its queued work.
+
 usage: ref_train.py TRAIN_TXT VALID_TXT [--target-ppl P] [--max-time S] [--epochs N]
-                    [--eval-every STEPS] [model/optimizer options as ref_loop.py] [--bf16]
+                    [--eval-every STEPS] [model/optimizer options as ref_loop.py] [--bf16] [--device D]
 prints: one JSON line per evaluation, then a summary line {"event": "end", ...}
 """
 
@@ -66,12 +70,12 @@ def evaluate(m: LM, data: torch.Tensor, a, bf16: bool) -> float:
     """Mean NLL per token over the whole (T, B) array, state carried, windows of a.bptt."""
     m.eval()
     total, count = 0.0, 0
-    h = tuple(torch.zeros(a.nlayers, data.size(1), a.nhid) for _ in range(2))
+    h = tuple(torch.zeros(a.nlayers, data.size(1), a.nhid, device=data.device) for _ in range(2))
     with torch.no_grad():
         for pos in range(0, data.size(0) - 1, a.bptt):
             n = min(a.bptt, data.size(0) - 1 - pos)
             x, y = data[pos: pos + n], data[pos + 1: pos + 1 + n].reshape(-1)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=bf16):
                 out, h = m(x, h)
             total += nn.functional.cross_entropy(out.float(), y, reduction="sum").item()
             count += y.numel()
@@ -97,13 +101,20 @@ def main() -> None:
     p.add_argument("--clip", type=float, default=0.25)
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     a = p.parse_args()
     torch.manual_seed(1111)
+    dev = torch.device(a.device)
+
+    def sync() -> None:  # the host clock is read only after the GPU's queued work is done
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     vocab: dict[str, int] = {}
-    data = columns(read_ids(a.train, vocab, grow=True), a.batch)
-    valid = columns(read_ids(a.valid, vocab, grow=False), a.eval_batch)
+    data = columns(read_ids(a.train, vocab, grow=True), a.batch).to(dev)
+    valid = columns(read_ids(a.valid, vocab, grow=False), a.eval_batch).to(dev)
     V = len(vocab)
-    m = LM(V, a)
+    m = LM(V, a).to(dev)
     crit = nn.CrossEntropyLoss()
     steps_per_epoch = (data.size(0) - 2) // a.bptt
     eval_every = a.eval_every or steps_per_epoch
@@ -112,13 +123,14 @@ def main() -> None:
     reason = "epochs"
     wall0 = time.perf_counter()
     while epoch < a.epochs and reason == "epochs":
-        h = tuple(torch.zeros(a.nlayers, a.batch, a.nhid) for _ in range(2))
+        h = tuple(torch.zeros(a.nlayers, a.batch, a.nhid, device=dev) for _ in range(2))
+        sync()
         t0 = time.perf_counter()
         for pos in range(0, steps_per_epoch * a.bptt, a.bptt):
             x, y = data[pos: pos + a.bptt], data[pos + 1: pos + 1 + a.bptt].reshape(-1)
             h = tuple(t.detach() for t in h)
             m.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
                 out, h = m(x, h)
                 loss = crit(out.float(), y)
             loss.backward()
@@ -131,6 +143,7 @@ def main() -> None:
             last_of_epoch = pos + a.bptt >= steps_per_epoch * a.bptt
             over_time = a.max_time is not None and train_seconds + time.perf_counter() - t0 >= a.max_time
             if step % eval_every == 0 or last_of_epoch or over_time:
+                sync()
                 train_seconds += time.perf_counter() - t0
                 vloss = evaluate(m, valid, a, a.bf16)
                 ppl = math.exp(vloss)
@@ -150,6 +163,7 @@ def main() -> None:
                     reason = "max_time"
                 if reason != "epochs":
                     break
+                sync()
                 t0 = time.perf_counter()
         epoch += 1
     print(json.dumps({"event": "end", "reason": reason, "step": step, "tokens": tokens,

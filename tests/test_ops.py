@@ -141,6 +141,28 @@ def test_bf16_folded_bias_gradient_close_to_reference():
     assert F.cosine_similarity(gh.flatten(), h.grad.flatten(), dim=0) > 0.99
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp16_loss_stays_finite_where_the_target_probability_underflows_fp16(bias):
+    """fp16 (CUDA mixed precision) flushes probabilities below 6e-8 to zero; a target the model
+    puts below that -- a loss over 16.6 nats -- must still give a finite, accurate loss and
+    gradient (fp16 matmuls run on the CPU too, slowly, so this is checked everywhere)."""
+    h, W, b, y = _inputs(N=48, D=16, V=2003, bias=bias, seed=7)
+    with torch.no_grad():
+        # rows 0..7: the target's logit -30 (bias aside), far below the rest
+        W[y[:8]] = -30 * h[:8] / (h[:8] * h[:8]).sum(1, keepdim=True)
+    ref_loss = F.cross_entropy(F.linear(h, W, b), y)
+    assert F.cross_entropy(F.linear(h, W, b), y, reduction="none")[:8].min() > 20  # p < 2e-9
+    half = [t.detach().half().requires_grad_() for t in (h, W) + ((b,) if bias else ())]
+    ours = linear_cross_entropy(half[0], half[1], half[2] if bias else None, y)
+    assert ours.dtype == torch.float32 and torch.isfinite(ours)
+    assert abs(ours.item() - ref_loss.item()) / ref_loss.item() < 5e-3
+    ours.backward()
+    ref_grads = torch.autograd.grad(ref_loss, [h, W] + ([b] if bias else []))
+    for t, r in zip(half, ref_grads):
+        assert t.grad.dtype == torch.float16 and torch.isfinite(t.grad).all()
+        assert F.cosine_similarity(t.grad.double().flatten(), r.flatten(), dim=0) > 0.999
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("shape", [(700, 10000), (3, 17), (64, 4099)])
 def test_softmax_in_place_gives_the_same_bits(dtype, shape):

@@ -199,8 +199,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_match_single_process(corpus, tmp_path):
-    """DDP over gloo with 2 ranks follows the single-process loss curve (same global batch)."""
+def test_torchrun_processes_match_single_process(corpus, tmp_path):
+    """DDP over gloo with 2 ranks follows the single-process loss curve (same global batch); so
+    does torchrun with one process, which still runs the process-group path (DDP, all-reduces)."""
     args = [f"--data={corpus}", "data.level=word", "model.hidden_size=32", "model.embedding_size=16",
             "train.batch_size=4", "train.bptt=8", "train.max_steps=12", "train.log_every=1", "train.eval_every=6",
             "train.optimizer=sgd", "train.lr=0.5", "model.dropout=0.0"]
@@ -208,20 +209,25 @@ def test_torchrun_two_processes_match_single_process(corpus, tmp_path):
     single = subprocess.run([sys.executable, "-m", "rnnlm", "train", "--out", str(tmp_path / "s"), *args],
                             env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                          "-m", "rnnlm", "train", "--out", str(tmp_path / "d"), *args],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    a, b = _events(tmp_path / "s", "train"), _events(tmp_path / "d", "train")
-    assert len(a) == len(b) == 12
-    for x, y in zip(a, b):
-        assert abs(x["loss"] - y["loss"]) < 1e-4 and x["tokens"] == y["tokens"]
-    va, vb = _events(tmp_path / "s", "eval"), _events(tmp_path / "d", "eval")
-    assert [e["loss"] for e in va] == pytest.approx([e["loss"] for e in vb], abs=1e-4)
-    # rank 0 alone writes: one metrics file with one end event, one "run directory" line
-    assert len(_events(tmp_path / "d", "end")) == 1
-    assert ddp.stdout.count("run directory:") == 1
+    assert "(gloo)" not in single.stdout + single.stderr
+    a, va = _events(tmp_path / "s", "train"), _events(tmp_path / "s", "eval")
+    for n in (2, 1):
+        ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+                              "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                              "-m", "rnnlm", "train", "--out", str(tmp_path / f"d{n}"), *args],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert ddp.returncode == 0, ddp.stderr[-3000:]
+        said = " ".join((ddp.stdout + ddp.stderr).split())  # rich may wrap the start-up line
+        assert f"{n} process{'es' if n > 1 else ''} (gloo)" in said
+        b = _events(tmp_path / f"d{n}", "train")
+        assert len(a) == len(b) == 12
+        for x, y in zip(a, b):
+            assert abs(x["loss"] - y["loss"]) < 1e-4 and x["tokens"] == y["tokens"]
+        vb = _events(tmp_path / f"d{n}", "eval")
+        assert [e["loss"] for e in va] == pytest.approx([e["loss"] for e in vb], abs=1e-4)
+        # rank 0 alone writes: one metrics file with one end event, one "run directory" line
+        assert len(_events(tmp_path / f"d{n}", "end")) == 1
+        assert ddp.stdout.count("run directory:") == 1
 
 
 def test_tensorboard_event_files(corpus, tmp_path):
@@ -435,3 +441,16 @@ def test_resume_without_max_time_drops_the_projected_horizon(corpus, tmp_path):
     assert t.schedule.horizon is None and t.schedule.total_steps() == 30
     kept = Trainer(build_config(None, ["train.max_steps=30"]), tmp_path / "r", resume=True, progress=False)
     assert kept.schedule.horizon is not None  # still timed: the saved projection until the next log line
+
+
+@pytest.mark.parametrize("cell", ["lstm", "lstm_peephole"])
+def test_compiled_training_matches_eager(corpus, tmp_path, cell):
+    """train.compile=true (torch.compile over the loss module) follows the eager loss curve; the
+    direct oneDNN calls step aside while the compiler traces (it cannot lower them)."""
+    common = (f"model.cell={cell}", "model.dropout=0.0", "train.optimizer=sgd", "train.lr=1.0", "train.max_steps=20",
+              "train.bptt=10")
+    Trainer(_cfg(corpus, *common), tmp_path / "eager", progress=False).fit()
+    Trainer(_cfg(corpus, *common, "train.compile=true"), tmp_path / "compiled", progress=False).fit()
+    a, b = _events(tmp_path / "eager", "train"), _events(tmp_path / "compiled", "train")
+    assert len(a) == len(b) == 4
+    assert [e["loss"] for e in b] == pytest.approx([e["loss"] for e in a], abs=1e-4)

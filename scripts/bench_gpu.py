@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""GPU (CUDA) measurements, each against the reference recipe on the same GPU in the same run.
+
+``shared/bench/ref_loop.py`` is CPU-only, so on a GPU the reference is ``scripts/ref_train.py
+--device cuda``: the same recipe (embedding -> nn.LSTM -> linear, full softmax, SGD, clip, state
+carried), which is what the PyTorch word_language_model example runs with ``--cuda``.
+
+    python scripts/bench_gpu.py                        # throughput, ptb-small, ptb-medium
+    python scripts/bench_gpu.py throughput --seconds 15
+    python scripts/bench_gpu.py ptb-medium --medium-time 600
+
+throughput   the identical PTB model (scripts/bench.py's IDENTICAL: 2x200 LSTM, batch 20, bptt 35):
+             reference fp32 and bf16 against rnnlm fp32, bf16 and fp16, steady tokens/s after the
+             first interval (reference: between its first and last evaluation, evaluation excluded).
+ptb-small    configs/ptb-word-small.yaml (Zaremba et al. small, 13 epochs) on the GPU, then test ppl.
+ptb-medium   configs/ptb-word-medium.yaml (2x650, 39 epochs; test ppl 82.7 in the paper) with at most
+             --medium-time seconds of training; validation ppl per epoch, test ppl of best.pt.
+
+Options: --data DIR (holding ptb/), --out DIR (run directories and results.json), --seconds S
+(training seconds per throughput run), --medium-time S, --precision P (ptb-small/ptb-medium).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import IDENTICAL, ROOT, find_data, run_rnnlm, steady_tokens_per_sec  # noqa: E402
+
+
+def run_ref_cuda(ptb: Path, seconds: float, bf16: bool, device: str) -> float:
+    """The reference recipe on the GPU: steady tokens/s between its first and last evaluation."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "ref_train.py"), str(ptb / "train.txt"), str(ptb / "valid.txt"),
+           "--device", device, "--max-time", str(seconds), "--eval-every", "300" if device == "cuda" else "20"]
+    cmd += ["--bf16"] if bf16 else []
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    evals = [json.loads(x) for x in out.splitlines() if x.startswith('{"event": "eval"')]
+    if len(evals) < 2:
+        sys.exit(f"bench_gpu: the reference ran too few steps in {seconds} s to time it (--seconds)")
+    a, b = evals[0], evals[-1]
+    return (b["tokens"] - a["tokens"]) / (b["train_seconds"] - a["train_seconds"])
+
+
+def throughput(args, out: Path) -> dict:
+    ptb = find_data("ptb", args.data)
+    res: dict = {"seconds": args.seconds}
+    res["ref_fp32"] = run_ref_cuda(ptb, args.seconds, False, args.device)
+    res["ref_bf16"] = run_ref_cuda(ptb, args.seconds, True, args.device)
+    for prec in ("fp32", "bf16", "fp16") if args.device == "cuda" else ("fp32", "bf16"):
+        r = run_rnnlm(out / f"tp-{prec}", ptb, IDENTICAL + [
+            f"train.device={args.device}", f"train.precision={prec}", f"train.max_time={args.seconds}", "train.max_steps=null",
+            "train.log_every=100", "train.eval_max_tokens=2000"])
+        res[f"rnnlm_{prec}"] = steady_tokens_per_sec(r["events"])
+    res["ref_fp32_again"] = run_ref_cuda(ptb, args.seconds, False, args.device)
+    ref = (res["ref_fp32"] + res["ref_fp32_again"]) / 2
+    print(f"throughput on the GPU, PTB 2x200 LSTM (identical model), {args.seconds:g} s per run:")
+    print(f"  reference fp32   {res['ref_fp32']:>9,.0f} tok/s  (again: {res['ref_fp32_again']:,.0f})")
+    print(f"  reference bf16   {res['ref_bf16']:>9,.0f} tok/s  = {res['ref_bf16'] / ref:.2f}x reference fp32")
+    for prec in ("fp32", "bf16", "fp16") if args.device == "cuda" else ("fp32", "bf16"):
+        res[f"ratio_{prec}"] = res[f"rnnlm_{prec}"] / ref
+        print(f"  rnnlm {prec}       {res[f'rnnlm_{prec}']:>9,.0f} tok/s  = {res[f'ratio_{prec}']:.2f}x reference fp32")
+    return res
+
+
+def _config_run(args, out: Path, name: str, config: str, extra: list[str]) -> dict:
+    ptb = find_data("ptb", args.data)
+    r = run_rnnlm(out / name, ptb, [f"train.device={args.device}", f"train.precision={args.precision}", *extra],
+                  config=str(ROOT / "configs" / config))
+    cmd = [sys.executable, "-m", "rnnlm", "eval-perplexity", "--checkpoint", str(out / name),
+           "--data", str(ptb / "test.txt"), "--json", "--batch-size", "16", "--device", args.device]
+    test = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    valid = [round(e["ppl"], 2) for e in r["events"] if e["event"] == "eval" and e.get("split", "valid") == "valid"]
+    end = r["end"]
+    res = {"test_ppl": test["ppl"], "best_valid_ppl": end["best_valid_ppl"], "valid_ppl": valid,
+           "epochs_completed": end["epochs_completed"], "stop_reason": end["stop_reason"], "wall": r["wall"],
+           "train_tokens_per_sec": end["train_tokens_per_sec"]}
+    print(f"{config} on the GPU ({args.precision}): test ppl {res['test_ppl']:.2f}, best valid "
+          f"{res['best_valid_ppl']:.2f}, {res['epochs_completed']} epochs ({res['stop_reason']}), "
+          f"{res['wall']:.0f} s wall, {res['train_tokens_per_sec']:,.0f} tok/s")
+    print(f"  valid ppl per evaluation: {valid}")
+    return res
+
+
+def ptb_small(args, out: Path) -> dict:
+    return _config_run(args, out, "ptb-small", "ptb-word-small.yaml", [])
+
+
+def ptb_medium(args, out: Path) -> dict:
+    limit = [f"train.max_time={args.medium_time}"] if args.medium_time else []
+    return _config_run(args, out, "ptb-medium", "ptb-word-medium.yaml", limit)
+
+
+TARGETS = {"throughput": throughput, "ptb-small": ptb_small, "ptb-medium": ptb_medium}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", nargs="*", default=list(TARGETS), help=", ".join(TARGETS))
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-gpu"))
+    ap.add_argument("--seconds", type=float, default=15.0, help="throughput: training seconds per run")
+    ap.add_argument("--medium-time", type=float, default=None,
+                    help="ptb-medium: stop after this many training seconds (default: all 39 epochs)")
+    ap.add_argument("--precision", default="fp32", help="ptb-small / ptb-medium: train.precision (default fp32)")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only dry-runs the script itself")
+    args = ap.parse_args()
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_gpu: no CUDA device here (scripts/bench.py measures the CPU)")
+    out = args.out / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True)
+    gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (dry run)"
+    print(f"# {date.today()} · {gpu} · torch {torch.__version__} (CUDA {torch.version.cuda})")
+    results: dict = {"date": str(date.today()), "gpu": gpu, "torch": torch.__version__}
+    for w in args.what:
+        if w not in TARGETS:
+            ap.error(f"unknown measurement {w!r}; choose from {', '.join(TARGETS)}")
+        results[w] = TARGETS[w](args, out)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        sys.stdout.flush()
+    print(f"results: {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
