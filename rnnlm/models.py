@@ -24,6 +24,7 @@ feeding next-token prediction would leak it).
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -67,7 +68,8 @@ class Dropout(nn.Module):
     with a threshold: the draws for a 35x20x200 activation take 0.10 ms instead of 0.30 on this
     project's 2-core CPU. The rate is realised to 2^-16 or better (:func:`keep_mask_plan`), and
     the kept values are scaled by 1 / (1 - realised rate), so the expectation is kept exactly.
-    Other devices compare ``torch.rand`` with the same realised rate.
+    Other devices use ``F.dropout`` (on CUDA one fused kernel, its own generator's state being
+    part of the checkpointed RNG state too).
     """
 
     def __init__(self, p: float):
@@ -94,9 +96,8 @@ class Dropout(nn.Module):
             words.random_(-2 ** 63, None)                   # full 64-bit draws
             r = words.view(torch.int16 if self.bits == 16 else torch.int32)[:n].view(x.shape)
             keep = r >= self.threshold
-        else:
-            keep = torch.rand(x.shape, device=x.device) >= self.rate
-        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.rate))
+            return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.rate))
+        return F.dropout(x, self.p, training=True)  # elsewhere PyTorch's fused kernel (one launch on CUDA)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -108,7 +109,12 @@ _LAYER_FNS = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh, 
 def run_layerwise(rnn: nn.RNNBase, x: torch.Tensor, state, drop: Dropout):
     """``rnn(x, state)`` for a unidirectional multi-layer ``nn.LSTM``/``GRU``/``RNN`` in training, one
     layer per call with `drop` between layers instead of the module's own ``bernoulli_`` dropout
-    (twice as slow on CPU). The same weights, the same fused kernels, the same dropout rate."""
+    (twice as slow on CPU; on CUDA, cuDNN's dropout keeps a random state of its own that a
+    checkpoint cannot restore). The same weights, the same fused kernels, the same dropout rate.
+
+    On CUDA, cuDNN wants each call's weights to start a storage, which in the module's flattened
+    buffer only layer 0 does: the layers above are copied into a fresh buffer on each call (a few
+    device copies, their gradients routed back) and PyTorch's warning about that is not shown."""
     L, lstm = rnn.num_layers, rnn.mode == "LSTM"
     names = ("weight_ih_l{}", "weight_hh_l{}") + (("bias_ih_l{}", "bias_hh_l{}") if rnn.bias else ())
     B, H = x.size(1), rnn.hidden_size
@@ -117,16 +123,19 @@ def run_layerwise(rnn: nn.RNNBase, x: torch.Tensor, state, drop: Dropout):
         state = (zero, zero) if lstm else zero
     fn = _LAYER_FNS[rnn.mode]
     hs, cs = [], []
-    for k in range(L):
-        w = [getattr(rnn, n.format(k)) for n in names]
-        if lstm:
-            x, h, c = fn(x, (state[0][k:k + 1], state[1][k:k + 1]), w, rnn.bias, 1, 0.0, True, False, False)
-            cs.append(c)
-        else:
-            x, h = fn(x, state[k:k + 1], w, rnn.bias, 1, 0.0, True, False, False)
-        hs.append(h)
-        if k < L - 1:
-            x = drop(x)
+    with warnings.catch_warnings() if x.is_cuda else nullcontext():
+        if x.is_cuda:
+            warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous chunk")
+        for k in range(L):
+            w = [getattr(rnn, n.format(k)) for n in names]
+            if lstm:
+                x, h, c = fn(x, (state[0][k:k + 1], state[1][k:k + 1]), w, rnn.bias, 1, 0.0, True, False, False)
+                cs.append(c)
+            else:
+                x, h = fn(x, state[k:k + 1], w, rnn.bias, 1, 0.0, True, False, False)
+            hs.append(h)
+            if k < L - 1:
+                x = drop(x)
     return x, ((torch.cat(hs), torch.cat(cs)) if lstm else torch.cat(hs))
 
 
@@ -153,6 +162,11 @@ def auto_cutoffs(vocab_size: int) -> list[int]:
     """
     cuts = [c for c in (2000, 10000, 50000, 250000) if c < vocab_size - 1]
     return cuts or [max(1, vocab_size // 2)]
+
+
+# Training on a GPU: logits (rows x vocabulary) below this many elements go through F.linear +
+# F.cross_entropy; larger ones through the fused function, whose memory is one (N, V) buffer.
+PLAIN_LOSS_MAX = 1 << 25
 
 
 class RNNLM(nn.Module):
@@ -267,6 +281,10 @@ class RNNLM(nn.Module):
             # Evaluation: the plain fp32 log-softmax, exact even where a probability underflows.
             return F.cross_entropy(fp32_linear(h2, self.decoder.weight, self.decoder.bias).float(), y2,
                                    reduction=reduction)
+        if h2.device.type != "cpu" and h2.size(0) * self.vocab_size < PLAIN_LOSS_MAX:
+            # On a GPU a step of this size is bound by kernel launches, not memory traffic, and
+            # PyTorch's linear + cross-entropy takes about half the launches of the fused function.
+            return F.cross_entropy(self.decoder(h2), y2, reduction=reduction)
         # Training: fused linear + cross-entropy, far less memory traffic than logits -> log_softmax -> nll.
         return linear_cross_entropy(h2, self.decoder.weight, self.decoder.bias, y2, reduction)
 

@@ -430,6 +430,12 @@ class Trainer:
         if self.bidirectional:  # the backward stack reads the reversed text
             self.train_data_rev = self._my_columns(
                 batchify(with_start(np.ascontiguousarray(corpus.train[::-1])), tc.batch_size))
+        if self.device.type != "cpu":
+            # The compact (int32) stream lives on the GPU: a window is a slice there, with no
+            # host-to-device copy per step (a copy from pageable memory that waits for the device).
+            self.train_data = self.train_data.to(self.device)
+            if self.bidirectional:
+                self.train_data_rev = self.train_data_rev.to(self.device)
         self.valid = corpus.get("valid")
         if self.valid is not None and tc.eval_max_tokens:
             self.valid = self.valid[: tc.eval_max_tokens]
@@ -625,10 +631,7 @@ class Trainer:
         old_handlers = self._install_signal_handlers()
         params = [p for p in self.model.parameters()]
         clip = tc.clip_grad_norm if tc.clip_grad_norm is not None else math.inf
-        loss_acc = torch.zeros((), device=self.device)
-        gnorm_acc = torch.zeros((), device=self.device)
-        clipped_acc = torch.zeros((), device=self.device)
-        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        stats = _StepStats(self.device, clip)
         interval_steps, interval_tokens, interval_time = 0, 0, 0.0
         bar = _Progress(self, enabled=self.progress_enabled if self.dist.is_main else False)
         stop = False
@@ -661,14 +664,8 @@ class Trainer:
                         gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
                         self.scaler.step(self.optimizer)
                         self.scaler.update()
-                    # Bookkeeping stays on the device: no host sync until the next log line.
-                    ld = loss.detach().float()
-                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(ld),
-                                            torch.full_like(first_bad, self.step + 1), first_bad)
-                    loss_acc += ld
-                    gnorm_acc += gnorm.detach().float()
-                    clipped_acc += (gnorm.detach() > clip).float()
                     self.step += 1
+                    stats.add(self.step, loss, gnorm)  # no host sync until the next log line
                     self.window = i + 1
                     n_tok = x.numel() * self.dist.world_size  # global tokens (all ranks)
                     self.tokens += n_tok
@@ -682,12 +679,13 @@ class Trainer:
                     at_log = self.step % tc.log_every == 0 or last_window
                     reason = self._should_stop(at_log=at_log)
                     if at_log or reason:
+                        loss_sum, gnorm_sum, clipped, first_bad = stats.take()
                         if self.dist.enabled:  # the global mean over all ranks' tokens
-                            for acc in (loss_acc, clipped_acc):
+                            for acc in (loss_sum, clipped):
                                 D.all_reduce_mean(acc, self.dist)
                             D.all_reduce_max(first_bad, self.dist)
                         self._check_finite(first_bad)
-                        self.clipped += int(clipped_acc.item())
+                        self.clipped += round(clipped.item())
                         # Those reads waited for the device (a GPU runs behind the host that queues
                         # its work): that wait is training time too.
                         lag = time.perf_counter() - t_step - dt
@@ -695,20 +693,19 @@ class Trainer:
                         self.train_seconds += lag
                         ev = {"event": "train", "step": self.step, "tokens": self.tokens,
                               "time": round(self._now(), 3), "epoch": self.epoch + 1,
-                              "loss": loss_acc.item() / interval_steps, "lr": lr,
-                              "grad_norm": gnorm_acc.item() / interval_steps,
+                              "loss": loss_sum.item() / interval_steps, "lr": lr,
+                              "grad_norm": gnorm_sum.item() / interval_steps,
                               "tokens_per_sec": interval_tokens / max(interval_time, 1e-9)}
                         metrics.write(ev)
                         self._project_horizon()
                         bar.update(ev)
-                        loss_acc.zero_(), gnorm_acc.zero_(), clipped_acc.zero_()
                         interval_steps, interval_tokens, interval_time = 0, 0, 0.0
 
                     if tc.eval_every and self.step % tc.eval_every == 0 and not last_window:
                         self._validate(metrics, bar)
                         reason = reason or self._should_stop(at_log=True)
                     elif tc.save_every and self.step % tc.save_every == 0:
-                        self._check_finite(first_bad)
+                        self._check_finite(stats.first_bad())
                         self.save(LAST)
                     if reason:
                         self.stop_reason = reason
@@ -727,7 +724,7 @@ class Trainer:
                 self.stop_reason = "epochs"
             if self.last_eval_step != self.step and not self._stop_signal:  # Ctrl-C: save and go, no eval
                 self._validate(metrics, bar)
-            self._check_finite(first_bad)
+            self._check_finite(stats.first_bad())
             self.save(LAST)
             if self.valid is None or not (self.run_dir / BEST).exists():
                 self.save(BEST)  # without validation data the final weights are the best we know
@@ -858,6 +855,59 @@ class Trainer:
         if old:
             for s, h in old.items():
                 signal.signal(s, h)
+
+
+class _StepStats:
+    """Each step's loss and gradient norm, held as device tensors until the log line reads them.
+
+    Keeping a reference launches no kernel and waits for nothing, so on a GPU the host runs ahead
+    of the device between log lines; the arithmetic (sums, clip count, the first non-finite loss)
+    runs once per log line, or per `chunk` steps, whichever comes first, to bound what is held.
+    """
+
+    def __init__(self, device: torch.device, clip: float, chunk: int = 256):
+        self.clip, self.chunk = clip, chunk
+        self.loss_sum = torch.zeros((), device=device)
+        self.gnorm_sum = torch.zeros((), device=device)
+        self.clipped = torch.zeros((), device=device)
+        self.first = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, or -1
+        self.losses: list[torch.Tensor] = []
+        self.gnorms: list[torch.Tensor] = []
+        self.step0 = 0  # the step number of losses[0]
+
+    def add(self, step: int, loss: torch.Tensor, gnorm: torch.Tensor) -> None:
+        if not self.losses:
+            self.step0 = step
+        self.losses.append(loss.detach())
+        self.gnorms.append(gnorm.detach())
+        if len(self.losses) >= self.chunk:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self.losses:
+            return
+        losses = torch.stack(self.losses).float()
+        gnorms = torch.stack(self.gnorms).float()
+        bad = ~torch.isfinite(losses)
+        here = torch.where(bad.any(), bad.float().argmax() + self.step0, -1)
+        self.first = torch.where(self.first < 0, here, self.first)
+        self.loss_sum += losses.sum()
+        self.gnorm_sum += gnorms.sum()
+        self.clipped += (gnorms > self.clip).sum()
+        self.losses, self.gnorms = [], []
+
+    def first_bad(self) -> torch.Tensor:
+        """The step number of the first non-finite loss not yet reported (-1: none)."""
+        self._fold()
+        return self.first
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss sum, gradient-norm sum, clipped steps, first non-finite step) since the last take."""
+        self._fold()
+        out = self.loss_sum, self.gnorm_sum, self.clipped, self.first
+        self.loss_sum, self.gnorm_sum, self.clipped = (torch.zeros_like(t) for t in out[:3])
+        self.first = torch.full_like(self.first, -1)
+        return out
 
 
 def _point_latest(run_dir: Path) -> None:

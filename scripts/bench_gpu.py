@@ -5,7 +5,7 @@
 --device cuda``: the same recipe (embedding -> nn.LSTM -> linear, full softmax, SGD, clip, state
 carried), which is what the PyTorch word_language_model example runs with ``--cuda``.
 
-    python scripts/bench_gpu.py                        # throughput, ptb-small, ptb-medium
+    python scripts/bench_gpu.py                        # throughput, ptb-small, ptb-medium, profile
     python scripts/bench_gpu.py throughput --seconds 15
     python scripts/bench_gpu.py ptb-medium --medium-time 600
 
@@ -15,6 +15,7 @@ throughput   the identical PTB model (scripts/bench.py's IDENTICAL: 2x200 LSTM, 
 ptb-small    configs/ptb-word-small.yaml (Zaremba et al. small, 13 epochs) on the GPU, then test ppl.
 ptb-medium   configs/ptb-word-medium.yaml (2x650, 39 epochs; test ppl 82.7 in the paper) with at most
              --medium-time seconds of training; validation ppl per epoch, test ppl of best.pt.
+profile      torch.profiler over 40 fp32 steps of the identical model: host time per op, launches/step.
 
 Options: --data DIR (holding ptb/), --out DIR (run directories and results.json), --seconds S
 (training seconds per throughput run), --medium-time S, --precision P (ptb-small/ptb-medium).
@@ -96,7 +97,32 @@ def ptb_medium(args, out: Path) -> dict:
     return _config_run(args, out, "ptb-medium", "ptb-word-medium.yaml", limit)
 
 
-TARGETS = {"throughput": throughput, "ptb-small": ptb_small, "ptb-medium": ptb_medium}
+def profile(args, out: Path) -> dict:
+    """Where an rnnlm step's host time goes on the GPU: torch.profiler over 40 steps of the
+    identical model in fp32 (the run's start and its closing evaluation included)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from rnnlm.config import build_config
+    from rnnlm.train import Trainer
+    ptb = find_data("ptb", args.data)
+    steps = 40
+    cfg = build_config(None, [f"data.path={ptb}", *IDENTICAL, f"train.device={args.device}", "train.precision=fp32",
+                              f"train.max_steps={steps}", "train.log_every=20", "train.eval_max_tokens=700"])
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with torch_profile(activities=acts) as p:
+        Trainer(cfg, out / "profile", progress=False).fit()
+    table = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    (out / "profile.txt").write_text(table)
+    launches = sum(e.count for e in p.key_averages() if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                                   "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+    print(f"profile, {steps} fp32 steps of the identical model: {launches / steps:.0f} kernel launches per step")
+    print(table)
+    return {"launches_per_step": launches / steps}
+
+
+TARGETS = {"throughput": throughput, "ptb-small": ptb_small, "ptb-medium": ptb_medium, "profile": profile}
 
 
 def main() -> None:

@@ -454,3 +454,24 @@ def test_compiled_training_matches_eager(corpus, tmp_path, cell):
     a, b = _events(tmp_path / "eager", "train"), _events(tmp_path / "compiled", "train")
     assert len(a) == len(b) == 4
     assert [e["loss"] for e in b] == pytest.approx([e["loss"] for e in a], abs=1e-4)
+
+
+def test_step_stats_fold_in_chunks_and_find_the_first_bad_step():
+    """The per-step loss/grad-norm buffer gives the same sums, clip count and first non-finite step
+    whether it folds once per log line or every few steps."""
+    from rnnlm.train import _StepStats
+    losses = [2.0, 1.5, 1.25, 1.0, float("nan"), 0.5, float("inf")]
+    gnorms = [0.1, 0.5, 0.2, 0.9, 0.3, 0.7, 0.0]
+    for chunk in (1, 3, 256):
+        st = _StepStats(torch.device("cpu"), clip=0.4, chunk=chunk)
+        for i in range(3):
+            st.add(11 + i, torch.tensor(losses[i]), torch.tensor(gnorms[i]))
+        loss_sum, gnorm_sum, clipped, first = st.take()
+        assert loss_sum.item() == 4.75 and gnorm_sum.item() == pytest.approx(0.8) and clipped.item() == 1
+        assert first.item() == -1 and st.first_bad().item() == -1
+        for i in range(3, 7):
+            st.add(11 + i, torch.tensor(losses[i]), torch.tensor(gnorms[i]))
+        assert st.first_bad().item() == 15  # the NaN at the 5th step, numbered 15
+        _, gnorm_sum, clipped, first = st.take()
+        assert first.item() == 15 and clipped.item() == 2 and gnorm_sum.item() == pytest.approx(1.9)
+        assert st.take()[3].item() == -1  # taken: the next interval starts clean
