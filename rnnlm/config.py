@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import reprlib
 import types
 import typing
@@ -106,12 +107,13 @@ class TrainConfig:
     clip_grad_norm: float | None = _f(5.0, "clip gradients to this global L2 norm (null = off)", gt=0)
     early_stopping_patience: int | None = _f(None, "stop after this many evaluations without improvement", min=1)
     seed: int = _f(1234, "random seed (weights, dropout)", min=SEED_MIN, max=SEED_MAX)
-    device: str = _f("auto", "auto = cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
+    device: str = _f("auto", "auto = cuda, then mps, then cpu; cuda:N = the N-th GPU", pattern=r"auto|cpu|mps|cuda(:[0-9]+)?",
+                     pattern_help="auto, cpu, cuda, cuda:N or mps")
     precision: str = _f("fp32", "fp32; bf16 autocast (CPU and GPU); fp16 autocast + GradScaler (CUDA); auto = bf16 "
                                 "where the hardware computes it natively (a CUDA GPU with bf16, a CPU with "
                                 "AVX-512 BF16 or AMX), else fp32",
                         choices=("fp32", "bf16", "fp16", "auto"))
-    compile: bool = _f(False, "wrap the model in torch.compile")
+    compile: bool = _f(False, "wrap the model and its loss in torch.compile (first steps slower while it compiles)")
     tensorboard: bool = _f(False, "also write TensorBoard event files to RUN_DIR/tensorboard (needs the "
                                   "tensorboard package)")
     log_every: int = _f(50, "optimizer steps between train events", min=1)
@@ -237,7 +239,7 @@ def _check_value(key: str, value: Any, hint: Any, meta: dict[str, Any]) -> Any:
         if not isinstance(value, str):
             if "choices" in meta:
                 raise bad("one of " + ", ".join(str(c) for c in meta["choices"] if c is not None))
-            raise bad("a string")
+            raise bad(meta.get("pattern_help", "a string"))
     elif origin is list:
         if not isinstance(value, (list, tuple)):
             raise bad("a list")
@@ -247,6 +249,8 @@ def _check_value(key: str, value: Any, hint: Any, meta: dict[str, Any]) -> Any:
         raise UsageError(f"config key '{key}' must be one of "
                          + ", ".join(str(c) for c in meta["choices"] if c is not None)
                          + f"; got {_show(value)}" + _closest(str(value), [str(c) for c in meta["choices"] if c]))
+    if "pattern" in meta and isinstance(value, str) and not re.fullmatch(meta["pattern"], value):
+        raise bad(meta["pattern_help"])
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if "min" in meta and value < meta["min"]:
             raise UsageError(f"config key '{key}' must be >= {meta['min']}, got {_show(value)}")
@@ -418,7 +422,7 @@ def _apply_override(cfg: Config, item: str) -> None:
     section, f = _lookup(key)
     hint = _hint(section, f.name)
     plain_str = hint is str or (_is_union(hint) and str in typing.get_args(hint) and len(typing.get_args(hint)) == 2)
-    if plain_str and "choices" not in f.metadata and value is not None and not isinstance(value, (str, list, dict)):
+    if plain_str and "choices" not in f.metadata and "pattern" not in f.metadata and value is not None and not isinstance(value, (str, list, dict)):
         # A path or a name that YAML reads as a number, boolean or date (`train.out=2024`): keep the text.
         value = raw.strip()
     _set(cfg, key, value)

@@ -598,8 +598,9 @@ class Trainer:
             return
         if self.console is not None:
             self.console.print(msg, highlight=False)
-        else:
-            print(msg, file=sys.stderr, flush=True)
+        else:  # used as a library without a rich console: the text without its markup
+            from rich.text import Text
+            print(Text.from_markup(msg).plain, file=sys.stderr, flush=True)
 
     def _fit(self) -> dict:
         cfg, tc = self.cfg, self.cfg.train

@@ -218,7 +218,7 @@ def test_edge_values_are_valid():
     ("model.cell=lstmm", "lstm"), ("model.cell=transformer", None), ("train.optimizer=adamm", "adam"),
     ("train.optimizer=rmsprop", None), ("train.lr_schedule=cosin", "cosine"), ("train.precision=fp8", None),
     ("train.precision=bf61", None), ("data.level=words", "word"), ("data.eos=lines", "line"),
-    ("train.device=gpu", None), ("model.softmax=sampled", None),
+    ("model.softmax=sampled", None),
 ])
 def test_unknown_choice(item, choice):
     key = item.split("=")[0]
@@ -415,3 +415,10 @@ def test_beta2_reaches_the_optimizer(opt):
     cfg = build_config(None, [f"train.optimizer={opt}", "train.beta2=0.99"])
     o = build_optimizer(torch.nn.Linear(2, 2), cfg.train)
     assert o.param_groups[0]["betas"] == (0.9, 0.99)
+
+
+def test_train_device_takes_a_gpu_index():
+    assert build_config(None, ["train.device=cuda:1"]).train.device == "cuda:1"
+    for bad in ("gpu", "cuda:", "cuda:x", "0", "CPU"):
+        with pytest.raises(UsageError, match="train.device' must be auto, cpu, cuda, cuda:N or mps"):
+            build_config(None, [f"train.device={bad}"])

@@ -475,3 +475,11 @@ def test_step_stats_fold_in_chunks_and_find_the_first_bad_step():
         _, gnorm_sum, clipped, first = st.take()
         assert first.item() == 15 and clipped.item() == 2 and gnorm_sum.item() == pytest.approx(1.9)
         assert st.take()[3].item() == -1  # taken: the next interval starts clean
+
+
+def test_library_use_without_a_console_logs_plain_text(corpus, tmp_path, capsys):
+    """Trainer used from Python without a rich console writes its log lines without markup."""
+    Trainer(_cfg(corpus, "train.max_steps=5", "train.eval_every=5"), tmp_path / "r", progress=False).fit()
+    err = capsys.readouterr().err
+    assert "rnnlm training lstm 2x32" in err and "done: 5 steps" in err
+    assert "[bold]" not in err and "[/" not in err
