@@ -100,7 +100,6 @@ def ptb_medium(args, out: Path) -> dict:
 def profile(args, out: Path) -> dict:
     """Where an rnnlm step's host time goes on the GPU: torch.profiler over 40 steps of the
     identical model in fp32 (the run's start and its closing evaluation included)."""
-    import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 

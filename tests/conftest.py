@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,17 @@ def write_corpus(tmp_path):
         return p
 
     return write
+
+
+WORDS = "the cat dog sat on a mat and ran far away quickly slowly big small red".split()
+
+
+@pytest.fixture()
+def word_corpus(tmp_path, monkeypatch) -> Path:
+    """1,500 lines of 3-10 words drawn from 16 (a fixed seed), with a private RNNLM_CACHE."""
+    monkeypatch.setenv("RNNLM_CACHE", str(tmp_path / "cache"))
+    rng = random.Random(0)
+    p = tmp_path / "c.txt"
+    p.write_text("".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) + "\n"
+                         for _ in range(1500)))
+    return p

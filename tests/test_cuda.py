@@ -13,7 +13,6 @@ import copy
 import json
 import math
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -41,9 +40,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CUDA device: run `python -m pytest tests/test_cuda.py` on a machine with one")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="fp16 autocast and NCCL exist on CUDA only")
 
-WORDS = "the cat dog sat on a mat and ran far away quickly slowly big small red".split()
-
-
 @pytest.fixture(autouse=True)
 def _true_fp32():
     """Compare real fp32 arithmetic: PyTorch lets cuDNN use TF32 by default (10-bit mantissas
@@ -55,13 +51,8 @@ def _true_fp32():
 
 
 @pytest.fixture()
-def corpus(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("RNNLM_CACHE", str(tmp_path / "cache"))
-    rng = random.Random(0)
-    p = tmp_path / "c.txt"
-    p.write_text("".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) + "\n"
-                         for _ in range(1500)))
-    return p
+def corpus(word_corpus) -> Path:
+    return word_corpus
 
 
 def _cfg(corpus: Path, device: str, *extra: str):

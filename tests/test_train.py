@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -19,17 +18,9 @@ from rnnlm.config import build_config
 from rnnlm.errors import RunError, UsageError
 from rnnlm.train import LRSchedule, Trainer
 
-WORDS = "the cat dog sat on a mat and ran far away quickly slowly big small red".split()
-
-
 @pytest.fixture()
-def corpus(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("RNNLM_CACHE", str(tmp_path / "cache"))
-    rng = random.Random(0)
-    p = tmp_path / "c.txt"
-    p.write_text("".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) + "\n"
-                         for _ in range(1500)))
-    return p
+def corpus(word_corpus) -> Path:
+    return word_corpus
 
 
 def _cfg(corpus: Path, *extra: str):
