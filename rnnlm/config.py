@@ -107,8 +107,8 @@ class TrainConfig:
     clip_grad_norm: float | None = _f(5.0, "clip gradients to this global L2 norm (null = off)", gt=0)
     early_stopping_patience: int | None = _f(None, "stop after this many evaluations without improvement", min=1)
     seed: int = _f(1234, "random seed (weights, dropout)", min=SEED_MIN, max=SEED_MAX)
-    device: str = _f("auto", "auto = cuda, then mps, then cpu; cuda:N = the N-th GPU", pattern=r"auto|cpu|mps|cuda(:[0-9]+)?",
-                     pattern_help="auto, cpu, cuda, cuda:N or mps")
+    device: str = _f("auto", "auto = cuda, then mps, then cpu; cuda:N = the N-th GPU", pattern=r"auto|cpu|mps|cuda(:(0|[1-9][0-9]*))?",
+                     pattern_help="auto, cpu, cuda, cuda:N or mps", suggest=("auto", "cpu", "cuda", "mps"))
     precision: str = _f("fp32", "fp32; bf16 autocast (CPU and GPU); fp16 autocast + GradScaler (CUDA); auto = bf16 "
                                 "where the hardware computes it natively (a CUDA GPU with bf16, a CPU with "
                                 "AVX-512 BF16 or AMX), else fp32",
@@ -250,7 +250,8 @@ def _check_value(key: str, value: Any, hint: Any, meta: dict[str, Any]) -> Any:
                          + ", ".join(str(c) for c in meta["choices"] if c is not None)
                          + f"; got {_show(value)}" + _closest(str(value), [str(c) for c in meta["choices"] if c]))
     if "pattern" in meta and isinstance(value, str) and not re.fullmatch(meta["pattern"], value):
-        raise bad(meta["pattern_help"])
+        raise UsageError(f"config key '{key}' must be {meta['pattern_help']}, got {_show(value)}"
+                         + _closest(value, list(meta.get("suggest", ()))))
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if "min" in meta and value < meta["min"]:
             raise UsageError(f"config key '{key}' must be >= {meta['min']}, got {_show(value)}")

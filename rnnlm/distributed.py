@@ -22,13 +22,14 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    launched: bool = False  # started by torchrun (or another launcher that sets the env:// variables)
+    forced: bool = False  # RNNLM_FORCE_DDP=1: the process group even for one process
 
     @property
     def enabled(self) -> bool:
-        """Whether this run uses a process group: under torchrun always, even with one process
-        (``--nproc_per_node 1`` then runs the same DDP + NCCL/gloo path as a larger job)."""
-        return self.world_size > 1 or self.launched
+        """Whether this run uses a process group: with more than one process, or with one when
+        ``RNNLM_FORCE_DDP=1`` asks for it under torchrun (the DDP + NCCL/gloo path of a larger
+        job, checkable on a machine with one GPU)."""
+        return self.world_size > 1 or self.forced
 
     @property
     def is_main(self) -> bool:
@@ -37,9 +38,10 @@ class DistInfo:
 
 def from_env() -> DistInfo:
     """Rank information set by torchrun (a single process when unset)."""
-    launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    forced = os.environ.get("RNNLM_FORCE_DDP") == "1" and all(
+        k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
     return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                    int(os.environ.get("LOCAL_RANK", "0")), launched)
+                    int(os.environ.get("LOCAL_RANK", "0")), forced)
 
 
 def backend() -> str:

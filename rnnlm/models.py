@@ -68,8 +68,8 @@ class Dropout(nn.Module):
     with a threshold: the draws for a 35x20x200 activation take 0.10 ms instead of 0.30 on this
     project's 2-core CPU. The rate is realised to 2^-16 or better (:func:`keep_mask_plan`), and
     the kept values are scaled by 1 / (1 - realised rate), so the expectation is kept exactly.
-    Other devices use ``F.dropout`` (on CUDA one fused kernel, its own generator's state being
-    part of the checkpointed RNG state too).
+    Other devices use ``F.dropout`` (on CUDA one fused kernel; the CUDA generator's state is part
+    of the checkpointed RNG state, MPS's is not, so a resumed MPS run draws other masks).
     """
 
     def __init__(self, p: float):
@@ -284,7 +284,8 @@ class RNNLM(nn.Module):
         if h2.device.type != "cpu" and h2.size(0) * self.vocab_size < PLAIN_LOSS_MAX:
             # On a GPU a step of this size is bound by kernel launches, not memory traffic, and
             # PyTorch's linear + cross-entropy takes about half the launches of the fused function.
-            return F.cross_entropy(self.decoder(h2), y2, reduction=reduction)
+            # The log-softmax in fp32 whatever the autocast dtype.
+            return F.cross_entropy(self.decoder(h2).float(), y2, reduction=reduction)
         # Training: fused linear + cross-entropy, far less memory traffic than logits -> log_softmax -> nll.
         return linear_cross_entropy(h2, self.decoder.weight, self.decoder.bias, y2, reduction)
 

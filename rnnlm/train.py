@@ -48,7 +48,7 @@ def select_device(name: str, source: str = "train.device") -> torch.device:
     key = "." in source                      # train.device=cuda, or --device cuda
     asked = f"{source}={name}" if key else f"{source} {name}"
     instead = f"use {source}=auto or cpu" if key else f"use {source} auto or cpu"
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", name):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]*))?", name):
         raise UsageError(f"{source} must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     if name == "auto":
         if torch.cuda.is_available():
@@ -449,9 +449,13 @@ class Trainer:
         self.step_module: nn.Module = _StepModule(self.model)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
+            # An adaptive softmax leaves a tail cluster out of a step whose window has no target in
+            # it: DDP must then be told that some parameters may get no gradient.
             self.step_module = DistributedDataParallel(
-                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            torch.manual_seed(tc.seed + 1_000_003 * self.dist.rank)  # distinct dropout masks per rank
+                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.model.adaptive)
+            if self.dist.rank:  # distinct dropout masks per rank; rank 0 keeps a plain run's stream
+                torch.manual_seed(tc.seed + 1_000_003 * self.dist.rank)
         if tc.compile:
             self.step_module = torch.compile(self.step_module)
         # Plain SGD on CPU: clipping and the update in one pass over the weights, and -- where the
@@ -703,16 +707,18 @@ class Trainer:
                         interval_steps, interval_tokens, interval_time = 0, 0, 0.0
 
                     if tc.eval_every and self.step % tc.eval_every == 0 and not last_window:
+                        self.train_seconds += self._pending_checked(stats)
                         self._validate(metrics, bar)
                         reason = reason or self._should_stop(at_log=True)
                     elif tc.save_every and self.step % tc.save_every == 0:
-                        self._check_finite(stats.first_bad())
+                        self.train_seconds += self._pending_checked(stats)
                         self.save(LAST)
                     if reason:
                         self.stop_reason = reason
                         stop = True
                         break
                 if not stop:  # the epoch is complete
+                    self.train_seconds += self._pending_checked(stats)
                     self.epoch += 1
                     self.window = 0
                     self.schedule.on_epoch_end(self.epoch)
@@ -723,9 +729,9 @@ class Trainer:
                     stop = bool(self.stop_reason) and self.epoch < tc.epochs
             if not self.stop_reason:
                 self.stop_reason = "epochs"
+            self.train_seconds += self._pending_checked(stats)
             if self.last_eval_step != self.step and not self._stop_signal:  # Ctrl-C: save and go, no eval
                 self._validate(metrics, bar)
-            self._check_finite(stats.first_bad())
             self.save(LAST)
             if self.valid is None or not (self.run_dir / BEST).exists():
                 self.save(BEST)  # without validation data the final weights are the best we know
@@ -781,6 +787,16 @@ class Trainer:
 
     def tokens_per_sec_overall(self) -> float:
         return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    def _pending_checked(self, stats: "_StepStats") -> float:
+        """Before a validation or a save: check the steps not yet logged for a non-finite loss
+        (agreed by all ranks, so none is left waiting in a collective), which also waits for the
+        device to finish them; return the seconds that wait took (training time)."""
+        t = time.perf_counter()
+        first_bad = stats.first_bad()
+        D.all_reduce_max(first_bad, self.dist)
+        self._check_finite(first_bad)
+        return time.perf_counter() - t
 
     def _check_finite(self, first_bad: torch.Tensor) -> None:
         bad = int(first_bad.item())

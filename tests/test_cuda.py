@@ -289,13 +289,13 @@ def _free_port() -> int:
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_torchrun_on_cuda_runs_ddp_over_nccl(corpus, tmp_path, nproc):
     """torchrun on CUDA: one process per GPU, NCCL, the single-process loss curve (same global
-    batch). One GPU runs the one-process case, which still takes the DDP + NCCL path."""
+    batch). One GPU runs the one-process case, which RNNLM_FORCE_DDP=1 sends down the DDP + NCCL path."""
     if torch.cuda.device_count() < nproc:
         pytest.skip(f"needs {nproc} GPUs (NCCL takes one rank per GPU)")
     args = [f"--data={corpus}", "data.level=word", "model.hidden_size=32", "model.embedding_size=16",
             "train.batch_size=4", "train.bptt=8", "train.max_steps=12", "train.log_every=1", "train.eval_every=6",
             "train.optimizer=sgd", "train.lr=0.5", "model.dropout=0.0", "train.device=cuda"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RNNLM_FORCE_DDP": "1"}
     single = subprocess.run([sys.executable, "-m", "rnnlm", "train", "--out", str(tmp_path / "s"), *args],
                             env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]

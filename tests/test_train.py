@@ -192,15 +192,16 @@ def _free_port() -> int:
 
 def test_torchrun_processes_match_single_process(corpus, tmp_path):
     """DDP over gloo with 2 ranks follows the single-process loss curve (same global batch); so
-    does torchrun with one process, which still runs the process-group path (DDP, all-reduces)."""
+    does one process with RNNLM_FORCE_DDP=1, which still runs the process-group path (DDP,
+    all-reduces)."""
     args = [f"--data={corpus}", "data.level=word", "model.hidden_size=32", "model.embedding_size=16",
             "train.batch_size=4", "train.bptt=8", "train.max_steps=12", "train.log_every=1", "train.eval_every=6",
             "train.optimizer=sgd", "train.lr=0.5", "model.dropout=0.0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RNNLM_FORCE_DDP": "1"}
     single = subprocess.run([sys.executable, "-m", "rnnlm", "train", "--out", str(tmp_path / "s"), *args],
                             env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
-    assert "(gloo)" not in single.stdout + single.stderr
+    assert "(gloo)" not in single.stdout + single.stderr  # not under torchrun: no process group
     a, va = _events(tmp_path / "s", "train"), _events(tmp_path / "s", "eval")
     for n in (2, 1):
         ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
@@ -474,3 +475,68 @@ def test_library_use_without_a_console_logs_plain_text(corpus, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "rnnlm training lstm 2x32" in err and "done: 5 steps" in err
     assert "[bold]" not in err and "[/" not in err
+
+
+def _torchrun(tmp_path, out: str, args: list[str], nproc: int, **env_extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                           "-m", "rnnlm", "train", "--out", str(tmp_path / out), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_one_process_under_torchrun_is_a_plain_run_even_with_dropout(corpus, tmp_path):
+    """torchrun with one process trains exactly as a plain run, dropout masks included; with
+    RNNLM_FORCE_DDP=1 it goes through DDP and still draws the same masks (rank 0 keeps the plain
+    run's random stream)."""
+    args = [f"--data={corpus}", "data.level=word", "model.hidden_size=32", "model.embedding_size=16",
+            "train.batch_size=4", "train.bptt=8", "train.max_steps=8", "train.log_every=1", "train.eval_every=4",
+            "train.optimizer=sgd", "train.lr=0.5", "model.dropout=0.3"]
+    single = subprocess.run([sys.executable, "-m", "rnnlm", "train", "--out", str(tmp_path / "s"), *args],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    want = [e["loss"] for e in _events(tmp_path / "s", "train")]
+    plain = _torchrun(tmp_path, "t", args, 1)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert "(gloo)" not in plain.stdout + plain.stderr
+    assert [e["loss"] for e in _events(tmp_path / "t", "train")] == want
+    forced = _torchrun(tmp_path, "f", args, 1, RNNLM_FORCE_DDP="1")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert "1 process (gloo)" in " ".join((forced.stdout + forced.stderr).split())
+    assert [e["loss"] for e in _events(tmp_path / "f", "train")] == pytest.approx(want, abs=1e-6)
+
+
+def test_adaptive_softmax_trains_under_ddp(corpus, tmp_path):
+    """A window whose targets all fall in the head leaves the tail clusters without a gradient;
+    DDP is told to expect that, so two processes train an adaptive softmax without error."""
+    args = [f"--data={corpus}", "data.level=word", "model.hidden_size=16", "model.embedding_size=8",
+            "model.softmax=adaptive", "model.adaptive_cutoffs=[8, 16]", "train.batch_size=2", "train.bptt=4",
+            "train.max_steps=40", "train.log_every=10", "train.eval_every=20", "train.eval_max_tokens=200"]
+    r = _torchrun(tmp_path, "a", args, 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = [e["loss"] for e in _events(tmp_path / "a", "train")]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+
+
+def test_a_non_finite_loss_between_log_lines_is_caught_before_a_validation_saves(corpus, tmp_path, monkeypatch):
+    """Log lines every 7 steps, validations every 10: the loss turns NaN at step 19, and the
+    validation at step 20 must not save those weights as last.pt; the run stops naming step 19 and
+    keeps step 10's checkpoint."""
+    from rnnlm.models import RNNLM
+    calls = {"n": 0}
+    real_nll = RNNLM.nll
+
+    def nll(self, h, y, reduction="mean"):
+        out = real_nll(self, h, y, reduction)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] >= 19:
+                out = out * float("nan")
+        return out
+    monkeypatch.setattr(RNNLM, "nll", nll)
+    cfg = _cfg(corpus, "train.max_steps=60", "train.log_every=7", "train.eval_every=10")
+    with pytest.raises(RunError, match="step 19"):
+        Trainer(cfg, tmp_path / "r", progress=False).fit()
+    ck = load_checkpoint(tmp_path / "r" / "last.pt")
+    assert ck["step"] == 10
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
