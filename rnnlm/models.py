@@ -169,6 +169,12 @@ def auto_cutoffs(vocab_size: int) -> list[int]:
 PLAIN_LOSS_MAX = 1 << 25
 
 
+def _plain_loss(device: torch.device, n_logits: int) -> bool:
+    """Whether training's output layer is PyTorch's linear + cross-entropy (a GPU, fewer than
+    PLAIN_LOSS_MAX logits) rather than the fused function."""
+    return device.type != "cpu" and n_logits < PLAIN_LOSS_MAX
+
+
 class RNNLM(nn.Module):
     """A recurrent language model (one direction, or ELMo-style forward + backward).
 
@@ -281,7 +287,7 @@ class RNNLM(nn.Module):
             # Evaluation: the plain fp32 log-softmax, exact even where a probability underflows.
             return F.cross_entropy(fp32_linear(h2, self.decoder.weight, self.decoder.bias).float(), y2,
                                    reduction=reduction)
-        if h2.device.type != "cpu" and h2.size(0) * self.vocab_size < PLAIN_LOSS_MAX:
+        if _plain_loss(h2.device, h2.size(0) * self.vocab_size):
             # On a GPU a step of this size is bound by kernel launches, not memory traffic, and
             # PyTorch's linear + cross-entropy takes about half the launches of the fused function.
             # The log-softmax in fp32 whatever the autocast dtype.

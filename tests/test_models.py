@@ -286,3 +286,32 @@ def test_dropout_rate_change_recomputes_the_mask_plan():
     d.p = 0.0
     x = torch.ones(3)
     assert d(x) is x
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_plain_gpu_loss_path_equals_the_fused_one(monkeypatch, tie):
+    """On a GPU small output layers take F.linear + F.cross_entropy instead of the fused function
+    (exercised here on CPU by switching that route on): the same loss and gradients in fp32, and
+    an fp32 loss close to the fp32 one under bf16 autocast."""
+    import rnnlm.models as M
+    from rnnlm.config import ModelConfig
+    torch.manual_seed(3)
+    m = M.RNNLM(301, ModelConfig(hidden_size=24, embedding_size=16, num_layers=2, tie_weights=tie))
+    x, y = torch.randint(0, 301, (9, 4)), torch.randint(0, 301, (9, 4))
+
+    def loss_and_grads():
+        loss = m.nll(m(x)[0], y)
+        return loss, torch.autograd.grad(loss, list(m.parameters()))
+
+    real = M._plain_loss
+    assert not real(torch.device("cpu"), 10) and real(torch.device("cuda"), 10)
+    assert not real(torch.device("cuda"), M.PLAIN_LOSS_MAX)
+    fused, fused_g = loss_and_grads()
+    monkeypatch.setattr(M, "_plain_loss", lambda device, n: True)
+    plain, plain_g = loss_and_grads()
+    torch.testing.assert_close(plain, fused, rtol=1e-6, atol=0)
+    for a, b in zip(plain_g, fused_g):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = m.nll(m(x)[0], y)
+    assert half.dtype == torch.float32 and abs(half.item() - fused.item()) < 2e-2
