@@ -189,7 +189,7 @@ def sample(
     allow_unk: bool = typer.Option(False, "--allow-unk", help="Allow <unk> to be sampled."),
     seed: Optional[int] = typer.Option(None, "--seed", "-s", help="Random seed for reproducible output."),
     as_json: bool = typer.Option(False, "--json", help='One JSON object per sample: {"text", "tokens", "stop"}.'),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
 ) -> None:
     def body() -> None:
         from .checkpoint import load_model
@@ -260,7 +260,7 @@ def eval_perplexity(
     data: str = typer.Option(..., "--data", "-d", metavar="PATH", help="Text file to evaluate."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Pieces evaluated in parallel; the result is the same at every batch size."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
 ) -> None:
     def body() -> None:
         from .checkpoint import load_model
@@ -308,7 +308,7 @@ def score(
                                    help="Run directory (its best.pt) or a checkpoint."),
     input: str = typer.Option("-", "--input", "-i", help="File with one sentence per line, or - for stdin."),
     as_json: bool = typer.Option(False, "--json", help='One JSON object per line: {"text","tokens","logprob","ppl"}.'),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
 ) -> None:
     def body() -> None:
         from .checkpoint import load_model
