@@ -7,10 +7,11 @@
 #   ptb-medium   configs/ptb-word-medium.yaml for MEDIUM_TIME training seconds, then test ppl
 #                (5 epochs took 60 s on an H200; all 39 need about 8 minutes)
 # usage: [PARTS="tests throughput"] bash scripts/gpu_check.sh [DATA_DIR] [OUT_DIR]
-#   DATA_DIR holds ptb/ (default ../shared/data); OUT_DIR gets the logs (default runs/gpu-check).
+#   DATA_DIR holds ptb/ (default data, where scripts/download_data.py ptb puts it); OUT_DIR gets
+#   the logs (default runs/gpu-check).
 #   Limits (seconds): TEST_TIME (240), BENCH_SECONDS (10 per throughput run), MEDIUM_TIME (180).
 set -u
-DATA=${1:-../shared/data}
+DATA=${1:-data}
 OUT=${2:-runs/gpu-check}
 PARTS=${PARTS:-tests throughput ptb-small ptb-medium}
 mkdir -p "$OUT"
