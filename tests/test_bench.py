@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from argparse import Namespace
@@ -102,3 +103,27 @@ def test_ratio_summary_takes_median_and_range():
     assert s["ratio_fp32_median"] == 1.1 and s["ratio_bf16_median"] == 2.7
     assert (s["ratio_bf16_min"], s["ratio_bf16_max"]) == (2.4, 2.9)
     assert (s["ratio_fp32_min"], s["ratio_fp32_max"]) == (1.0, 1.2)
+
+
+def test_bench_gpu_dry_runs_on_the_cpu(tmp_path):
+    """scripts/bench_gpu.py end to end with the CPU in the GPU's place (--device cpu): the
+    reference and rnnlm runs, the ratios and results.json, and the profile (CUDA itself is
+    covered by tests/test_cuda.py on a GPU)."""
+    ptb = tmp_path / "data" / "ptb"
+    ptb.mkdir(parents=True)
+    g = torch.Generator().manual_seed(1)
+    words = [f"w{i}" for i in range(50)]
+    for split, n in (("train", 3000), ("valid", 200), ("test", 200)):
+        ids = torch.randint(len(words), (n, 8), generator=g).tolist()
+        (ptb / f"{split}.txt").write_text("".join(" ".join(words[i] for i in row) + "\n" for row in ids))
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "throughput", "profile", "--device", "cpu",
+           "--seconds", "1.5", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "RNNLM_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rnnlm fp32" in r.stdout and "x reference fp32" in r.stdout and "kernel launches per step" in r.stdout
+    results = json.loads(next((tmp_path / "out").glob("*/results.json")).read_text())
+    tp = results["throughput"]
+    assert all(tp[k] > 0 for k in ("ref_fp32", "ref_fp32_again", "rnnlm_fp32", "rnnlm_bf16"))
+    assert tp["ratio_fp32"] == pytest.approx(tp["rnnlm_fp32"] / ((tp["ref_fp32"] + tp["ref_fp32_again"]) / 2))
+    assert "rnnlm_fp16" not in tp  # fp16 is CUDA's
