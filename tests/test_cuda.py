@@ -231,6 +231,18 @@ def test_checkpoint_trained_on_device_evaluates_alike_on_cpu(corpus, tmp_path):
     assert r_dev["ppl"] == pytest.approx(r_cpu["ppl"], rel=1e-5)
 
 
+def test_scores_on_device_equal_the_cpus(corpus, tmp_path):
+    from rnnlm.evaluate import score_sentences
+    _fit(corpus, tmp_path / "run", DEV, "train.max_steps=20")
+    on_cpu, on_dev = load_model(tmp_path / "run" / "best.pt", "cpu"), load_model(tmp_path / "run" / "best.pt", DEV)
+    sentences = ["the cat sat", "a big red dog ran far away quickly", "zebra on a mat", ""]
+    want = score_sentences(on_cpu.model, on_cpu.vocab, on_cpu.tokenizer, sentences, "cpu", batch_size=2)
+    got = score_sentences(on_dev.model, on_dev.vocab, on_dev.tokenizer, sentences, DEV, batch_size=2)
+    assert [g["tokens"] for g in got] == [w["tokens"] for w in want] == [4, 9, 5, 1]
+    assert [g["oov"] for g in got] == [w["oov"] for w in want] == [0, 0, 1, 0]
+    assert [g["logprob"] for g in got] == pytest.approx([w["logprob"] for w in want], rel=1e-5)
+
+
 # -- sampling -------------------------------------------------------------------------------------
 
 def _fixed_model(probs: list[float]) -> RNNLM:
