@@ -87,8 +87,8 @@ def test_metrics_events_and_fields(corpus, tmp_path):
         assert (run / name).is_file(), name
 
 
-def test_divergence_stops_with_run_error_and_keeps_last_good(corpus, tmp_path, monkeypatch):
-    """A non-finite loss stops the run (naming the step) without saving the broken weights."""
+def _nan_loss_from(monkeypatch, step: int) -> None:
+    """From the `step`-th training step on, the model's training loss is NaN."""
     from rnnlm.models import RNNLM
     calls = {"n": 0}
     real_nll = RNNLM.nll
@@ -97,10 +97,15 @@ def test_divergence_stops_with_run_error_and_keeps_last_good(corpus, tmp_path, m
         out = real_nll(self, h, y, reduction)
         if self.training:
             calls["n"] += 1
-            if calls["n"] >= 13:  # the 13th training step blows up
+            if calls["n"] >= step:
                 out = out * float("nan")
         return out
     monkeypatch.setattr(RNNLM, "nll", nll)
+
+
+def test_divergence_stops_with_run_error_and_keeps_last_good(corpus, tmp_path, monkeypatch):
+    """A non-finite loss stops the run (naming the step) without saving the broken weights."""
+    _nan_loss_from(monkeypatch, 13)  # the 13th training step blows up
     cfg = _cfg(corpus, "train.max_steps=60", "train.log_every=5", "train.eval_every=10")
     with pytest.raises(RunError, match="step 13"):
         Trainer(cfg, tmp_path / "r", progress=False).fit()
@@ -204,10 +209,7 @@ def test_torchrun_processes_match_single_process(corpus, tmp_path):
     assert "(gloo)" not in single.stdout + single.stderr  # not under torchrun: no process group
     a, va = _events(tmp_path / "s", "train"), _events(tmp_path / "s", "eval")
     for n in (2, 1):
-        ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-                              "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                              "-m", "rnnlm", "train", "--out", str(tmp_path / f"d{n}"), *args],
-                             env=env, capture_output=True, text=True, timeout=300)
+        ddp = _torchrun(tmp_path, f"d{n}", args, n, RNNLM_FORCE_DDP="1")
         assert ddp.returncode == 0, ddp.stderr[-3000:]
         said = " ".join((ddp.stdout + ddp.stderr).split())  # rich may wrap the start-up line
         assert f"{n} process{'es' if n > 1 else ''} (gloo)" in said
@@ -522,18 +524,7 @@ def test_a_non_finite_loss_between_log_lines_is_caught_before_a_validation_saves
     """Log lines every 7 steps, validations every 10: the loss turns NaN at step 19, and the
     validation at step 20 must not save those weights as last.pt; the run stops naming step 19 and
     keeps step 10's checkpoint."""
-    from rnnlm.models import RNNLM
-    calls = {"n": 0}
-    real_nll = RNNLM.nll
-
-    def nll(self, h, y, reduction="mean"):
-        out = real_nll(self, h, y, reduction)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] >= 19:
-                out = out * float("nan")
-        return out
-    monkeypatch.setattr(RNNLM, "nll", nll)
+    _nan_loss_from(monkeypatch, 19)
     cfg = _cfg(corpus, "train.max_steps=60", "train.log_every=7", "train.eval_every=10")
     with pytest.raises(RunError, match="step 19"):
         Trainer(cfg, tmp_path / "r", progress=False).fit()
