@@ -6,6 +6,7 @@ one or a few lines on stderr, never a traceback (``rnnlm --debug COMMAND`` shows
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
@@ -44,8 +45,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_callback(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version.", metavar=""),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.", metavar=""),
 ) -> None:
     _state["debug"] = debug
 
@@ -138,7 +139,8 @@ def _device(name: str):
 @app.command(help="Train a language model. With no --config and no --data it trains a small char-level LSTM on "
                   "the embedded default corpus (the Python standard library's source), offline.\n\n"
                   "KEY=VALUE overrides use the config's dotted keys, e.g. model.hidden_size=650 train.lr=0.5 "
-                  "data.level=word; values parse as YAML scalars.")
+                  "data.level=word; values parse as YAML scalars. --print-config lists every key with its value "
+                  "and meaning.")
 def train(
     overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...", show_default=False),
     config: Optional[str] = typer.Option(None, "--config", "-c", metavar="PATH", help="YAML config file."),
@@ -147,12 +149,15 @@ def train(
                                             "train.txt and optionally valid.txt, test.txt)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH",
                                       help="Run directory (default runs/<config>-<time>)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt.", metavar=""),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", metavar="",
                                             help="Force the rich progress bar on or off (default: on a terminal)."),
+    print_config: bool = typer.Option(False, "--print-config", metavar="",
+                                      help="Print the resolved config (defaults, --config, --data, KEY=VALUE) as "
+                                           "YAML, every key with its meaning, and exit without training."),
 ) -> None:
     def body() -> None:
-        from .config import build_config
+        from .config import build_config, commented_yaml
         from .train import Trainer
 
         cfg_path, out_dir = _path(config, "--config"), _path(out, "--out")
@@ -163,6 +168,12 @@ def train(
         cfg = build_config(cfg_path, items)
         if data is not None and config is None:
             cfg.name = Path(data).stem or "data"
+        if print_config:
+            if resume:
+                raise UsageError("--print-config shows a new run's config; a resumed run's is RUN_DIR/config.yaml "
+                                 "(KEY=VALUE given with --resume change train.* keys only)")
+            sys.stdout.write(commented_yaml(cfg))
+            return
         run_dir = out_dir if out_dir is not None else (Path(cfg.train.out) if cfg.train.out else None)
         trainer = Trainer(cfg, run_dir, resume=resume, console=err_console, progress=progress)
         trainer.fit()
@@ -175,7 +186,9 @@ def train(
 
 @app.command(help="Generate text from a trained model. Samples end at <eos> (not printed) or after --max-length "
                   "tokens; each is followed by a blank line. <unk> is never produced unless --allow-unk. "
-                  "Bidirectional models sample with their forward direction.")
+                  "Bidirectional models sample with their forward direction.\n\n"
+                  "Options left out take the checkpoint's sample.* config (by default: --num-samples 1, "
+                  "--max-length 500, --temperature 0.8, --top-k 0, --top-p 1.0, no prime).")
 def sample(
     checkpoint: str = typer.Option(..., "--checkpoint", "-m", metavar="PATH",
                                    help="Run directory (its best.pt) or a checkpoint."),
@@ -185,10 +198,10 @@ def sample(
     temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Softmax temperature; 0 = greedy."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most probable tokens (0 = off)."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass in (0, 1]."),
-    greedy: bool = typer.Option(False, "--greedy", help="Always take the most probable token."),
-    allow_unk: bool = typer.Option(False, "--allow-unk", help="Allow <unk> to be sampled."),
+    greedy: bool = typer.Option(False, "--greedy", help="Always take the most probable token.", metavar=""),
+    allow_unk: bool = typer.Option(False, "--allow-unk", help="Allow <unk> to be sampled.", metavar=""),
     seed: Optional[int] = typer.Option(None, "--seed", "-s", help="Random seed for reproducible output."),
-    as_json: bool = typer.Option(False, "--json", help='One JSON object per sample: {"text", "tokens", "stop"}.'),
+    as_json: bool = typer.Option(False, "--json", help='One JSON object per sample: {"text", "tokens", "stop", "generated"}.', metavar=""),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
 ) -> None:
     def body() -> None:
@@ -259,11 +272,13 @@ def eval_perplexity(
                                    help="Run directory (its best.pt) or a checkpoint."),
     data: str = typer.Option(..., "--data", "-d", metavar="PATH", help="Text file to evaluate."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Pieces evaluated in parallel; the result is the same at every batch size."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object.", metavar=""),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    encoding: Optional[str] = typer.Option(None, "--encoding", metavar="ENC", help="Text encoding of the file (default: the one the model was trained on, its data.encoding)."),
 ) -> None:
     def body() -> None:
         from .checkpoint import load_model
+        from .data import check_encoding
         from .evaluate import perplexity
 
         if batch_size < 1:
@@ -275,10 +290,11 @@ def eval_perplexity(
         if not data_path.is_file():
             raise UsageError(f"--data {data} is not a regular file; give the text file to evaluate"
                              if data_path.exists() else f"evaluation file not found: {data}")
+        enc = check_encoding(encoding, "--encoding") if encoding is not None else None
         dev = _device(device)
         lm = load_model(ckpt, dev)
         res = perplexity(lm.model, lm.vocab, lm.tokenizer, data_path, batch_size, dev,
-                         lm.config.data.encoding, lm.config.data.errors, progress="auto")
+                         enc or lm.config.data.encoding, lm.config.data.errors, progress="auto")
         if as_json:
             sys.stdout.write(json.dumps(res) + "\n")
             return
@@ -307,16 +323,20 @@ def score(
     checkpoint: str = typer.Option(..., "--checkpoint", "-m", metavar="PATH",
                                    help="Run directory (its best.pt) or a checkpoint."),
     input: str = typer.Option("-", "--input", "-i", help="File with one sentence per line, or - for stdin."),
-    as_json: bool = typer.Option(False, "--json", help='One JSON object per line: {"text","tokens","logprob","ppl"}.'),
+    as_json: bool = typer.Option(False, "--json", help='One JSON object per line: {"text","tokens","logprob","ppl"}.', metavar=""),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    encoding: Optional[str] = typer.Option(None, "--encoding", metavar="ENC", help="Text encoding of the file (default: the one the model was trained on, its data.encoding)."),
 ) -> None:
     def body() -> None:
         from .checkpoint import load_model
+        from .data import check_encoding
         from .evaluate import score_sentences
 
-        lines = _read_sentences(input)
+        raw, name = _read_input(input)
+        enc = check_encoding(encoding, "--encoding") if encoding is not None else None
         dev = _device(device)
         lm = load_model(_path(checkpoint, "--checkpoint"), dev)
+        lines = _sentences(raw, name, enc or lm.config.data.encoding, lm.config.data.errors)
         results = score_sentences(lm.model, lm.vocab, lm.tokenizer, lines, dev)
         if as_json:
             for r in results:
@@ -335,30 +355,34 @@ def score(
     _run(body)
 
 
-def _read_sentences(src: str) -> list[str]:
+def _read_input(src: str) -> tuple[bytes, str]:
+    """The bytes of --input (a file, or - for standard input) and a name for messages."""
     _path(src, "--input")
     if src == "-":
-        data = sys.stdin.buffer.read()
-        name = "standard input"
-    else:
-        p = Path(src)
-        if p.is_dir():
-            raise UsageError(f"--input {p} is a directory; give a text file with one sentence per line")
-        if not p.is_file():
-            raise UsageError(f"--input {p} is not a regular file; give a text file with one sentence per line"
-                             if p.exists() else f"input file not found: {p}")
-        try:
-            data = p.read_bytes()
-        except OSError as e:
-            raise UsageError(f"cannot read --input {p}: {e.strerror or e}") from None
-        name = str(p)
+        return sys.stdin.buffer.read(), "standard input"
+    p = Path(src)
+    if p.is_dir():
+        raise UsageError(f"--input {p} is a directory; give a text file with one sentence per line")
+    if not p.is_file():
+        raise UsageError(f"--input {p} is not a regular file; give a text file with one sentence per line"
+                         if p.exists() else f"input file not found: {p}")
+    try:
+        return p.read_bytes(), str(p)
+    except OSError as e:
+        raise UsageError(f"cannot read --input {p}: {e.strerror or e}") from None
+
+
+def _sentences(data: bytes, name: str, encoding: str = "utf-8", errors: str = "strict") -> list[str]:
+    """The non-blank lines of `data` decoded with `encoding` (a UTF-8 byte-order mark is dropped)."""
     if b"\x00" in data:
         raise UsageError(f"{name} looks like a binary file; give one sentence per line of text")
+    codec = codecs.lookup(encoding).name
     try:
-        text = data.decode("utf-8-sig")
+        text = data.decode("utf-8-sig" if codec == "utf-8" else codec, errors)
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise UsageError(f"{name}: invalid UTF-8 at line {line}, byte offset {e.start}") from None
+        raise UsageError(f"{name}: not valid {codec} at line {line}, byte offset {e.start}; give --encoding "
+                         f"if the file uses another encoding") from None
     lines = [ln for ln in text.replace("\r\n", "\n").split("\n") if ln.strip()]
     if not lines:
         raise UsageError(f"{name} holds no sentences (one per line expected)")

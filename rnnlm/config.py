@@ -459,7 +459,8 @@ def dump_yaml(cfg: Config) -> str:
 
 
 def describe_keys() -> list[tuple[str, str, str]]:
-    """(key, default, help) for every key: used by the README's table and `--help`."""
+    """(key, default, help) for every key (the README's table lists the same; `rnnlm train
+    --print-config` shows the help as comments)."""
     rows = []
     for s, cls in SECTION_CLASSES.items():
         for f in dataclasses.fields(cls):
@@ -467,3 +468,29 @@ def describe_keys() -> list[tuple[str, str, str]]:
             rows.append((f"{s}.{f.name}", yaml.safe_dump(default, default_flow_style=True).strip().removesuffix(
                 "\n...").removesuffix("..."), f.metadata.get("help", "")))
     return rows
+
+
+def _yaml_scalar(value: Any) -> str:
+    """One value as inline YAML (flow style, never wrapped)."""
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=float("inf")).strip()
+    text = text.removesuffix("...").strip()
+    if "\n" in text and isinstance(value, str):  # a string with line breaks: one double-quoted line
+        text = yaml.safe_dump(value, default_style='"', allow_unicode=True, width=float("inf"))
+        text = text.strip().removesuffix("...").strip()
+    return text
+
+
+def commented_yaml(cfg: Config) -> str:
+    """The whole config as YAML, each key followed by its help as a comment; it loads back
+    (``--config``) to the same config."""
+    helps = {key: text for key, _, text in describe_keys()}
+    lines = [f"name: {_yaml_scalar(cfg.name)}"]
+    for s in SECTIONS:
+        rows = [(f.name, _yaml_scalar(getattr(getattr(cfg, s), f.name)), helps.get(f"{s}.{f.name}", ""))
+                for f in dataclasses.fields(SECTION_CLASSES[s])]
+        width = max(len(n) + len(v) for n, v, _ in rows) + 6
+        lines.append(f"{s}:")
+        for name, value, text in rows:
+            item = f"  {name}: {value}"
+            lines.append(f"{item:<{width}}# {text}" if text else item)
+    return "\n".join(lines) + "\n"

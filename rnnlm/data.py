@@ -119,19 +119,19 @@ def check_readable(path: Path, what: str = "data file") -> None:
         raise UsageError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
-def _codec_name(encoding: str) -> str:
+def _codec_name(encoding: str, option: str = "data.encoding") -> str:
     try:
         return codecs.lookup(encoding).name
     except LookupError:
-        raise UsageError(f"unknown text encoding {encoding!r} (data.encoding); use e.g. utf-8, latin-1, "
+        raise UsageError(f"unknown text encoding {encoding!r} ({option}); use e.g. utf-8, latin-1, "
                          f"cp1252") from None
 
 
-def _check_encoding(encoding: str) -> str:
+def check_encoding(encoding: str, option: str = "data.encoding") -> str:
     """The codec's canonical name; encodings whose newline is not the byte 0x0A are refused."""
-    name = _codec_name(encoding)
+    name = _codec_name(encoding, option)
     if "\n".encode(name) != b"\n" or "a".encode(name) != b"a":
-        raise UsageError(f"data.encoding={encoding} is not supported: rnnlm reads text by lines and needs an "
+        raise UsageError(f"{option}={encoding} is not supported: rnnlm reads text by lines and needs an "
                          f"ASCII-compatible encoding (utf-8, latin-1, cp1252, gb18030, shift_jis, ...); convert "
                          f"the file first, e.g. `iconv -f {encoding} -t UTF-8 FILE > FILE.utf8`")
     return name
@@ -145,7 +145,7 @@ def read_blocks(src: TextSource, encoding: str = "utf-8", errors: str = "strict"
     the file is dropped. Undecodable bytes raise a UsageError naming the file, the line and
     the byte offset, with the settings that fix it.
     """
-    codec = _check_encoding(encoding)
+    codec = check_encoding(encoding)
     utf8 = codec == "utf-8"
     block_bytes = block_bytes or _READ_HINT
     line_no = 1
@@ -190,8 +190,8 @@ def read_blocks(src: TextSource, encoding: str = "utf-8", errors: str = "strict"
                 raise UsageError(
                     f"{src.path}: invalid {encoding} at line {line}, byte offset {pos + e.start} "
                     f"(bytes {bad}: {e.reason}); if the file is in another encoding, convert it (iconv -f "
-                    f"ENCODING -t {encoding}), or when training set data.encoding=ENCODING, or data.errors=replace "
-                    f"to replace undecodable bytes") from None
+                    f"ENCODING -t {encoding}), or name its encoding: data.encoding=ENCODING for training, --encoding "
+                    f"ENCODING for eval-perplexity and score; data.errors=replace replaces undecodable bytes") from None
             line_no += block.count(b"\n")
             pos += len(block)
             yield text, len(block)

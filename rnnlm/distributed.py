@@ -74,11 +74,13 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-
-
-def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+def all_reduce_first_step(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The earliest step number over all ranks, in place; -1 means "none" and loses to any step."""
     if info.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        none = torch.iinfo(t.dtype).max
+        t.copy_(torch.where(t < 0, none, t))
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        t.copy_(torch.where(t == none, -1, t))
     return t
 
 

@@ -460,6 +460,35 @@ class Sampler:
         self.vocab = vocab
         self.tok = tokenizer
         self.device = torch.device(device)
+        self._prepared: tuple | None = None  # (key, parameters, _Stepper) of the last generate call
+
+    def _stepper(self) -> _Stepper:
+        """The per-model preparation (weight blocks, the token table), kept between calls.
+
+        It is rebuilt when any parameter changed: another tensor, dtype or device, or an in-place
+        update through PyTorch (an optimizer step, ``load_state_dict``), which bumps the tensor's
+        version counter. Writes through ``.data`` bump nothing: call :meth:`refresh` after those.
+        Inference tensors (a model built under ``torch.inference_mode``) have no version counter:
+        such a model is prepared on every call.
+        """
+        params = list(self.model.parameters())
+        if any(p.is_inference() for p in params):  # no version counter to watch: prepare every time
+            self._prepared = None
+            return _Stepper(self.model, self.device)
+        key = (self.device, torch.get_num_threads(),
+               tuple((p.data_ptr(), p._version, p.dtype, p.device, p.shape) for p in params))
+        if self._prepared is not None:
+            old_key, old_params, step = self._prepared
+            if old_key == key and len(old_params) == len(params) and all(
+                    a is b for a, b in zip(old_params, params)):
+                return step
+        step = _Stepper(self.model, self.device)
+        self._prepared = (key, params, step)
+        return step
+
+    def refresh(self) -> None:
+        """Forget the prepared weights (after changing parameters through ``.data``)."""
+        self._prepared = None
 
     def encode_prime(self, prime: str) -> tuple[list[int], int]:
         """Context ids for a prime text (the start context <eos> first) and how many became <unk>.
@@ -523,11 +552,13 @@ class Sampler:
         was_training = self.model.training
         self.model.eval()
         try:
-            step = _Stepper(self.model, self.device)
+            step = self._stepper()
             step.start(context, B, mask_unk=not allow_unk)
             truncate = top_k > 0 or top_p < 1
             stream = on_text if B == 1 else None
-            out = torch.empty(max_length if B > 1 else 0, B, dtype=torch.long, device=self.device)
+            # the batch's tokens, (T, B): grown by doubling, so a large --max-length costs nothing
+            # until samples actually run that long
+            out = torch.empty(min(max_length, 256) if B > 1 else 0, B, dtype=torch.long, device=self.device)
             length = torch.full((B,), max_length, dtype=torch.long, device=self.device)
             done = torch.zeros(B, dtype=torch.bool, device=self.device)
             single: list[int] = []
@@ -550,6 +581,8 @@ class Sampler:
                     if stream is not None:
                         stream(self._piece(single, prime))
                 else:
+                    if t == out.size(0):
+                        out = torch.cat([out, torch.empty_like(out)[: max_length - t]])
                     out[t] = nxt
                     ended = (nxt == EOS_ID) & ~done
                     length = torch.where(ended, t, length)

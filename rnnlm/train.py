@@ -688,7 +688,7 @@ class Trainer:
                         if self.dist.enabled:  # the global mean over all ranks' tokens
                             for acc in (loss_sum, clipped):
                                 D.all_reduce_mean(acc, self.dist)
-                            D.all_reduce_max(first_bad, self.dist)
+                            D.all_reduce_first_step(first_bad, self.dist)
                         self._check_finite(first_bad)
                         self.clipped += round(clipped.item())
                         # Those reads waited for the device (a GPU runs behind the host that queues
@@ -707,11 +707,15 @@ class Trainer:
                         interval_steps, interval_tokens, interval_time = 0, 0, 0.0
 
                     if tc.eval_every and self.step % tc.eval_every == 0 and not last_window:
-                        self.train_seconds += self._pending_checked(stats)
+                        wait = self._pending_checked(stats)  # the device finishing queued steps
+                        self.train_seconds += wait
+                        interval_time += wait
                         self._validate(metrics, bar)
                         reason = reason or self._should_stop(at_log=True)
                     elif tc.save_every and self.step % tc.save_every == 0:
-                        self.train_seconds += self._pending_checked(stats)
+                        wait = self._pending_checked(stats)
+                        self.train_seconds += wait
+                        interval_time += wait
                         self.save(LAST)
                     if reason:
                         self.stop_reason = reason
@@ -762,8 +766,10 @@ class Trainer:
         if self._stop_signal:
             self._log(f"[yellow]stopped by {self._stop_signal}[/] at step {self.step}; {LAST} saved. Resume with:\n"
                       f"  rnnlm train --resume --out {escape(str(self.run_dir))}")
-        best = f"best valid loss {self.best_loss:.4f} (ppl {math.exp(self.best_loss):.2f})" \
-            if math.isfinite(self.best_loss) else "no validation split"
+        if math.isfinite(self.best_loss):
+            best = f"best valid loss {self.best_loss:.4f} (ppl {math.exp(self.best_loss):.2f})"
+        else:
+            best = "no validation split" if self.valid is None else f"not validated ({BEST} holds the last weights)"
         self._log(f"done: {self.step} steps, {self.tokens:,} tokens, {self._now():.1f} s "
                   f"({end['train_tokens_per_sec']:,.0f} tokens/s); {best}; stopped by {self.stop_reason}")
         return end
@@ -794,16 +800,17 @@ class Trainer:
         device to finish them; return the seconds that wait took (training time)."""
         t = time.perf_counter()
         first_bad = stats.first_bad()
-        D.all_reduce_max(first_bad, self.dist)
+        D.all_reduce_first_step(first_bad, self.dist)
         self._check_finite(first_bad)
         return time.perf_counter() - t
 
     def _check_finite(self, first_bad: torch.Tensor) -> None:
         bad = int(first_bad.item())
         if bad >= 0:
-            raise RunError(f"the training loss became non-finite at step {bad}; stopped without saving it. The last "
-                           f"good checkpoint is in {self.run_dir}. Try a lower train.lr or a smaller "
-                           f"train.clip_grad_norm")
+            saved = (f"The last good checkpoint is in {self.run_dir}" if (self.run_dir / LAST).exists()
+                     else "No checkpoint had been written yet")
+            raise RunError(f"the training loss became non-finite at step {bad}; stopped without saving it. {saved}. "
+                           f"Try a lower train.lr or a smaller train.clip_grad_norm")
 
     def _autocast(self):
         if self.amp_dtype is None:

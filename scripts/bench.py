@@ -255,7 +255,7 @@ def wikitext2(args, out: Path) -> dict:
     r = run_rnnlm(out / "wt2-tp", wt, shapes)
     res["rnnlm_adaptive_bf16_tok_s"] = steady_tokens_per_sec(r["events"])
     res["ratio"] = res["rnnlm_adaptive_bf16_tok_s"] / res["ref_fp32_tok_s"]
-    print(f"WikiText-2, 2x200 LSTM, bptt 35, batch 20 (33,278 words):")
+    print("WikiText-2, 2x200 LSTM, bptt 35, batch 20 (33,278 words):")
     print(f"  reference fp32 (full softmax)   {res['ref_fp32_tok_s']:>9,.0f} tok/s")
     print(f"  rnnlm adaptive softmax, bf16    {res['rnnlm_adaptive_bf16_tok_s']:>9,.0f} tok/s = {res['ratio']:.1f}x   (target >= 5)")
     T = args.wt2_time

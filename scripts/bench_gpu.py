@@ -38,7 +38,7 @@ from bench import IDENTICAL, ROOT, find_data, run_rnnlm, steady_tokens_per_sec  
 def run_ref_cuda(ptb: Path, seconds: float, bf16: bool, device: str) -> float:
     """The reference recipe on the GPU: steady tokens/s between its first and last evaluation."""
     cmd = [sys.executable, str(ROOT / "scripts" / "ref_train.py"), str(ptb / "train.txt"), str(ptb / "valid.txt"),
-           "--device", device, "--max-time", str(seconds), "--eval-every", "300" if device == "cuda" else "20"]
+           "--device", device, "--max-time", str(seconds), "--eval-every", "300" if device.startswith("cuda") else "5"]
     cmd += ["--bf16"] if bf16 else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     evals = [json.loads(x) for x in out.splitlines() if x.startswith('{"event": "eval"')]
@@ -56,7 +56,7 @@ def throughput(args, out: Path) -> dict:
     for prec in ("fp32", "bf16", "fp16") if args.device == "cuda" else ("fp32", "bf16"):
         r = run_rnnlm(out / f"tp-{prec}", ptb, IDENTICAL + [
             f"train.device={args.device}", f"train.precision={prec}", f"train.max_time={args.seconds}", "train.max_steps=null",
-            "train.log_every=100", "train.eval_max_tokens=2000"])
+            f"train.log_every={100 if args.device.startswith('cuda') else 5}", "train.eval_max_tokens=2000"])
         res[f"rnnlm_{prec}"] = steady_tokens_per_sec(r["events"])
     res["ref_fp32_again"] = run_ref_cuda(ptb, args.seconds, False, args.device)
     ref = (res["ref_fp32"] + res["ref_fp32_again"]) / 2

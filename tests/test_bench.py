@@ -117,7 +117,7 @@ def test_bench_gpu_dry_runs_on_the_cpu(tmp_path):
         ids = torch.randint(len(words), (n, 8), generator=g).tolist()
         (ptb / f"{split}.txt").write_text("".join(" ".join(words[i] for i in row) + "\n" for row in ids))
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "throughput", "profile", "--device", "cpu",
-           "--seconds", "1.5", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+           "--seconds", "2", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "RNNLM_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr[-3000:]

@@ -326,6 +326,64 @@ def test_score_file_and_table(work, word_run):
     assert len(r.stdout.splitlines()) == 2  # the blank line is not a sentence
 
 
+def test_eval_and_score_read_other_encodings(work, word_run):
+    """--encoding decodes the evaluated or scored text; without it the model's own data.encoding
+    is used (utf-8 here, latin-1 for a model trained on latin-1 text), and the message of an
+    undecodable file names the option."""
+    text = "the caf\xe9 sat on the rug\nthe cat ran on the red rug\n"
+    lat, utf = work / "enc_latin1.txt", work / "enc_utf8.txt"
+    lat.write_bytes(text.encode("latin-1"))
+    utf.write_bytes(text.encode("utf-8"))
+    assert_usage_error(invoke(["eval-perplexity", "-m", word_run, "-d", lat]), "enc_latin1.txt", "line 1",
+                       "--encoding")
+    want = json.loads(ok_invoke(["eval-perplexity", "-m", word_run, "-d", utf, "--json"]).stdout)
+    got = json.loads(ok_invoke(["eval-perplexity", "-m", word_run, "-d", lat, "--json", "--encoding",
+                                "latin-1"]).stdout)
+    assert got.pop("file") == str(lat) and want.pop("file") == str(utf)
+    assert got == want and got["oov"] == 1
+    assert_usage_error(invoke(["eval-perplexity", "-m", word_run, "-d", lat, "--encoding", "nope"]),
+                       "unknown text encoding 'nope' (--encoding)")
+    assert_usage_error(invoke(["eval-perplexity", "-m", word_run, "-d", lat, "--encoding", "utf-16"]),
+                       "--encoding=utf-16 is not supported")
+    assert_usage_error(run(["score", "-m", word_run, "--json"], work, work / "cache",
+                           stdin=text.encode("latin-1")), "standard input", "line 1", "--encoding")
+    rows = [json.loads(x) for x in ok(run(["score", "-m", word_run, "--json", "--encoding", "latin-1"], work,
+                                          work / "cache", stdin=text.encode("latin-1"))).stdout.splitlines()]
+    assert [r["text"] for r in rows] == text.splitlines()
+    assert rows == [json.loads(x) for x in ok_invoke(["score", "-m", word_run, "-i", utf, "--json"]).stdout.splitlines()]
+    # a model trained on latin-1 text reads latin-1 by default
+    (work / "lat_corpus").mkdir()
+    (work / "lat_corpus" / "train.txt").write_bytes((word_text(200, 3) + text).encode("latin-1"))
+    lat_run = work / "lat_run"
+    ok(run(["train", "--data", work / "lat_corpus", "--out", lat_run, "data.level=word", "data.encoding=latin-1",
+            "data.split=[0.9,0.1,0.0]", *TINY], work, work / "cache"))
+    res = json.loads(ok_invoke(["eval-perplexity", "-m", lat_run, "-d", lat, "--json"]).stdout)
+    assert res["oov"] == 0 and res["tokens"] == 15
+    rows = [json.loads(x) for x in ok(run(["score", "-m", lat_run, "--json"], work, work / "cache",
+                                          stdin=text.encode("latin-1"))).stdout.splitlines()]
+    assert rows[0]["text"] == "the caf\xe9 sat on the rug"
+
+
+def test_train_print_config_prints_and_does_not_train(work, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = ok_invoke(["train", "--print-config", "--data", work / "word.txt", "data.level=word", "model.hidden_size=77"])
+    assert "  hidden_size: 77 " in r.stdout and "# recurrent state size" in r.stdout
+    assert f"  path: {work / 'word.txt'}" in r.stdout and r.stdout.startswith("name: word\n")
+    assert not (tmp_path / "runs").exists()
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(r.stdout, encoding="utf-8")
+    again = ok_invoke(["train", "--print-config", "--config", printed])
+    assert again.stdout == r.stdout                       # what it prints is a config that loads back
+    assert_usage_error(invoke(["train", "--print-config", "--resume", "--out", work / "word_run"]), "--print-config")
+    assert_usage_error(invoke(["train", "--print-config", "model.hiden_size=3"]), "model.hidden_size")
+
+
+def ok_invoke(args: list[str]):
+    r = invoke(args)
+    assert r.exit_code == 0, f"exit {r.exit_code}\n{r.stdout}\n{r.stderr}\n{r.exception!r}"
+    return r
+
+
 # -- the command itself ------------------------------------------------------------------------
 
 def test_version_and_help_via_python_m(work):

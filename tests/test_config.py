@@ -422,3 +422,38 @@ def test_train_device_takes_a_gpu_index():
     for bad in ("gpu", "cuda:", "cuda:x", "0", "CPU"):
         with pytest.raises(UsageError, match="train.device' must be auto, cpu, cuda, cuda:N or mps"):
             build_config(None, [f"train.device={bad}"])
+
+
+# -- --print-config ---------------------------------------------------------------------------
+
+def _reload(tmp_path, text: str) -> Config:
+    p = tmp_path / "printed.yaml"
+    p.write_text(text, encoding="utf-8")
+    cfg = build_config(p)
+    return cfg
+
+
+def test_commented_yaml_lists_every_key_with_its_help_and_loads_back(tmp_path):
+    from rnnlm.config import commented_yaml, describe_keys
+    cfg = build_config(None, ["model.hidden_size=77", "data.split=[0.8, 0.1, 0.1]", "train.max_time=12.5",
+                              "data.max_vocab=null", "train.device=cuda:1"])
+    cfg.name = "exp"
+    text = commented_yaml(cfg)
+    for key, _, help_text in describe_keys():
+        section, name = key.split(".")
+        assert any(line.startswith(f"  {name}: ") and line.endswith(f"# {help_text}") for line in text.splitlines()), key
+    back = _reload(tmp_path, text)
+    assert back.to_dict() == cfg.to_dict() and back.name == "exp"
+    assert "  hidden_size: 77 " in text and "  split: [0.8, 0.1, 0.1] " in text
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prime=st.text(max_size=30))
+def test_commented_yaml_round_trips_any_prime(tmp_path, prime):
+    """Strings with quotes, '#', line breaks (\\n, \\r, U+2028, NEL) or emoji stay one line and load back."""
+    from rnnlm.config import commented_yaml
+    cfg = Config()
+    cfg.sample.prime = prime
+    text = commented_yaml(cfg)
+    assert len(text.splitlines()) == 1 + 4 + len(all_keys())
+    assert _reload(tmp_path, text).sample.prime == prime

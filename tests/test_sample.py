@@ -394,6 +394,65 @@ def test_seed_reproduces_and_different_seeds_differ():
     assert len({x.text for x in a}) == 4                          # the samples of a batch differ too
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "lstm_peephole"])
+def test_prepared_weights_are_kept_between_calls_and_follow_weight_changes(cell, monkeypatch):
+    """generate() prepares the weights once and reuses them while the model is unchanged; an
+    optimizer step, load_state_dict or a no_grad in-place update makes it prepare again, and the
+    samples are then those of a sampler built afresh on the changed model."""
+    import rnnlm.sample as S
+    built = []
+
+    class Counting(S._Stepper):
+        def __init__(self, *a, **kw):
+            built.append(1)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(S, "_Stepper", Counting)
+    vocab = char_vocab()
+    model = random_model(len(vocab), cell=cell, seed=4)
+    s = sampler(model, vocab)
+
+    def fresh(prime="ab"):
+        return sampler(model, vocab).generate(prime, 3, 40, seed=9)
+
+    a = s.generate("ab", 3, 40, seed=9)
+    assert s.generate("ab", 3, 40, seed=9) == a and s.generate("b", 1, 10, seed=1) and len(built) == 1
+    opt = torch.optim.SGD(model.parameters(), lr=5.0)             # an optimizer step
+    model.train()
+    model.nll(model(torch.tensor([[2], [3]]), None, 0)[0], torch.tensor([[3], [4]])).backward()
+    opt.step()
+    model.eval()
+    b = s.generate("ab", 3, 40, seed=9)
+    assert len(built) == 2 and b != a
+    built.clear()
+    assert b == fresh() and len(built) == 1
+    other = random_model(len(vocab), cell=cell, seed=5)             # load_state_dict copies in place
+    model.load_state_dict(other.state_dict())
+    built.clear()
+    c = s.generate("ab", 3, 40, seed=9)
+    assert len(built) == 1 and c != b and c == fresh()
+    with torch.no_grad():                                          # a plain in-place write
+        model.decoder.bias[5] += 8.0
+    d = s.generate("ab", 3, 40, seed=9)
+    assert d != c and d == fresh()
+    model.decoder.bias.data[6] += 8.0                              # invisible to the version counter ...
+    s.refresh()                                                    # ... hence refresh()
+    assert s.generate("ab", 3, 40, seed=9) == fresh() != d
+
+
+def test_model_built_in_inference_mode_is_prepared_on_every_call():
+    """Inference tensors have no version counter: nothing is kept, and changes are always seen."""
+    vocab = char_vocab()
+    with torch.inference_mode():
+        model = random_model(len(vocab), seed=4)
+    s = sampler(model, vocab)
+    a = s.generate("ab", 2, 30, seed=9)
+    with torch.inference_mode():
+        model.decoder.bias[5] += 8.0
+    b = s.generate("ab", 2, 30, seed=9)
+    assert b != a and b == sampler(model, vocab).generate("ab", 2, 30, seed=9)
+
+
 def test_no_seed_leaves_global_rng_alone():
     vocab = char_vocab()
     s = sampler(random_model(len(vocab)), vocab)
@@ -528,6 +587,23 @@ def test_max_length_is_never_exceeded(num_samples, max_length):
             assert x.tokens == len(x.generated)     # one char per token, no <unk>
             assert (x.stop == "length") == (x.tokens == max_length)
             assert x.stop in ("eos", "length")
+
+
+def test_batch_buffer_grows_with_the_samples_not_with_max_length():
+    """A batch's token buffer starts small and doubles: samples longer than its first size come out
+    whole (greedy batch rows equal the one-sample greedy run), and a huge --max-length with
+    samples that end early allocates nothing near max_length x batch (2**31 x 16 int64 = 275 GB)."""
+    vocab = char_vocab()
+    s = sampler(random_model(len(vocab), seed=11), vocab)
+    with torch.no_grad():
+        s.model.decoder.bias[EOS_ID] = NEVER
+    one = s.generate("ab", 1, 700, greedy=True)[0]
+    batch = s.generate("ab", 3, 700, greedy=True)
+    assert one.tokens == 700 and all(x == one for x in batch)
+    with torch.no_grad():
+        s.model.decoder.bias[EOS_ID] = 30.0                     # <eos> after a token or two
+    out = s.generate("ab", 16, 2**31 - 1, seed=3)
+    assert all(x.stop == "eos" and x.tokens < 50 for x in out)
 
 
 def test_num_samples_zero_and_bad_arguments():

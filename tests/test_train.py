@@ -107,11 +107,41 @@ def test_divergence_stops_with_run_error_and_keeps_last_good(corpus, tmp_path, m
     """A non-finite loss stops the run (naming the step) without saving the broken weights."""
     _nan_loss_from(monkeypatch, 13)  # the 13th training step blows up
     cfg = _cfg(corpus, "train.max_steps=60", "train.log_every=5", "train.eval_every=10")
-    with pytest.raises(RunError, match="step 13"):
+    with pytest.raises(RunError, match="step 13.*The last good checkpoint is in"):
         Trainer(cfg, tmp_path / "r", progress=False).fit()
     ck = load_checkpoint(tmp_path / "r" / "last.pt")
     assert ck["step"] == 10  # the last good checkpoint, from the evaluation at step 10
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_divergence_before_the_first_save_says_there_is_no_checkpoint(corpus, tmp_path, monkeypatch):
+    _nan_loss_from(monkeypatch, 3)
+    cfg = _cfg(corpus, "train.max_steps=60", "train.log_every=5", "train.eval_every=10")
+    with pytest.raises(RunError, match="step 3.*No checkpoint had been written yet"):
+        Trainer(cfg, tmp_path / "r", progress=False).fit()
+    assert not (tmp_path / "r" / "last.pt").exists() and not (tmp_path / "r" / "best.pt").exists()
+
+
+def test_stop_signal_before_the_first_validation_says_not_validated(corpus, tmp_path, monkeypatch, capsys):
+    """SIGTERM before any validation: last.pt and best.pt hold the final weights, and the summary
+    says they were not validated (not that there is no validation split)."""
+    import os
+    import signal
+    from rnnlm.models import RNNLM
+    real_nll, calls = RNNLM.nll, {"n": 0}
+
+    def nll(self, h, y, reduction="mean"):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real_nll(self, h, y, reduction)
+    monkeypatch.setattr(RNNLM, "nll", nll)
+    end = Trainer(_cfg(corpus, "train.max_steps=60", "train.eval_every=50"), tmp_path / "r", progress=False).fit()
+    err = " ".join(capsys.readouterr().err.split())
+    assert end["stop_reason"] == "SIGTERM" and end["best_valid_loss"] is None and end["step"] == 2
+    assert "not validated (best.pt holds the last weights)" in err and "no validation split" not in err
+    assert load_checkpoint(tmp_path / "r" / "best.pt")["step"] == 2
 
 
 def test_lr_schedules():
@@ -469,6 +499,28 @@ def test_step_stats_fold_in_chunks_and_find_the_first_bad_step():
         _, gnorm_sum, clipped, first = st.take()
         assert first.item() == 15 and clipped.item() == 2 and gnorm_sum.item() == pytest.approx(1.9)
         assert st.take()[3].item() == -1  # taken: the next interval starts clean
+
+
+def _first_step_worker(rank: int, world: int, store_path: str, values: list, out_path: str) -> None:
+    import torch.distributed as dist
+    from rnnlm import distributed as D
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    try:
+        t = torch.tensor(values[rank], dtype=torch.long)
+        D.all_reduce_first_step(t, D.DistInfo(rank=rank, world_size=world))
+        with open(f"{out_path}.{rank}", "w") as f:
+            f.write(str(t.item()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("values,expected", [([-1, 7, 5], 5), ([9, -1, -1], 9), ([-1, -1, -1], -1)])
+def test_all_ranks_report_the_earliest_non_finite_step(tmp_path, values, expected):
+    """Each rank's first non-finite step (-1: none) reduces to the earliest over the ranks, on every rank."""
+    import torch.multiprocessing as mp
+    out = tmp_path / "got"
+    mp.spawn(_first_step_worker, args=(3, str(tmp_path / "store"), values, str(out)), nprocs=3)
+    assert [int((tmp_path / f"got.{r}").read_text()) for r in range(3)] == [expected] * 3
 
 
 def test_library_use_without_a_console_logs_plain_text(corpus, tmp_path, capsys):
