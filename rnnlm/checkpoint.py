@@ -133,10 +133,12 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
     buf = io.BytesIO()
     torch.save(payload, buf)
+    existed = Path(path).exists()
     try:
         atomic_write_bytes(Path(path), buf.getvalue())
     except OSError as e:
-        raise RunError(f"could not write checkpoint {path}: {e.strerror or e}; the previous checkpoint is intact "
+        before = "the previous checkpoint is intact" if existed else "nothing was written in its place"
+        raise RunError(f"could not write checkpoint {path}: {e.strerror or e}; {before} "
                        f"(free disk space or choose another --out)") from None
 
 

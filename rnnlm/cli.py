@@ -10,6 +10,7 @@ import codecs
 import json
 import math
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -179,6 +180,10 @@ def train(
         trainer.fit()
         if trainer.dist.is_main:  # under torchrun, one line, not one per rank
             out_console.print(f"run directory: {escape(str(trainer.run_dir))}", soft_wrap=True)
+        if trainer.stop_reason in ("SIGINT", "SIGTERM"):
+            # stopped cleanly (last.pt saved) but not finished: 128 + the signal's number, as a shell
+            # reports a process a signal ended, so `rnnlm train && next` does not go on
+            raise typer.Exit(128 + int(getattr(signal, trainer.stop_reason)))
     _run(body)
 
 
@@ -318,7 +323,8 @@ def eval_perplexity(
 
 @app.command(help="Score sentences, one per line, each independently (fresh state, <eos> appended), as a speech "
                   "recogniser rescoring its candidates would. logprob is the natural-log probability of the "
-                  "sentence including its <eos>.")
+                  "sentence including its <eos>. Every line is scored, an empty one too (as <eos> alone), so "
+                  "the i-th result is the i-th line.")
 def score(
     checkpoint: str = typer.Option(..., "--checkpoint", "-m", metavar="PATH",
                                    help="Run directory (its best.pt) or a checkpoint."),
@@ -373,7 +379,8 @@ def _read_input(src: str) -> tuple[bytes, str]:
 
 
 def _sentences(data: bytes, name: str, encoding: str = "utf-8", errors: str = "strict") -> list[str]:
-    """The non-blank lines of `data` decoded with `encoding` (a UTF-8 byte-order mark is dropped)."""
+    """The lines of `data` decoded with `encoding` (a UTF-8 byte-order mark is dropped), every one a
+    sentence, empty ones included, so that the i-th result is the i-th line."""
     if b"\x00" in data:
         raise UsageError(f"{name} looks like a binary file; give one sentence per line of text")
     codec = codecs.lookup(encoding).name
@@ -383,7 +390,9 @@ def _sentences(data: bytes, name: str, encoding: str = "utf-8", errors: str = "s
         line = data[: e.start].count(b"\n") + 1
         raise UsageError(f"{name}: not valid {codec} at line {line}, byte offset {e.start}; give --encoding "
                          f"if the file uses another encoding") from None
-    lines = [ln for ln in text.replace("\r\n", "\n").split("\n") if ln.strip()]
+    lines = text.replace("\r\n", "\n").split("\n")
+    if lines[-1] == "":  # the newline that ends the last line does not start another
+        lines.pop()
     if not lines:
         raise UsageError(f"{name} holds no sentences (one per line expected)")
     return lines

@@ -30,6 +30,7 @@ SECTIONS = ("data", "model", "train", "sample")
 # cannot index the result anyway).
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
 COUNT_MAX = 2 ** 31 - 1
+LAYERS_MAX = 1024  # a guard against typos (a 10**20-layer model would be built for ever), not a design limit
 
 
 def _f(default: Any, help: str, **rules: Any) -> Any:
@@ -64,16 +65,16 @@ class DataConfig:
 class ModelConfig:
     cell: str = _f("lstm", "recurrent cell",
                    choices=("rnn_tanh", "rnn_relu", "gru", "lstm", "lstm_peephole"))
-    embedding_size: int = _f(128, "token embedding size", min=1)
-    hidden_size: int = _f(256, "recurrent state size a<t> (and c<t>)", min=1)
-    num_layers: int = _f(2, "stacked recurrent layers", min=1)
+    embedding_size: int = _f(128, "token embedding size", min=1, max=COUNT_MAX)
+    hidden_size: int = _f(256, "recurrent state size a<t> (and c<t>)", min=1, max=COUNT_MAX)
+    num_layers: int = _f(2, "stacked recurrent layers", min=1, max=LAYERS_MAX)
     dropout: float = _f(0.0, "dropout on embeddings, between layers and before the softmax", prob=True)
     tie_weights: bool = _f(False, "share the embedding matrix with the output layer (a projection is added when "
                                   "hidden_size != embedding_size)")
     bidirectional: bool = _f(False, "two stacks (forward, and backward over reversed text), ELMo-style; "
                                     "no direction sees the token it predicts")
     head_layers: int = _f(0, "non-recurrent layers (linear + tanh) between the top recurrent layer and the softmax",
-                          min=0)
+                          min=0, max=LAYERS_MAX)
     softmax: str = _f("full", "output layer", choices=("full", "adaptive"))
     adaptive_cutoffs: list[int] | None = _f(None, "cluster cutoffs of the adaptive softmax; null = chosen from the "
                                                   "vocabulary size")
@@ -85,8 +86,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = _f(32, "sequences trained in parallel (columns of the token stream)", min=1)
-    bptt: int = _f(128, "truncated backpropagation-through-time window, in tokens", min=1)
+    batch_size: int = _f(32, "sequences trained in parallel (columns of the token stream)", min=1, max=COUNT_MAX)
+    bptt: int = _f(128, "truncated backpropagation-through-time window, in tokens", min=1, max=COUNT_MAX)
     epochs: int = _f(3, "passes over the training split", min=1)
     max_steps: int | None = _f(1500, "stop after this many optimizer steps (null = no limit)", min=1)
     max_time: float | None = _f(None, "stop after this many seconds of training wall time (null = no limit); "
@@ -122,7 +123,8 @@ class TrainConfig:
     save_every: int | None = _f(None, "also write last.pt every this many optimizer steps (null = at each "
                                       "evaluation only)", min=1)
     eval_batch_size: int = _f(16, "batch size of the validation passes during training (contiguous pieces in "
-                                  "parallel, each start state checked against the exact carried one)", min=1)
+                                  "parallel, each start state checked against the exact carried one)", min=1,
+                             max=COUNT_MAX)
     eval_max_tokens: int | None = _f(None, "evaluate on at most this many validation tokens during training "
                                            "(null = all)", min=1)
     out: str | None = _f(None, "run directory; null = runs/<config-name>-<timestamp>")
@@ -376,7 +378,7 @@ def load_yaml(path: str | Path) -> Any:
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"config path {p} is a directory; give a YAML file")
-    if not p.is_file():
+    if not p.exists():  # a pipe (`--config <(...)`) or /dev/null reads like a file
         raise UsageError(f"config file not found: {p}")
     try:
         text = p.read_bytes().decode("utf-8-sig")
@@ -474,7 +476,8 @@ def _yaml_scalar(value: Any) -> str:
     """One value as inline YAML (flow style, never wrapped)."""
     text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=float("inf")).strip()
     text = text.removesuffix("...").strip()
-    if "\n" in text and isinstance(value, str):  # a string with line breaks: one double-quoted line
+    if isinstance(value, str) and (len(text.splitlines()) != 1 or not value.isprintable()):
+        # line breaks of any kind (\n, NEL, U+2028...) or control characters: one double-quoted line
         text = yaml.safe_dump(value, default_style='"', allow_unicode=True, width=float("inf"))
         text = text.strip().removesuffix("...").strip()
     return text

@@ -320,6 +320,9 @@ def resolve_sources(data_cfg) -> tuple[dict[str, TextSource], str]:
         if p.stat().st_size == 0:
             raise UsageError(f"data file {p} is empty")
         return split_file(p, data_cfg.split), str(p)
+    if p.exists():  # a pipe or a device: the corpus is read more than once, so it must be a file
+        raise UsageError(f"data path {p} is not a regular file (a pipe or a device); save the text to a file "
+                         f"and give that")
     raise UsageError(f"data path not found: {p} (give a text file, or a directory with train.txt)")
 
 

@@ -325,6 +325,9 @@ def _sentence_tokens(tokenizer: Tokenizer, sentence: str) -> list[str]:
     return list(text) if tokenizer.level == "char" else tokenizer.split_words(text)
 
 
+_SCORE_LOGITS = 1 << 24  # logits held at once while scoring (64 MB in float32)
+
+
 def score_sentences(model, vocab: Vocab, tokenizer: Tokenizer, sentences: Iterable[str], device="cpu",
                     batch_size: int = 64) -> list[dict]:
     """Score each sentence independently: fresh state, previous token <eos>, EOS appended.
@@ -360,9 +363,16 @@ def score_sentences(model, vocab: Vocab, tokenizer: Tokenizer, sentences: Iterab
                     x[:L, j] = seq[:-1]
                     y[:L, j] = seq[1:]
                     m[:L, j] = True
-                h, _ = model(x.to(device), None, 0)
-                nll = model.nll(h.float(), y.to(device), reduction="none").view(T, len(idx)).double().cpu()
-                nll = torch.where(m, nll, 0.0).sum(0)
+                # Long sentences go through in time chunks with the state carried, so memory stays
+                # bounded (about _SCORE_LOGITS logits at a time) whatever a line's length.
+                chunk = max(1, _SCORE_LOGITS // (len(idx) * max(1, len(vocab))))
+                nll = torch.zeros(len(idx), dtype=torch.float64)
+                state = None
+                for t0 in range(0, T, chunk):
+                    t1 = min(T, t0 + chunk)
+                    h, state = model(x[t0:t1].to(device), state, 0)
+                    part = model.nll(h.float(), y[t0:t1].to(device), reduction="none").view(t1 - t0, len(idx))
+                    nll += torch.where(m[t0:t1], part.double().cpu(), 0.0).sum(0)
                 for j, i in enumerate(idx):
                     lp = -float(nll[j])
                     k = len(encoded[i])

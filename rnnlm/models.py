@@ -215,6 +215,7 @@ class RNNLM(nn.Module):
                               f"{vocab_size} tokens (each cutoff must be below {vocab_size - 1}); using {kept}",
                               stacklevel=2)
             cutoffs = kept
+            self.cutoffs = cutoffs  # the ones in use (the trainer records them in the run's config)
             self.softmax = nn.AdaptiveLogSoftmaxWithLoss(out_dim, vocab_size, cutoffs, div_value=4.0)
             self.decoder = None
         else:

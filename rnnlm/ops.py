@@ -47,8 +47,9 @@ def _inplace_softmax_is_exact(dtype: torch.dtype) -> bool:
 def softmax_(x: torch.Tensor) -> torch.Tensor:
     """``torch.softmax(x, dim=1)`` for a 2-D tensor, written over `x` on CPU (where the kernel allows
     it): one (N, V) buffer instead of two, which keeps the logits/probabilities in cache better.
-    Elsewhere, and if the check fails, a new tensor."""
-    if x.device.type == "cpu" and x.is_contiguous():
+    Elsewhere, and if the check fails, a new tensor; also while torch.compile traces (the check would
+    be traced into the graph, and the compiler fuses the plain softmax anyway)."""
+    if x.device.type == "cpu" and x.is_contiguous() and not compiling():
         ok = _INPLACE_SOFTMAX.get(x.dtype)
         if ok is None:
             ok = _INPLACE_SOFTMAX[x.dtype] = _inplace_softmax_is_exact(x.dtype)

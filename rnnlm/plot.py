@@ -100,7 +100,10 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "tokens") ->
         fig.savefig(tmp)
         tmp.replace(path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only place: nothing was written there to remove
+            pass
         # the user's choice of place (no permission, read-only): usage; a full or failing disk: a run error
         kind = UsageError if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else RunError
         raise kind(f"cannot write {out}: {e.strerror or e}") from None

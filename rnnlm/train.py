@@ -8,6 +8,10 @@ backpropagation through time); gradients are clipped by their global L2 norm.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import errno
+import hashlib
 import json
 import math
 import os
@@ -31,7 +35,7 @@ from . import __version__
 from . import distributed as D
 from .allocator import tune_allocator
 from .checkpoint import BEST, LAST, atomic_write_text, load_checkpoint, save_checkpoint
-from .config import Config, config_from_dict, dump_yaml
+from .config import Config, config_from_dict, dump_yaml, load_yaml
 from .data import Corpus, batchify, get_window, load_corpus, num_windows, with_start
 from .errors import RunError, UsageError
 from .evaluate import evaluate_ids
@@ -290,6 +294,11 @@ class RunLock:
                 except FileNotFoundError:
                     pass
                 continue
+            except OSError as e:  # a read-only or permission-protected run directory
+                if not isinstance(e, PermissionError) and e.errno != errno.EROFS:
+                    raise
+                raise UsageError(f"cannot write in the run directory {self.path.parent}: {e.strerror or e}; "
+                                 f"choose another --out (or copy the run to a writable place to resume it)") from None
             with os.fdopen(fd, "w") as f:
                 f.write(str(os.getpid()))
             self.held = True
@@ -400,6 +409,10 @@ class Trainer:
             if not (self.run_dir / LAST).is_file():
                 raise UsageError(f"nothing to resume in {self.run_dir}: no {LAST} (start without --resume)")
             ckpt = load_checkpoint(self.run_dir / LAST)
+            if not isinstance(ckpt.get("trainer"), dict):
+                raise UsageError(f"{self.run_dir / LAST} holds weights only, no trainer state (optimizer, data "
+                                 f"position...), so it cannot be resumed; a run's own {LAST} always has it")
+            _check_belongs(self.run_dir, ckpt)
             cfg = _merge_resume_config(ckpt["config"], cfg)
         elif self.run_dir.exists() and ((self.run_dir / LAST).exists() or (self.run_dir / BEST).exists()):
             raise UsageError(f"run directory {self.run_dir} already exists and is not empty; use --resume to "
@@ -417,6 +430,10 @@ class Trainer:
 
         # Data: the vocabulary comes from the checkpoint on resume, so ids never shift.
         if ckpt is not None:
+            if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
+                raise UsageError(f"this run's training data {cfg.data.path} is not found from {Path.cwd()}; "
+                                 f"resume from the folder the run started in, or give the data's place: "
+                                 f"--resume --data PATH")
             vocab = Vocab.from_dict(ckpt["vocab"])
             tok = Tokenizer(**ckpt["vocab"]["tokenizer"])
             corpus = load_corpus(cfg.data, cfg.resolved_eos(), vocab, tok)
@@ -424,6 +441,11 @@ class Trainer:
             corpus = load_corpus(cfg.data, cfg.resolved_eos())
         self.corpus = corpus
         self.vocab, self.tokenizer = corpus.vocab, corpus.tokenizer
+        self.train_fingerprint = _fingerprint(corpus.train)
+        if ckpt is not None and ckpt["trainer"].get("train_fingerprint") not in (None, self.train_fingerprint):
+            self._log(f"[yellow]warning:[/] the training text differs from the one this run was trained on (now "
+                      f"{len(corpus.train):,} tokens): {LAST}'s data position (epoch {ckpt['epoch'] + 1}, window "
+                      f"{ckpt['trainer']['window']}) refers to the old text; training goes on with the new one")
         self.train_data = self._my_columns(batchify(with_start(corpus.train), tc.batch_size))       # (T, B)
         self.n_windows = num_windows(self.train_data, tc.bptt)
         self.bidirectional = cfg.model.bidirectional
@@ -441,6 +463,10 @@ class Trainer:
             self.valid = self.valid[: tc.eval_max_tokens]
 
         self.model = RNNLM(len(self.vocab), cfg.model).to(self.device)
+        if self.model.adaptive and cfg.model.adaptive_cutoffs and list(cfg.model.adaptive_cutoffs) != self.model.cutoffs:
+            # cutoffs that did not fit the vocabulary (warned above): the run's config.yaml and its
+            # checkpoints record the ones in use, so loading the model does not warn again
+            cfg.model.adaptive_cutoffs = list(self.model.cutoffs)
         self.optimizer = build_optimizer(self.model, tc)
         total = tc.max_steps or tc.epochs * self.n_windows
         self.schedule = LRSchedule(tc, total)
@@ -507,6 +533,7 @@ class Trainer:
                 "train_seconds": self.train_seconds, "best_step": self.best_step, "bad_evals": self.bad_evals,
                 "clipped": self.clipped, "last_eval_step": self.last_eval_step,
                 "state": _cat_states(states), "state_rev": _cat_states(states_rev),
+                "train_fingerprint": self.train_fingerprint,
             }
         return d
 
@@ -608,6 +635,11 @@ class Trainer:
 
     def _fit(self) -> dict:
         cfg, tc = self.cfg, self.cfg.train
+        if self.resume and self.dist.is_main:  # the config in force now (train.* or data.path may have changed)
+            try:
+                atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
+            except OSError as e:  # the checkpoints carry the config too; a failing disk stops at the next save
+                self._log(f"[yellow]warning:[/] could not update config.yaml: {escape(e.strerror or str(e))}")
         if not self.resume and self.dist.is_main:
             # A directory left by a run killed before its first checkpoint starts over cleanly.
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -615,6 +647,8 @@ class Trainer:
             self.vocab.save(self.run_dir / "vocab.json", self.tokenizer)
             if self.default_run_dir:
                 _point_latest(self.run_dir)
+        if self.resume and self.dist.is_main:
+            _trim_metrics(self.run_dir / "metrics.jsonl", self.step)
         metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None, tc.tensorboard, self._log)
         n_params = self.model.num_parameters()
         n_proc = self.dist.world_size
@@ -629,6 +663,14 @@ class Trainer:
                  "encoded now, cached" if self.corpus.cache_dir is not None else "encoded now, not cached")
         self._log(f"data: {escape(self.corpus.description)} ({cache}) · run directory: {escape(str(self.run_dir))}")
         if self.resume:
+            done = self._should_stop(at_log=True) or ("epochs" if self.epoch >= tc.epochs else "")
+            if done:  # nothing to train: leave the finished run exactly as it is
+                self._log(f"nothing to do: the run is at step {self.step} and already meets its stop condition "
+                          f"({done}); raise train.max_steps, train.epochs or train.max_time to go on")
+                metrics.close()
+                return {"event": "end", "step": self.step, "tokens": self.tokens, "stop_reason": done,
+                        "best_valid_loss": self.best_loss if math.isfinite(self.best_loss) else None,
+                        "trained": False}
             self._log(f"continuing at step {self.step}, epoch {self.epoch + 1}, window {self.window}")
 
         self._t0 = time.perf_counter()
@@ -976,14 +1018,70 @@ def _cat_states(per_rank: list):
     return [torch.cat([r[k] for r in per_rank], dim=1) for k in range(len(per_rank[0]))]
 
 
+def _fingerprint(ids: np.ndarray) -> str:
+    """A cheap identity of a token stream: its length, ~1M evenly spaced ids and its tail."""
+    h = hashlib.sha256(str(len(ids)).encode())
+    h.update(np.ascontiguousarray(ids[:: max(1, len(ids) // 1_000_000)], dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(ids[-65536:], dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """On resume: drop the events logged after the checkpoint's step (the steps that are about to be
+    trained again, after a crash or a failed save) and any torn last line, so the log has each step
+    once."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return
+    keep = []
+    for line in lines:
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(ev, dict) and isinstance(ev.get("step"), int) and ev["step"] <= step:
+            keep.append(line)
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(f"{line}\n" for line in keep))
+
+
+def _check_belongs(run_dir: Path, ckpt: dict) -> None:
+    """A last.pt copied in from another run must not take the directory over: its data/model
+    settings and vocabulary must be those of the directory's config.yaml and vocab.json."""
+    cfg_path, vocab_path = run_dir / "config.yaml", run_dir / "vocab.json"
+    try:
+        here = config_from_dict(load_yaml(cfg_path)) if cfg_path.is_file() else None
+        tokens = json.loads(vocab_path.read_text(encoding="utf-8")).get("tokens") if vocab_path.is_file() else None
+    except (UsageError, OSError, ValueError, AttributeError):
+        return  # an unreadable side file proves nothing; the checkpoint itself was checked
+    saved = config_from_dict(ckpt["config"])
+    if here is not None:
+        here.data.path = saved.data.path  # the one data.* key a resume may change
+    differs = [s for s in ("data", "model") if here is not None and getattr(here, s) != getattr(saved, s)]
+    if tokens is not None and tokens != ckpt["vocab"].get("tokens"):
+        differs.append("vocabulary")
+    if differs:
+        raise UsageError(f"{run_dir / LAST} does not belong to this run directory: its {' and '.join(differs)} "
+                         f"differ from {run_dir}'s config.yaml / vocab.json (was it copied from another run?); "
+                         f"resume the run it came from, or start a new one")
+
+
 def _merge_resume_config(saved: dict, given: Config) -> Config:
     """The saved run's config with train.* changes from the command line (e.g. a larger max_steps)."""
     base = config_from_dict(saved)
     defaults = Config()
+    # data.path alone may change: the same text moved, or a relative path seen from another folder
+    # (a changed text is noticed by its fingerprint and warned about).
+    if given.data.path is not None and given.data.path != base.data.path:
+        base.data.path = given.data.path
+    given = copy.deepcopy(given)
+    given.data.path = base.data.path if given.data != dataclasses.replace(defaults.data, path=given.data.path) \
+        else defaults.data.path  # data.path alone given: nothing else of data.* to compare
     for section in ("data", "model"):
         if getattr(given, section) != getattr(defaults, section) and getattr(given, section) != getattr(base, section):
-            raise UsageError(f"cannot change {section}.* settings when resuming; only train.* and sample.* may "
-                             f"change (the saved run's values are in its config.yaml)")
+            raise UsageError(f"cannot change {section}.* settings when resuming; only train.*, sample.* and "
+                             f"data.path (--data) may change (the saved run's values are in its config.yaml)")
     explicit = getattr(given, "overridden", set())  # KEY=VALUE items, also those equal to the default
     for section in ("train", "sample"):
         g, d = getattr(given, section), getattr(defaults, section)

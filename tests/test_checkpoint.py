@@ -364,3 +364,17 @@ def test_malformed_contents(tmp_path, damage):
 def test_loading_never_warns(good, recwarn):
     load_model(good)
     assert not [w for w in recwarn if "weights_only" in str(w.message) or "pickle" in str(w.message)]
+
+
+def test_failed_first_save_does_not_claim_a_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+    import rnnlm.checkpoint as ck
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ck, "atomic_write_bytes", full)
+    with pytest.raises(RunError) as e:
+        save_checkpoint(tmp_path / "best.pt", make_payload(words="x y z"))
+    msg = str(e.value)
+    assert "No space left on device" in msg and "nothing was written in its place" in msg
+    assert "previous checkpoint" not in msg and not (tmp_path / "best.pt").exists()

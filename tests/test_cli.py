@@ -7,6 +7,7 @@ interpreter start-up per case); a sample of them also runs as a real process.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -323,7 +324,9 @@ def test_score_file_and_table(work, word_run):
     assert r.exit_code == 0, r.stderr
     assert "[bold]the dog[/] ran" in r.stdout  # user text is shown as is, never as markup
     r = invoke(["score", "-m", word_run, "-i", f, "--json"])
-    assert len(r.stdout.splitlines()) == 2  # the blank line is not a sentence
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [x["text"] for x in rows] == ["the cat sat on the rug", "", "[bold]the dog[/] ran"]  # line i = result i
+    assert rows[1]["tokens"] == 1 and rows[1]["logprob"] < 0     # the empty line: <eos> alone
 
 
 def test_eval_and_score_read_other_encodings(work, word_run):
@@ -546,6 +549,9 @@ def test_bad_data(work, bad, case, needles):
     (["trian.lr=1"], ["trian.lr", "'train.lr'"]),
     (["train.lr=fast"], ["train.lr", "number"]),
     (["model.hidden_size=0"], ["model.hidden_size", ">= 1"]),
+    (["model.hidden_size=99999999999999999999"], ["model.hidden_size", "<= 2147483647"]),
+    (["model.num_layers=99999999999999999999"], ["model.num_layers", "<= 1024"]),
+    (["model.head_layers=5000"], ["model.head_layers", "<= 1024"]),
     (["train.batch_size=-4"], ["train.batch_size", ">= 1"]),
     (["train.bptt=0"], ["train.bptt"]),
     (["model.dropout=1.5"], ["model.dropout", "[0, 1]"]),
@@ -815,6 +821,13 @@ def test_adaptive_cutoffs_beyond_the_vocabulary_warn(work):
             work, work / "cache")
     ok(r)
     assert "adaptive_cutoffs" in r.stderr and "do not fit" in r.stderr
+    # the run records the cutoffs in use, so using the model does not warn again
+    saved = yaml.safe_load((work / "adaptive_warn" / "config.yaml").read_text())["model"]["adaptive_cutoffs"]
+    assert saved and all(c < 5000 for c in saved)
+    for cmd in (["sample", "-m", work / "adaptive_warn", "-l", "5", "--seed", "1"],
+                ["eval-perplexity", "-m", work / "adaptive_warn", "-d", work / "word_test.txt"]):
+        again = ok(run(cmd, work, work / "cache"))
+        assert "do not fit" not in again.stderr
 
 
 def test_out_of_memory_is_reported_as_such(word_run, monkeypatch):
@@ -917,3 +930,15 @@ def test_metrics_log_that_is_a_directory_and_an_empty_train_out(work):
     assert_usage_error(invoke(["plot", d]), "not a regular file")
     r = run(["train", "--data", work / "word.txt", "data.level=word", *TINY, "train.out=''"], work, work / "cache")
     assert_usage_error(r, "train.out is empty")
+
+
+def test_plot_into_a_read_only_place_is_a_usage_error(work, word_run, monkeypatch):
+    """On a read-only file system both the write and the clean-up fail with EROFS: still one message."""
+    import matplotlib.figure
+
+    def ro(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, path, *a, **k: ro())
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: ro())
+    r = invoke(["plot", word_run, "--out", work / "ro.png"])
+    assert r.exit_code == 2 and "cannot write" in r.stderr and "Read-only file system" in r.stderr

@@ -249,6 +249,22 @@ def test_score_does_not_depend_on_the_other_sentences_in_the_batch():
     assert longer[-1]["logprob"] == pytest.approx(alone[0], rel=1e-5)
 
 
+def test_score_long_sentences_go_through_in_chunks(monkeypatch):
+    """With a tiny logit budget every sentence is scored in many time chunks (state carried); the
+    scores equal the one-piece computation and the hand-computed sum."""
+    import rnnlm.evaluate as ev
+    vocab, tok = char_setup()
+    model = random_model(len(vocab), seed=7, num_layers=2)
+    sents = SENTENCES + ["abcdefgh" * 40]
+    whole = [r["logprob"] for r in score_sentences(model, vocab, tok, sents)]
+    monkeypatch.setattr(ev, "_SCORE_LOGITS", 3 * len(vocab))      # 3 time steps per chunk at batch 1
+    for bs in (1, 3):
+        chunked = [r["logprob"] for r in score_sentences(model, vocab, tok, sents, batch_size=bs)]
+        np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+    ids = vocab.encode(list(sents[-1])) + [EOS_ID]
+    assert whole[-1] == pytest.approx(-hand_nll(model, ids), rel=1e-5)
+
+
 def test_score_word_level_and_n_best_rescoring():
     """Two candidate transcriptions: the one the model finds likelier wins (n-best rescoring)."""
     words = ["the", "cat", "sat", "on", "mat", "a", "hat"]

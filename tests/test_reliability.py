@@ -182,7 +182,8 @@ def test_disk_full_during_save_in_process(trained, monkeypatch):
         trainer.fit()
     msg = str(e.value)
     assert "No space left on device" in msg and "previous checkpoint is intact" in msg
-    assert calls and calls[0] in ("best.pt", "last.pt")
+    ckpts = [c for c in calls if c != "config.yaml"]  # (the resume's config.yaml update only warns)
+    assert ckpts and ckpts[0] in ("best.pt", "last.pt")
     monkeypatch.undo()
     assert (trained / LAST).read_bytes() == before and temp_files(trained) == []
     assert saved_step(trained) == 6
@@ -234,7 +235,7 @@ def long_run(tmp_path: Path, name: str) -> tuple[subprocess.Popen, Path]:
 def stop_with(proc: subprocess.Popen, sig: int, run_dir: Path) -> str:
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{err}"
+    assert proc.returncode == 128 + int(sig), f"exit {proc.returncode}\n{out}\n{err}"  # 130 / 143, like a shell
     assert "Traceback" not in err
     err = " ".join(err.split())
     assert f"rnnlm train --resume --out {run_dir}" in err  # says how to resume
@@ -303,3 +304,112 @@ def test_lock_of_a_live_process_is_respected(trained):
     finally:
         holder.kill()
         holder.wait()
+
+
+# -- resume: only its own run, only when there is something to do, one event per step ----------
+
+def test_resume_refuses_a_weights_only_last_pt(trained):
+    (trained / LAST).write_bytes((trained / "best.pt").read_bytes())
+    r = invoke(["train", "--resume", "--out", trained, "train.max_steps=9"])
+    assert r.exit_code == 2 and "Traceback" not in r.stderr
+    assert "holds weights only" in " ".join(r.stderr.split())
+
+
+def test_resume_refuses_a_last_pt_copied_from_another_run(trained, tmp_path):
+    other = tmp_path / "other"
+    r = invoke(["train", "--data", corpus(tmp_path / "c2.txt", n_lines=200), "--out", other, *TINY,
+                "train.max_steps=4", "data.level=char"])
+    assert r.exit_code == 0, r.stderr
+    best = (trained / "best.pt").read_bytes()
+    (trained / LAST).write_bytes((other / LAST).read_bytes())
+    r = invoke(["train", "--resume", "--out", trained, "train.max_steps=9"])
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2 and "does not belong to this run directory" in err and "data" in err
+    assert (trained / "best.pt").read_bytes() == best           # nothing of the run was touched
+
+
+def test_resuming_a_finished_run_changes_nothing(trained):
+    before = {f: (trained / f).read_bytes() for f in (LAST, "best.pt", "metrics.jsonl", "config.yaml")}
+    r = invoke(["train", "--resume", "--out", trained])
+    assert r.exit_code == 0, r.stderr
+    assert "nothing to do" in " ".join(r.stderr.split()) and "max_steps" in r.stderr
+    assert {f: (trained / f).read_bytes() for f in before} == before
+    assert saved_step(trained) == 6
+
+
+def test_resume_drops_the_events_logged_after_the_checkpoint(trained):
+    """Events past last.pt's step (a crash after a log line, a save that failed) and a torn line
+    are dropped on resume: every step is logged once."""
+    log = trained / "metrics.jsonl"
+    events, _ = metrics(trained)
+    ghost = {**[e for e in events if e["event"] == "train"][-1], "step": 8, "loss": 99.0}
+    log.write_text(log.read_text() + json.dumps(ghost) + "\n" + '{"event": "train", "st', encoding="utf-8")
+    r = invoke(["train", "--resume", "--out", trained, "train.max_steps=9", "train.log_every=1"])
+    assert r.exit_code == 0, r.stderr
+    events, torn = metrics(trained)
+    train_steps = [e["step"] for e in events if e["event"] == "train"]
+    assert torn == 0 and 99.0 not in [e.get("loss") for e in events]
+    assert train_steps == sorted(set(train_steps)) and train_steps[-3:] == [7, 8, 9]
+
+
+def test_read_only_run_directory_is_a_usage_error(trained, monkeypatch):
+    from rnnlm.train import RunLock
+    real_open = os.open
+
+    def ro_open(path, flags, *a):
+        if str(path).endswith(".lock") and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *a)
+    monkeypatch.setattr(os, "open", ro_open)
+    r = invoke(["train", "--resume", "--out", trained, "train.max_steps=9"])
+    assert r.exit_code == 2 and "Read-only file system" in r.stderr and "Traceback" not in r.stderr
+    assert not RunLock(trained).held
+
+
+def test_config_from_a_pipe_and_data_from_a_pipe(tmp_path):
+    data = corpus(tmp_path / "c.txt", n_lines=200)
+    r = invoke(["train", "--config", "/dev/null", "--print-config", "--data", data])
+    assert r.exit_code == 0 and "hidden_size: 256" in r.stdout    # /dev/null: an empty config, the defaults
+    fifo = tmp_path / "fifo.txt"
+    os.mkfifo(fifo)
+    r = invoke(["train", "--data", fifo, "--out", tmp_path / "f", *TINY])
+    assert r.exit_code == 2 and "not a regular file" in r.stderr
+
+
+def test_resume_on_changed_training_text_warns(tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    corpus(data / "train.txt", n_lines=200)
+    run_dir = tmp_path / "r"
+    r = invoke(["train", "--data", data, "--out", run_dir, *TINY, "train.max_steps=4"])
+    assert r.exit_code == 0, r.stderr
+    r = invoke(["train", "--resume", "--out", run_dir, "train.max_steps=6"])
+    assert r.exit_code == 0 and "differs" not in r.stderr           # the same text: no warning
+    corpus(data / "train.txt", n_lines=150, seed=3)
+    r = invoke(["train", "--resume", "--out", run_dir, "train.max_steps=8"])
+    assert r.exit_code == 0, r.stderr
+    assert "the training text differs from the one this run was trained on" in " ".join(r.stderr.split())
+    assert saved_step(run_dir) == 8
+
+
+def test_resume_from_another_folder_with_a_relative_data_path(tmp_path, monkeypatch):
+    """A run trained on a relative data path resumes from elsewhere when --data says where the text
+    is now (data.path is the one data.* key that may change on resume); without it, the message
+    says so."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    corpus(tmp_path / "a" / "c.txt", n_lines=200)
+    monkeypatch.chdir(tmp_path / "a")
+    r = invoke(["train", "--data", "c.txt", "--out", tmp_path / "r", *TINY, "train.max_steps=4"])
+    assert r.exit_code == 0, r.stderr
+    monkeypatch.chdir(tmp_path / "b")
+    r = invoke(["train", "--resume", "--out", tmp_path / "r", "train.max_steps=6"])
+    assert r.exit_code == 2 and "--resume --data PATH" in " ".join(r.stderr.split())
+    r = invoke(["train", "--resume", "--out", tmp_path / "r", "--data", tmp_path / "a" / "c.txt", "train.max_steps=6"])
+    assert r.exit_code == 0, r.stderr
+    assert "differs" not in r.stderr and saved_step(tmp_path / "r") == 6
+    import yaml
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())   # the config in force now
+    assert saved["train"]["max_steps"] == 6 and saved["data"]["path"] == str(tmp_path / "a" / "c.txt")
+    r = invoke(["train", "--resume", "--out", tmp_path / "r", "model.hidden_size=64", "train.max_steps=7"])
+    assert r.exit_code == 2 and "cannot change model" in " ".join(r.stderr.split())

@@ -468,12 +468,16 @@ def test_resume_without_max_time_drops_the_projected_horizon(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "lstm_peephole"])
-def test_compiled_training_matches_eager(corpus, tmp_path, cell):
+def test_compiled_training_matches_eager(corpus, tmp_path, cell, monkeypatch):
     """train.compile=true (torch.compile over the loss module) follows the eager loss curve; the
     direct oneDNN calls step aside while the compiler traces (it cannot lower them)."""
     common = (f"model.cell={cell}", "model.dropout=0.0", "train.optimizer=sgd", "train.lr=1.0", "train.max_steps=20",
               "train.bptt=10")
     Trainer(_cfg(corpus, *common), tmp_path / "eager", progress=False).fit()
+    import rnnlm.ops as ops
+    monkeypatch.setattr(ops, "_INPLACE_SOFTMAX", {})  # as in a fresh process: no check has run yet
+    monkeypatch.setattr(ops, "_ONEDNN_F32", None)
+    monkeypatch.setattr(ops, "_ONEDNN_PACKED", None)
     Trainer(_cfg(corpus, *common, "train.compile=true"), tmp_path / "compiled", progress=False).fit()
     a, b = _events(tmp_path / "eager", "train"), _events(tmp_path / "compiled", "train")
     assert len(a) == len(b) == 4
