@@ -172,7 +172,7 @@ def train(
         if print_config:
             if resume:
                 raise UsageError("--print-config shows a new run's config; a resumed run's is RUN_DIR/config.yaml "
-                                 "(KEY=VALUE given with --resume change train.* keys only)")
+                                 "(KEY=VALUE given with --resume may change train.*, sample.* and data.path only)")
             sys.stdout.write(commented_yaml(cfg))
             return
         run_dir = out_dir if out_dir is not None else (Path(cfg.train.out) if cfg.train.out else None)
@@ -276,7 +276,7 @@ def eval_perplexity(
     checkpoint: str = typer.Option(..., "--checkpoint", "-m", metavar="PATH",
                                    help="Run directory (its best.pt) or a checkpoint."),
     data: str = typer.Option(..., "--data", "-d", metavar="PATH", help="Text file to evaluate."),
-    batch_size: int = typer.Option(1, "--batch-size", "-b", help="Pieces evaluated in parallel; the result is the same at every batch size."),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Pieces evaluated in parallel; the result is the same at every batch size (1 = one sequential pass)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object.", metavar=""),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     encoding: Optional[str] = typer.Option(None, "--encoding", metavar="ENC", help="Text encoding of the file (default: the one the model was trained on, its data.encoding)."),

@@ -119,6 +119,9 @@ def check_readable(path: Path, what: str = "data file") -> None:
         raise UsageError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
+_DOWNLOADABLE = ("tinyshakespeare", "ptb", "ptb_char", "wikitext-2")  # scripts/download_data.py's corpora
+
+
 def _codec_name(encoding: str, option: str = "data.encoding") -> str:
     try:
         return codecs.lookup(encoding).name
@@ -323,7 +326,10 @@ def resolve_sources(data_cfg) -> tuple[dict[str, TextSource], str]:
     if p.exists():  # a pipe or a device: the corpus is read more than once, so it must be a file
         raise UsageError(f"data path {p} is not a regular file (a pipe or a device); save the text to a file "
                          f"and give that")
-    raise UsageError(f"data path not found: {p} (give a text file, or a directory with train.txt)")
+    known = next((part for part in p.parts if part in _DOWNLOADABLE), None)
+    hint = (f"; {known} downloads with `python scripts/download_data.py {known}` (from the repository), or "
+            f"give its place with --data PATH") if known else ""
+    raise UsageError(f"data path not found: {p} (give a text file, or a directory with train.txt){hint}")
 
 
 # -- progress ------------------------------------------------------------------------------

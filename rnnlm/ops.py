@@ -14,9 +14,10 @@ gradient matmuls, with the 1/N scale folded into the small operands. The probabi
 the matmul's dtype (bf16 under bf16 autocast, fp32 otherwise), exactly the precision autocast would
 feed the backward matmuls anyway; in fp32 the result equals ``F.cross_entropy(F.linear(h, W, b),
 y)`` to rounding (tests compare to 1e-10 in float64). fp32 products on CPU go to oneDNN rather than
-PyTorch's default BLAS where that works (:func:`onednn_f32_matmul`). A target probability that
-underflows to 0 (a loss above ~87 nats in fp32) gives an infinite loss, which the trainer reports
-as divergence.
+PyTorch's default BLAS where that works (:func:`onednn_f32_matmul`). A target probability under
+1e-30 (a loss above ~69 nats; fp32 underflows to 0 beyond ~103) is too small to take the log of:
+those few rows' losses are recomputed from their logits, so a model sure of a wrong token reports
+its true, finite loss instead of an infinite one that would read as divergence.
 """
 
 from __future__ import annotations
@@ -157,6 +158,9 @@ def fp32_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None)
     return torch.nn.functional.linear(x, w, b)
 
 
+_P_EXACT = 1e-30  # target probabilities below this get their loss from the logits (see _LinearCrossEntropy)
+
+
 def _fold_bias(compute_dtype: torch.dtype) -> bool:
     """Fold the bias into the logits matmul (16-bit compute dtypes; see _LinearCrossEntropy)."""
     return compute_dtype in (torch.bfloat16, torch.float16)
@@ -201,8 +205,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else softmax_(logits)
         del logits
         acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
-        # -log p(target); a probability that underflows to 0 gives inf, which the trainer reports.
-        loss = -probs.gather(1, target.unsqueeze(1)).to(acc).log().squeeze(1)
+        # -log p(target). A target probability under _P_EXACT (a loss over ~69 nats: the model is
+        # sure of another token; it happens in real runs) is too small to hold accurately, or
+        # underflows to 0: those rows' losses come from their logits, recomputed in `acc`.
+        p_t = probs.gather(1, target.unsqueeze(1)).squeeze(1).to(acc)
+        loss = -p_t.log()
+        small = p_t < _P_EXACT
+        if bool(small.any()):  # rare; a host read, which costs nothing on CPU
+            rows = small.nonzero().squeeze(1)
+            z = hc[rows].to(acc) @ wc.to(acc).t()
+            if bias is not None and not folded:
+                z = z + bias.to(acc)
+            loss[rows] = torch.logsumexp(z, 1) - z.gather(1, target[rows].unsqueeze(1)).squeeze(1)
         ctx.save_for_backward(hc, wc, target)
         ctx.probs = probs  # not saved_tensors: backward consumes it in place, exactly once
         ctx.has_bias = bias is not None

@@ -635,11 +635,6 @@ class Trainer:
 
     def _fit(self) -> dict:
         cfg, tc = self.cfg, self.cfg.train
-        if self.resume and self.dist.is_main:  # the config in force now (train.* or data.path may have changed)
-            try:
-                atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
-            except OSError as e:  # the checkpoints carry the config too; a failing disk stops at the next save
-                self._log(f"[yellow]warning:[/] could not update config.yaml: {escape(e.strerror or str(e))}")
         if not self.resume and self.dist.is_main:
             # A directory left by a run killed before its first checkpoint starts over cleanly.
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -672,6 +667,11 @@ class Trainer:
                         "best_valid_loss": self.best_loss if math.isfinite(self.best_loss) else None,
                         "trained": False}
             self._log(f"continuing at step {self.step}, epoch {self.epoch + 1}, window {self.window}")
+            if self.dist.is_main:  # the config in force now (train.* or data.path may have changed)
+                try:
+                    atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
+                except OSError as e:  # the checkpoints carry the config too; a failing disk stops at the next save
+                    self._log(f"[yellow]warning:[/] could not update config.yaml: {escape(e.strerror or str(e))}")
 
         self._t0 = time.perf_counter()
         self._step0 = self.step

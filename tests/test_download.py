@@ -349,3 +349,18 @@ def test_real_checksums_end_to_end(tmp_path: Path, server: LocalServer) -> None:
     for name, files in dd.SHA256.items():
         for filename, expected in files.items():
             assert dd.sha256_of(tmp_path / "data" / name / filename) == expected, (name, filename)
+
+
+def test_a_missing_downloadable_corpus_says_how_to_get_it(tmp_path, monkeypatch):
+    """rnnlm's "not found" hint names exactly the corpora the download script knows."""
+    from rnnlm import data as D
+    from rnnlm.config import build_config
+    from rnnlm.errors import UsageError
+    assert list(D._DOWNLOADABLE) == list(dd.CORPORA)
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config(REPO_ROOT / "configs" / "shakespeare-char.yaml")
+    with pytest.raises(UsageError, match="python scripts/download_data.py tinyshakespeare"):
+        D.load_corpus(cfg.data, cfg.resolved_eos())
+    with pytest.raises(UsageError) as e:
+        D.load_corpus(build_config(None, ["data.path=nowhere.txt"]).data, "line")
+    assert "download_data" not in str(e.value)

@@ -267,3 +267,29 @@ def test_a_refusal_by_onednn_mid_run_falls_back_to_the_default_matmul(monkeypatc
     for a, c in ((h, h64), (W, W64), (b, b64)):
         assert torch.allclose(a.grad.double(), c.grad, atol=1e-6)
     assert ops._ONEDNN_F32 is False and len(calls) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_loss_is_exact_where_the_target_probability_underflows_fp32(dtype, bias):
+    """A model sure of another token can put its target below fp32's smallest probability
+    (e^-186 in a real PTB run: logits +106 and -80). The true loss (186 nats, finite) must come
+    out, not inf from -log(0); the gradient stays p - onehot (finite)."""
+    h, W, b, y = _inputs(N=40, D=16, V=1001, bias=bias, seed=11)
+    with torch.no_grad():
+        # rows 0..4: target logit -90 and another token's +110 (bias aside): p(target) ~ e^-200
+        W[y[:5]] = -90 * h[:5] / (h[:5] * h[:5]).sum(1, keepdim=True)
+        other = (y[:5] + 1) % 1001
+        W[other] = 110 * h[:5] / (h[:5] * h[:5]).sum(1, keepdim=True)
+    args = [t.detach().to(dtype).requires_grad_() for t in (h, W)] + \
+        ([b.detach().to(dtype).requires_grad_()] if bias else [None])
+    ref = F.cross_entropy(F.linear(*[a.detach().double() if a is not None else None for a in args]), y,
+                          reduction="none")
+    assert ref[:5].min() > 150                                   # e^-150: below fp32's 1.4e-45
+    ours = linear_cross_entropy(args[0], args[1], args[2], y, reduction="none")
+    assert torch.isfinite(ours).all()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(ours.double()[:5], ref[:5], rtol=tol)  # the recomputed rows: exact
+    assert torch.allclose(ours.double(), ref, rtol=tol, atol=2e-2)
+    ours.mean().backward()
+    assert all(torch.isfinite(a.grad).all() for a in args if a is not None)
