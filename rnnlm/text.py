@@ -448,7 +448,8 @@ def iter_chunks(lines: Iterator[str], tokenizer: Tokenizer, chunk_chars: int = 1
 
     Tokenizing the cleaned chunks one by one gives the same tokens as tokenizing the whole
     text: a chunk ends after a newline, and with the paragraph policy only between a blank line
-    and a line that starts a paragraph.
+    and a line that starts a paragraph. (Clean the chunks after the first with
+    ``strip_bom=False``: in mid-text U+FEFF is a character.)
     """
     buf: list[str] = []
     size = 0

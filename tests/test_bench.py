@@ -118,8 +118,10 @@ def test_bench_gpu_dry_runs_on_the_cpu(tmp_path):
         (ptb / f"{split}.txt").write_text("".join(" ".join(words[i] for i in row) + "\n" for row in ids))
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "throughput", "profile", "--device", "cpu",
            "--seconds", "2", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    # one thread each: on a busy machine two spinning OpenMP threads per process can slow a step a
+    # hundredfold, and the dry run would time too few steps
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "RNNLM_CACHE": str(tmp_path / "cache")})
+                       env={**os.environ, "RNNLM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rnnlm fp32" in r.stdout and "x reference fp32" in r.stdout and "kernel launches per step" in r.stdout
     results = json.loads(next((tmp_path / "out").glob("*/results.json")).read_text())
