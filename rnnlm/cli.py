@@ -407,7 +407,7 @@ def plot(
                                          help="Run directories with metrics.jsonl (several: one chart)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH",
                                        help="Image path (default RUN_DIR/loss.png for one run; needed for several)."),
-    x: str = typer.Option("tokens", "--x", help="Horizontal axis: tokens, time (training seconds) or step."),
+    x: str = typer.Option("tokens", "--x", help="Horizontal axis: tokens, time (seconds since the start, evaluations included) or step."),
 ) -> None:
     def body() -> None:
         from .plot import plot_run, plot_runs

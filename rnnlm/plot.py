@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return events
 
 
-_X = {"tokens": "training tokens", "time": "training time (s)", "step": "optimizer steps"}
+_X = {"tokens": "training tokens", "time": "time since the start (s), evaluations included",
+      "step": "optimizer steps"}
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None, x: str = "tokens") -> Path:
@@ -84,11 +86,15 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "tokens") ->
     for k, (name, train, valid) in enumerate(curves):
         c_train, c_valid = ("tab:blue", "tab:orange") if single else (f"C{k % 10}", f"C{k % 10}")
         prefix = "" if single else f"{name} "
-        if train:
-            ax.plot(*zip(*train), label=f"{prefix}train", color=c_train, linewidth=1.2, alpha=1.0 if single else 0.6)
+        if train:  # a short series gets markers: a single point drawn as a line would not show at all
+            ax.plot(*zip(*train), label=f"{prefix}train", color=c_train, linewidth=1.2, alpha=1.0 if single else 0.6,
+                    marker="." if len(train) <= 30 else None)
         if valid:
             ax.plot(*zip(*valid), label=f"{prefix}valid", color=c_valid, marker="o", markersize=3 if single else 5,
                     linewidth=1.5, linestyle="-" if single else "--")
+    losses = [v for _, train, valid in curves for _, v in train + valid if math.isfinite(v)]
+    if losses and min(losses) > 0 and max(losses) / min(losses) > 50:
+        ax.set_yscale("log")  # a blow-up (1e12 nats) would flatten every other point onto the axis
     ax.set_xlabel(_X[x])
     ax.set_ylabel("loss (nats / token)")
     ax.set_title(curves[0][0] if single else "loss curves")

@@ -442,6 +442,15 @@ class Trainer:
         self.corpus = corpus
         self.vocab, self.tokenizer = corpus.vocab, corpus.tokenizer
         self.train_fingerprint = _fingerprint(corpus.train)
+        if ckpt is None and self.tokenizer.level == "char" and " " in self.vocab:
+            head = corpus.train[:1_000_000] == self.vocab.stoi[" "]
+            share = float(head.mean()) if head.size else 0.0
+            runs = float((head[1:] & head[:-1]).mean()) if head.size > 1 else 0.0
+            # prose ~0.17 spaces, Python source ~0.3 (in runs: indentation); "a e r _ b a n k": ~0.5, never two in a row
+            if share > 0.4 and runs < 0.01:
+                self._log(f"[yellow]warning:[/] {share:.0%} of the training characters are spaces, as in text of "
+                          f"space-separated characters (PTB-char's `a e r _ b a n k`); the spaces are tokens at "
+                          f"char level. For such text use data.level=word, where each character is one token")
         if ckpt is not None and ckpt["trainer"].get("train_fingerprint") not in (None, self.train_fingerprint):
             self._log(f"[yellow]warning:[/] the training text differs from the one this run was trained on (now "
                       f"{len(corpus.train):,} tokens): {LAST}'s data position (epoch {ckpt['epoch'] + 1}, window "
@@ -1114,8 +1123,8 @@ class _Progress:
             self.task = self.rich.add_task("train", total=total, completed=trainer.step, info="")
 
     def update(self, ev: dict) -> None:
-        ppl = math.exp(min(ev["loss"], 50))
-        info = (f"epoch {ev['epoch']} loss {ev['loss']:.3f} ppl {ppl:.1f} lr {ev['lr']:.3g} "
+        ppl = f"{math.exp(ev['loss']):.1f}" if ev["loss"] < 50 else ">5e21"  # e^50: not a perplexity worth printing
+        info = (f"epoch {ev['epoch']} loss {ev['loss']:.4g} ppl {ppl} lr {ev['lr']:.3g} "
                 f"{ev['tokens_per_sec']:,.0f} tok/s")
         total = self.total  # with max_time, the projected last step when that comes first
         if self.t.projected_steps is not None:

@@ -942,3 +942,28 @@ def test_plot_into_a_read_only_place_is_a_usage_error(work, word_run, monkeypatc
     monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: ro())
     r = invoke(["plot", word_run, "--out", work / "ro.png"])
     assert r.exit_code == 2 and "cannot write" in r.stderr and "Read-only file system" in r.stderr
+
+
+def test_plot_of_a_blow_up_uses_a_log_axis_and_marks_short_series(tmp_path, monkeypatch):
+    """A run whose train loss exploded (1e12 nats) for a moment: a log y axis keeps the other
+    points readable, and a one-point train series is drawn with a marker so that it shows."""
+    import matplotlib.pyplot as plt
+    from rnnlm.plot import plot_runs
+    run = tmp_path / "boom"
+    run.mkdir()
+    events = [{"event": "train", "step": 30, "tokens": 100, "time": 1.0, "loss": 7.6e12},
+              {"event": "eval", "split": "valid", "step": 30, "tokens": 100, "time": 2.0, "loss": 6.6}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    figs = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figs.append(fig), real_close(fig)))
+    plot_runs([run], tmp_path / "boom.png")
+    ax = figs[0].axes[0]
+    assert ax.get_yscale() == "log"
+    train_line = next(ln for ln in ax.get_lines() if ln.get_label() == "train")
+    assert train_line.get_marker() not in (None, "None", "")
+    figs.clear()
+    events[0]["loss"] = 7.0                                    # an ordinary run: a linear axis
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    plot_runs([run], tmp_path / "calm.png")
+    assert figs[0].axes[0].get_yscale() == "linear"

@@ -587,3 +587,24 @@ def test_a_non_finite_loss_between_log_lines_is_caught_before_a_validation_saves
     ck = load_checkpoint(tmp_path / "r" / "last.pt")
     assert ck["step"] == 10
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_char_level_on_space_separated_characters_warns(tmp_path, capsys):
+    """PTB-char's format (`a e r _ b a n k`) at char level makes every other token a space: warned;
+    ordinary prose is not, nor deeply indented code (its spaces come in runs)."""
+    import random
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "ran", "away", "quickly"]
+    prose = "".join(" ".join(rng.choice(words) for _ in range(8)) + "\n" for _ in range(300))
+    spaced = "".join(" ".join("_" if c == " " else c for c in line) + "\n" for line in prose.splitlines())
+    code = "".join(" " * (4 * rng.randint(2, 5)) + "x = f(y)\n" for _ in range(400))  # >40 % spaces, in runs
+    assert code.count(" ") / len(code) > 0.5
+    for name, text, warned in (("prose", prose, False), ("spaced", spaced, True), ("code", code, False)):
+        (tmp_path / f"{name}.txt").write_text(text)
+        cfg = build_config(None, [f"data.path={tmp_path / name}.txt", "data.level=char", "model.hidden_size=16",
+                                  "model.embedding_size=8", "model.num_layers=1", "train.batch_size=4",
+                                  "train.bptt=8", "train.max_steps=1"])
+        Trainer(cfg, tmp_path / f"r_{name}", progress=False).fit()
+        err = " ".join(capsys.readouterr().err.split())
+        assert ("of the training characters are spaces" in err) == warned, (name, err[:300])
+        assert not warned or "data.level=word" in err
