@@ -252,6 +252,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     from .models import RNNLM
     from .text import Tokenizer, Vocab
 
+    if isinstance(device, str):
+        from .train import select_device
+        device = select_device(device, "device")  # "gpu", or cuda on a machine without: a UsageError
     ck = load_checkpoint(path)
     where = ck["path"]
     try:

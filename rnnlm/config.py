@@ -449,6 +449,21 @@ def build_config(config_path: str | Path | None = None, overrides: list[str] | N
     return cfg
 
 
+def checked(cfg: Config) -> Config:
+    """A Config assembled in code, put through the checks `build_config` applies: a normalised copy,
+    or a UsageError naming the key (a bad value must not train, or leave a run that cannot load)."""
+    out = Config()
+    for s in SECTIONS:
+        section = getattr(cfg, s)
+        for f in dataclasses.fields(SECTION_CLASSES[s]):
+            _set(out, f"{s}.{f.name}", getattr(section, f.name))
+    _set_name(out, cfg.name, "config")
+    _validate_whole(out)
+    if hasattr(cfg, "overridden"):
+        out.__dict__["overridden"] = set(cfg.overridden)
+    return out
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
     cfg = Config()
     apply_dict(cfg, data, "saved config")

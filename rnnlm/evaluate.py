@@ -276,8 +276,9 @@ def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batc
     """Evaluate a text file as CONTRACT.md defines; returns the JSON-ready result.
 
     progress: False/None (quiet), True (a tqdm bar on stderr), "auto" (a bar when stderr is a
-    terminal and the file has at least PROGRESS_MIN_TOKENS tokens), or a callable receiving
-    the number of tokens scored so far in each step (both directions count).
+    terminal and the file has at least PROGRESS_MIN_TOKENS tokens), or a callable receiving the
+    number of tokens each step scored, an increment (the calls sum to the tokens, times two for a
+    bidirectional model).
 
     Keys: tokens, oov (tokens outside the vocabulary), oov_rate, nll (total, nats), loss,
     ppl, bits_per_token; for char models also bpc, and words and word_ppl = exp(nll / words) with
@@ -285,6 +286,10 @@ def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batc
     (only for text that separates words with spaces: see _word_count); for bidirectional models
     forward_/backward_ loss and ppl.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if progress not in (False, None, True, "auto") and not callable(progress):
+        raise UsageError(f"progress must be False, True, 'auto' or a callable, got {progress!r}")
     from .allocator import tune_allocator
     tune_allocator()
     p = Path(path)
@@ -337,8 +342,15 @@ def score_sentences(model, vocab: Vocab, tokenizer: Tokenizer, sentences: Iterab
     Sentences are batched by length with <eos> padding after their end; the model reads left
     to right, so padding never reaches a scored position. Uses the forward direction.
     """
+    if isinstance(sentences, str):
+        raise UsageError("score_sentences takes a list of sentences; for one sentence pass [sentence]")
     device = torch.device(device)
     sents = list(sentences)
+    bad = [s for s in sents if not isinstance(s, str)]
+    if bad:
+        raise UsageError(f"score_sentences takes strings, got {type(bad[0]).__name__}")
+    if batch_size < 1:
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     encoded, oovs = [], []
     for s in sents:
         toks = _sentence_tokens(tokenizer, s)

@@ -278,6 +278,8 @@ class RNNLM(nn.Module):
 
     def nll(self, h: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Negative log-likelihood (nats) of targets y (...) given features h (..., D)."""
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
         h2 = h.reshape(-1, h.size(-1))
         y2 = y.reshape(-1)
         if self.adaptive:

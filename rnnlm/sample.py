@@ -456,9 +456,12 @@ class Sampler:
     """
 
     def __init__(self, model, vocab: Vocab, tokenizer: Tokenizer, device: torch.device | str = "cpu"):
-        self.model = model.eval()
+        self.model = model  # its train/eval mode is left alone: generate() samples in eval mode and restores it
         self.vocab = vocab
         self.tok = tokenizer
+        if isinstance(device, str):
+            from .train import select_device
+            device = select_device(device, "device")  # an unknown or unavailable device: a UsageError
         self.device = torch.device(device)
         self._prepared: tuple | None = None  # (key, parameters, _Stepper) of the last generate call
 
@@ -522,6 +525,16 @@ class Sampler:
 
         on_text, if given (single sample), receives each new piece of text as it is generated.
         """
+        from .config import SEED_MAX, SEED_MIN
+        for name, v in (("max_length", max_length), ("num_samples", num_samples), ("top_k", top_k)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise UsageError(f"{name} must be an integer, got {v!r}")
+        for name, v in (("temperature", temperature), ("top_p", top_p)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise UsageError(f"{name} must be a number, got {v!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not SEED_MIN <= seed <= SEED_MAX):
+            raise UsageError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {seed!r}")
         if not (temperature >= 0 and math.isfinite(temperature)):
             raise UsageError(f"--temperature must be a number >= 0, got {temperature}")
         if top_k < 0:

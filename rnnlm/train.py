@@ -35,7 +35,7 @@ from . import __version__
 from . import distributed as D
 from .allocator import tune_allocator
 from .checkpoint import BEST, LAST, atomic_write_text, load_checkpoint, save_checkpoint
-from .config import Config, config_from_dict, dump_yaml, load_yaml
+from .config import Config, checked, config_from_dict, dump_yaml, load_yaml
 from .data import Corpus, batchify, get_window, load_corpus, num_windows, with_start
 from .errors import RunError, UsageError
 from .evaluate import evaluate_ids
@@ -380,6 +380,7 @@ class Trainer:
                  console=None, progress: bool | None = None, corpus: Corpus | None = None):
         self.console = console
         self.resume = resume
+        cfg = checked(cfg)  # a Config built in code gets the checks a YAML file or KEY=VALUE gets
         if resume and run_dir is None and cfg.train.out is None:
             raise UsageError("--resume needs --out RUN_DIR (the run directory to continue)")
         # Under torchrun, start the process group first so that every rank agrees on the run directory.

@@ -378,3 +378,12 @@ def test_failed_first_save_does_not_claim_a_previous_checkpoint(tmp_path, monkey
     msg = str(e.value)
     assert "No space left on device" in msg and "nothing was written in its place" in msg
     assert "previous checkpoint" not in msg and not (tmp_path / "best.pt").exists()
+
+
+def test_load_model_checks_the_device_name_first(tmp_path):
+    from rnnlm.checkpoint import load_model
+    with pytest.raises(UsageError, match="device must be auto, cpu, cuda, cuda:N or mps"):
+        load_model(tmp_path / "nowhere.pt", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA device"):
+            load_model(tmp_path / "nowhere.pt", device="cuda")

@@ -382,3 +382,26 @@ def test_perplexity_reports_word_ppl_only_for_space_separated_text(tmp_path):
     assert r["words"] == 5 + 2 and math.isclose(r["word_ppl"], math.exp(r["nll"] / 7), rel_tol=1e-9)
     r = perplexity(model, vocab, tok, solid)
     assert "words" not in r and "word_ppl" not in r and r["bpc"] > 0
+
+
+def test_library_arguments_are_checked_with_usage_errors(tmp_path):
+    from rnnlm.errors import UsageError
+    vocab, tok = char_setup()
+    model = random_model(len(vocab), seed=3)
+    path = tmp_path / "e.txt"
+    path.write_text(random_text(3, seed=3))
+    for kw in ({"batch_size": 0}, {"batch_size": -3}, {"batch_size": 2.5}, {"progress": "bogus"}):
+        with pytest.raises(UsageError):
+            perplexity(model, vocab, tok, path, **kw)
+    with pytest.raises(UsageError, match="list of sentences"):
+        score_sentences(model, vocab, tok, "abc")                    # not 3 one-letter sentences
+    for bad in ([None], ["ab", 3]):
+        with pytest.raises(UsageError, match="strings"):
+            score_sentences(model, vocab, tok, bad)
+    with pytest.raises(UsageError, match="batch_size"):
+        score_sentences(model, vocab, tok, ["ab"], batch_size=0)
+    model.train()
+    h, _ = model(torch.tensor([[2], [3]]), None, 0)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="reduction"):
+            model.nll(h, torch.tensor([[3], [4]]), reduction="bogus")

@@ -684,3 +684,18 @@ def test_bidirectional_model_samples_with_forward_direction():
         for p in m.rnns[1].parameters():
             p.add_(1.0)
     assert s.generate("ab", 2, 20, seed=0) == a
+
+
+def test_sampler_leaves_the_model_mode_and_checks_its_arguments():
+    vocab = char_vocab()
+    model = random_model(len(vocab), seed=3).train()
+    s = sampler(model, vocab)
+    assert model.training                                        # building a Sampler changes nothing
+    s.generate("ab", 2, 5, seed=1)
+    assert model.training                                        # generate() restores the mode
+    for kw in ({"top_k": 2.5}, {"num_samples": 2.5}, {"max_length": None}, {"temperature": "0.8"},
+               {"seed": 2 ** 70}, {"seed": "abc"}, {"top_p": None}):
+        with pytest.raises(UsageError):
+            s.generate("ab", **{"num_samples": 1, "max_length": 5, **kw})
+    with pytest.raises(UsageError):
+        Sampler(model, vocab, Tokenizer(level="char", eos="line"), device="gpu")

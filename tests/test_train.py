@@ -608,3 +608,26 @@ def test_char_level_on_space_separated_characters_warns(tmp_path, capsys):
         err = " ".join(capsys.readouterr().err.split())
         assert ("of the training characters are spaces" in err) == warned, (name, err[:300])
         assert not warned or "data.level=word" in err
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("model.dropout", 1.5, "model.dropout"), ("data.split", [0.5, 0.6], "data.split"),
+    ("model.hidden_size", -1, "model.hidden_size"), ("model.cell", "lstmm", "model.cell"),
+    ("train.lr", "fast", "train.lr")])
+def test_a_config_built_in_code_is_checked_before_training(corpus, tmp_path, key, value, needle):
+    """The checks of YAML/KEY=VALUE apply to a Config assembled in Python: a UsageError naming the
+    key before anything is trained or written (a bad value used to train, then fail to load)."""
+    cfg = _cfg(corpus, "train.max_steps=3")
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, value)
+    with pytest.raises(UsageError, match=needle):
+        Trainer(cfg, tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_config_built_in_code_is_normalised_not_mutated(corpus, tmp_path):
+    cfg = _cfg(corpus, "train.max_steps=2")
+    cfg.train.lr = "0.01"                       # what YAML 1.1 leaves a string: read as the number
+    tr = Trainer(cfg, tmp_path / "r", progress=False)
+    assert tr.cfg.train.lr == 0.01 and cfg.train.lr == "0.01"
+    tr.fit()
