@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import math
 import os
 import signal
 import sys
@@ -248,20 +247,8 @@ def sample(
 
 def _check_sample_options(t: Optional[float], k: Optional[int], tp: Optional[float], length: Optional[int],
                           n: Optional[int], seed: Optional[int] = None) -> None:
-    from .config import COUNT_MAX, SEED_MAX, SEED_MIN
-
-    if t is not None and (not math.isfinite(t) or t < 0):
-        raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {t}")
-    if k is not None and k < 0:
-        raise UsageError(f"--top-k must be >= 0 (0 = off), got {k}")
-    if tp is not None and not (0 < tp <= 1):  # also false for NaN
-        raise UsageError(f"--top-p must lie in (0, 1], got {tp}")
-    if length is not None and not 0 <= length <= COUNT_MAX:
-        raise UsageError(f"--max-length must lie in [0, {COUNT_MAX}], got {length}")
-    if n is not None and not 0 <= n <= COUNT_MAX:
-        raise UsageError(f"--num-samples must lie in [0, {COUNT_MAX}], got {n}")
-    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
-        raise UsageError(f"--seed must lie in [{SEED_MIN}, {SEED_MAX}], got {seed}")
+    from .sample import check_options
+    check_options(t, k, tp, length, n, seed, flags=True)
 
 
 # -- eval-perplexity -----------------------------------------------------------------------------

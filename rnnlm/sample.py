@@ -448,6 +448,33 @@ def _expand_state(state, batch: int):
 
 # -- the sampler ---------------------------------------------------------------------------------
 
+def check_options(temperature=None, top_k=None, top_p=None, max_length=None, num_samples=None, seed=None,
+                  flags: bool = False) -> None:
+    """The sampling options' rules, one UsageError per broken one (None: not given). With `flags`
+    the messages name the command-line options (--top-k) rather than the arguments (top_k)."""
+    from .config import COUNT_MAX, SEED_MAX, SEED_MIN
+
+    def name(arg: str) -> str:
+        return "--" + arg.replace("_", "-") if flags else arg
+    for arg, v, kind in (("max_length", max_length, int), ("num_samples", num_samples, int), ("top_k", top_k, int),
+                         ("seed", seed, int), ("temperature", temperature, (int, float)),
+                         ("top_p", top_p, (int, float))):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, kind)):
+            raise UsageError(f"{name(arg)} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
+    if temperature is not None and (not math.isfinite(temperature) or temperature < 0):
+        raise UsageError(f"{name('temperature')} must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise UsageError(f"{name('top_k')} must be >= 0 (0 = off), got {top_k}")
+    if top_p is not None and not (0 < top_p <= 1):  # also false for NaN
+        raise UsageError(f"{name('top_p')} must lie in (0, 1], got {top_p}")
+    if max_length is not None and not 0 <= max_length <= COUNT_MAX:
+        raise UsageError(f"{name('max_length')} must lie in [0, {COUNT_MAX}], got {max_length}")
+    if num_samples is not None and not 0 <= num_samples <= COUNT_MAX:
+        raise UsageError(f"{name('num_samples')} must lie in [0, {COUNT_MAX}], got {num_samples}")
+    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+        raise UsageError(f"{name('seed')} must lie in [{SEED_MIN}, {SEED_MAX}], got {seed}")
+
+
 class Sampler:
     """Draws samples from an RNNLM (the forward direction).
 
@@ -525,24 +552,12 @@ class Sampler:
 
         on_text, if given (single sample), receives each new piece of text as it is generated.
         """
-        from .config import SEED_MAX, SEED_MIN
-        for name, v in (("max_length", max_length), ("num_samples", num_samples), ("top_k", top_k)):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise UsageError(f"{name} must be an integer, got {v!r}")
-        for name, v in (("temperature", temperature), ("top_p", top_p)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise UsageError(f"{name} must be a number, got {v!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                                 or not SEED_MIN <= seed <= SEED_MAX):
-            raise UsageError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {seed!r}")
-        if not (temperature >= 0 and math.isfinite(temperature)):
-            raise UsageError(f"--temperature must be a number >= 0, got {temperature}")
-        if top_k < 0:
-            raise UsageError(f"--top-k must be >= 0, got {top_k}")
-        if not 0 < top_p <= 1:
-            raise UsageError(f"--top-p must lie in (0, 1], got {top_p}")
-        if max_length < 0 or num_samples < 0:
-            raise UsageError("--max-length and --num-samples must be >= 0")
+        given = {"num_samples": num_samples, "max_length": max_length, "temperature": temperature,
+                 "top_k": top_k, "top_p": top_p}
+        missing = next((k for k, v in given.items() if v is None), None)
+        if missing:
+            raise UsageError(f"{missing} must be given (None is not a value here)")
+        check_options(temperature, top_k, top_p, max_length, num_samples, seed)
         if num_samples == 0:
             return []
         greedy = greedy or temperature == 0

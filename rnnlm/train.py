@@ -758,17 +758,16 @@ class Trainer:
                         bar.update(ev)
                         interval_steps, interval_tokens, interval_time = 0, 0, 0.0
 
-                    if tc.eval_every and self.step % tc.eval_every == 0 and not last_window:
+                    validate = bool(tc.eval_every) and self.step % tc.eval_every == 0 and not last_window
+                    if validate or (tc.save_every and self.step % tc.save_every == 0):
                         wait = self._pending_checked(stats)  # the device finishing queued steps
                         self.train_seconds += wait
                         interval_time += wait
-                        self._validate(metrics, bar)
-                        reason = reason or self._should_stop(at_log=True)
-                    elif tc.save_every and self.step % tc.save_every == 0:
-                        wait = self._pending_checked(stats)
-                        self.train_seconds += wait
-                        interval_time += wait
-                        self.save(LAST)
+                        if validate:
+                            self._validate(metrics, bar)
+                            reason = reason or self._should_stop(at_log=True)
+                        else:
+                            self.save(LAST)
                     if reason:
                         self.stop_reason = reason
                         stop = True
