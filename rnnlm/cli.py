@@ -146,7 +146,8 @@ def train(
     config: Optional[str] = typer.Option(None, "--config", "-c", metavar="PATH", help="YAML config file."),
     data: Optional[str] = typer.Option(None, "--data", "-d", metavar="PATH",
                                        help="Shorthand for data.path=PATH (a text file, or a directory with "
-                                            "train.txt and optionally valid.txt, test.txt)."),
+                                            "train.txt and optionally valid.txt, test.txt; with data.glob='**/*.py', "
+                                            "a directory whose matching files are the corpus)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH",
                                       help="Run directory (default runs/<config>-<time>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt.", metavar=""),

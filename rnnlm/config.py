@@ -44,7 +44,12 @@ def _f(default: Any, help: str, **rules: Any) -> Any:
 class DataConfig:
     path: str | None = _f(None, "text file (split by `split`) or directory with train.txt [valid.txt test.txt]; "
                                 "null = the embedded default corpus (the Python standard library's source)")
-    split: list[float] = _f([0.9, 0.05, 0.05], "train/valid/test fractions for a single file, cut at line boundaries")
+    glob: str | None = _f(None, "with a directory as `path`: train on every file under it matching this pattern "
+                                "('**/*.py': all Python files, in subfolders too), concatenated in path order and "
+                                "split by `split`; hidden and binary files are left out. null = the directory holds "
+                                "train.txt [valid.txt test.txt]")
+    split: list[float] = _f([0.9, 0.05, 0.05], "train/valid/test fractions for a single file (or `glob`'s files), "
+                                               "cut at line boundaries")
     level: str = _f("char", "token level", choices=("char", "word"))
     lowercase: bool = _f(False, "lowercase the text before tokenizing")
     min_freq: int = _f(1, "tokens seen fewer times in train become <unk>", min=1)

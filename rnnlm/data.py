@@ -89,6 +89,115 @@ def default_corpus_path(cache_dir: str | None = None, max_bytes: int = 3_000_000
     return out
 
 
+# -- a folder of files (data.glob) --------------------------------------------------------
+
+def glob_corpus_path(root: Path, pattern: str, encoding: str = "utf-8", errors: str = "strict",
+                     cache_dir: str | None = None) -> tuple[Path, str]:
+    """Every file under `root` matching `pattern` (``Path.glob`` syntax: '**/*.py' reaches into
+    subfolders), concatenated in path order into one cached text file; returns it and a description.
+
+    As char-rnn trained on the Linux kernel: each file's text is followed by a blank line, so
+    `eos: paragraph` (the char-level default) ends a sample where a file ends, and the train/valid/
+    test split cuts the concatenation by position (the last files in path order are the held-out
+    ones). Files under a hidden folder or with a hidden name, files holding a NUL byte (binary) and
+    the cache folder itself are left out. Each file is decoded once here, so a bad byte
+    is reported against the file that holds it. The result is reused while no matched file changes
+    (name, size or modification time); older concatenations of the same folder and pattern are
+    removed.
+    """
+    codec = check_encoding(encoding)
+    if not pattern or not pattern.strip():
+        raise UsageError("data.glob is empty; give a pattern such as '**/*.py', or null for a directory with "
+                         "train.txt")
+    root = root.resolve()
+    cache = cache_root(cache_dir).expanduser().resolve()
+    try:
+        matched = [q for q in root.glob(pattern) if q.is_file()]
+    except (ValueError, NotImplementedError) as e:  # '/abs/*.py', '**.py' on old Pythons, ...
+        raise UsageError(f"data.glob={pattern!r} is not a usable pattern ({e}); give one relative to the data "
+                         f"directory, such as '**/*.py'") from None
+    except OSError as e:
+        raise UsageError(f"cannot list the files under {root}: {e.strerror or e}") from None
+    files = []
+    for q in matched:
+        rel = q.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if cache == q.resolve() or cache in q.resolve().parents:
+            continue
+        files.append((rel.as_posix(), q))
+    files.sort()
+    if not files:
+        raise UsageError(f"no files under {root} match data.glob={pattern!r} (hidden files are left out); "
+                         f"'**/*.py' matches Python files in every subfolder, '*.txt' text files at the top")
+    stats = []
+    for rel, q in files:
+        try:
+            st = q.stat()
+        except OSError as e:
+            raise UsageError(f"cannot read data file {q}: {e.strerror or e}") from None
+        stats.append((rel, st.st_size, st.st_mtime_ns))
+    folder_key = hashlib.sha256(json.dumps([str(root), pattern]).encode()).hexdigest()[:12]
+    files_key = hashlib.sha256(json.dumps([codec, errors, stats]).encode()).hexdigest()[:12]
+    corpora = cache / "corpora"
+    out = corpora / f"files-{folder_key}-{files_key}.txt"
+    meta = out.with_suffix(".json")
+
+    def describe(info: dict) -> str:
+        skipped = info["binary_skipped"]
+        return (f"{info['files']:,} files matching {pattern!r} under {root}"
+                + (f", {skipped:,} binary left out" if skipped else ""))
+
+    if out.is_file() and meta.is_file():
+        try:
+            return out, describe(json.loads(meta.read_text()))
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged description: rebuild
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    try:
+        corpora.mkdir(parents=True, exist_ok=True)
+        used = binary = 0
+        with open(tmp, "wb") as w:
+            for rel, q in files:
+                try:
+                    raw = q.read_bytes()
+                except OSError as e:
+                    raise UsageError(f"cannot read data file {q}: {e.strerror or e}") from None
+                if b"\x00" in raw:  # binary (the test git and grep use)
+                    binary += 1
+                    continue
+                if codec == "utf-8" and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8):]
+                try:
+                    raw.decode(codec, errors)
+                except UnicodeDecodeError as e:
+                    line = 1 + raw.count(b"\n", 0, e.start)
+                    raise UsageError(
+                        f"{q}: invalid {encoding} at line {line} (bytes {raw[e.start:e.end][:4].hex(' ')}: "
+                        f"{e.reason}); data.errors=replace replaces undecodable bytes, data.encoding=ENCODING names "
+                        f"another encoding, or narrow data.glob to leave the file out") from None
+                if not raw.strip():
+                    continue
+                w.write(raw if raw.endswith(b"\n") else raw + b"\n")
+                w.write(b"\n")  # a blank line between files
+                used += 1
+        if not used:
+            raise UsageError(f"the {len(files):,} files under {root} matching data.glob={pattern!r} hold no text "
+                             f"({binary:,} binary)")
+        info = {"root": str(root), "glob": pattern, "files": used, "binary_skipped": binary}
+        _write_json(meta, info)
+        os.replace(tmp, out)
+        for old in corpora.glob(f"files-{folder_key}-*"):
+            if old not in (out, meta) and ".tmp" not in old.name:
+                old.unlink(missing_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot write the concatenated corpus to {corpora}: {e.strerror or e}; "
+                         f"set data.cache_dir to a writable folder") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure; gone already after the rename
+    return out, describe(info)
+
+
 # -- reading -------------------------------------------------------------------------------
 
 @dataclass
@@ -296,6 +405,9 @@ def split_file(path: Path, fractions: list[float]) -> dict[str, TextSource]:
 def resolve_sources(data_cfg) -> tuple[dict[str, TextSource], str]:
     """Map each available split to its text; also return a description of the corpus."""
     if data_cfg.path is None:
+        if getattr(data_cfg, "glob", None) is not None:
+            raise UsageError(f"data.glob={data_cfg.glob!r} needs data.path: the directory whose files to train on "
+                             f"(--data DIR)")
         path = default_corpus_path(data_cfg.cache_dir)
         desc = f"embedded default corpus: the Python {sys.version_info.major}.{sys.version_info.minor} standard library"
         return split_file(path, data_cfg.split), desc
@@ -303,6 +415,13 @@ def resolve_sources(data_cfg) -> tuple[dict[str, TextSource], str]:
         raise UsageError("data.path is empty; give a text file or a directory with train.txt (or leave it unset "
                          "for the embedded default corpus)")
     p = Path(data_cfg.path).expanduser()
+    pattern = getattr(data_cfg, "glob", None)
+    if pattern is not None:
+        if not p.is_dir():
+            raise UsageError(f"data.glob={pattern!r} needs data.path to be a directory, and {p} is "
+                             f"{'a file' if p.exists() else 'not found'}; give the folder whose files to train on")
+        path, desc = glob_corpus_path(p, pattern, data_cfg.encoding, data_cfg.errors, data_cfg.cache_dir)
+        return split_file(path, data_cfg.split), desc
     if p.is_dir():
         srcs = {}
         for name in SPLITS:
@@ -314,7 +433,8 @@ def resolve_sources(data_cfg) -> tuple[dict[str, TextSource], str]:
                 raise UsageError(f"{p / 'train.txt'} is not a regular file; the data directory needs a text file "
                                  f"train.txt (and optionally valid.txt, test.txt)")
             raise UsageError(f"data directory {p} has no train.txt (expected train.txt and optionally "
-                             f"valid.txt, test.txt)")
+                             f"valid.txt, test.txt); to train on all the files in it, such as a code base, add "
+                             f"data.glob='**/*.py' (or another pattern)")
         for src in srcs.values():
             check_readable(src.path)
         return srcs, str(p)

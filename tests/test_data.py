@@ -457,3 +457,114 @@ def test_ptb_char_known_answers():
 def test_tinyshakespeare_known_answers():
     c = load_corpus(cfg(shared("tinyshakespeare") / "input.txt", split=[1.0, 0.0, 0.0]), "none")
     assert len(c.vocab) == 65 + 2 and len(c.train) == 1_115_394
+
+
+# -- a folder of files (data.glob) -----------------------------------------------------------
+
+def _tree(root: Path, files: dict[str, bytes | str]) -> Path:
+    for rel, content in files.items():
+        f = root / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return root
+
+
+def _whole(srcs: dict[str, TextSource]) -> bytes:
+    """The bytes of all the splits, in order (they must tile the concatenation)."""
+    out = b""
+    for name in ("train", "valid", "test"):
+        if name in srcs:
+            s = srcs[name]
+            with open(s.path, "rb") as f:
+                f.seek(s.start)
+                out += f.read(s.size())
+    return out
+
+
+def test_glob_concatenates_matching_files_in_path_order(tmp_path, cache_dir):
+    root = _tree(tmp_path / "proj", {
+        "b/two.py": "def two():\n    return 2\n",
+        "a.py": "\ufeffx = 1",                    # a BOM (dropped) and no final newline (one is added)
+        "b/sub/three.py": "y = 3\n",
+        "notes.md": "# not matched\n",
+        ".hidden/four.py": "hidden = 4\n",        # hidden folder: left out
+        "b/.five.py": "hidden = 5\n",             # hidden file: left out
+        "empty.py": "",                           # nothing to add
+        "blob.py": b"\x00\x01binary\n",           # binary: left out, and counted
+    })
+    srcs, desc = resolve_sources(cfg(root, glob="**/*.py", split=[0.5, 0.25, 0.25]))
+    # path order: a.py, b/sub/three.py, b/two.py
+    assert _whole(srcs) == b"x = 1\n\ny = 3\n\ndef two():\n    return 2\n\n"
+    assert "3 files matching '**/*.py'" in desc and "1 binary left out" in desc
+    # a pattern without ** stays at the top
+    srcs, desc = resolve_sources(cfg(root, glob="*.py"))
+    assert _whole(srcs) == b"x = 1\n\n" and desc.startswith("1 files")
+
+
+def test_glob_result_is_reused_until_a_file_changes(tmp_path, cache_dir):
+    root = _tree(tmp_path / "proj", {"a.txt": "alpha\n", "b.txt": "beta\n"})
+    c = cfg(root, glob="*.txt")
+    p1 = resolve_sources(c)[0]["train"].path
+    stamp = p1.stat().st_mtime_ns
+    assert resolve_sources(c)[0]["train"].path == p1 and p1.stat().st_mtime_ns == stamp   # reused, not rewritten
+    (root / "b.txt").write_text("beta, longer now\n")
+    p2 = resolve_sources(c)[0]["train"].path
+    assert p2 != p1 and not p1.exists()     # the stale concatenation of this folder is removed
+    assert b"beta, longer now" in _whole(resolve_sources(c)[0])
+    _tree(root, {"c.txt": "gamma\n"})       # a new file is a change too
+    assert b"gamma" in _whole(resolve_sources(c)[0])
+
+
+def test_glob_leaves_the_cache_folder_out(tmp_path, monkeypatch):
+    root = _tree(tmp_path / "proj", {"a.txt": "alpha\n"})
+    monkeypatch.setenv("RNNLM_CACHE", str(root / "cache"))    # a cache inside the folder being read
+    resolve_sources(cfg(root, glob="**/*.txt"))
+    assert list((root / "cache" / "corpora").glob("*.txt"))
+    srcs, desc = resolve_sources(cfg(root, glob="**/*"))       # would match the cached concatenation
+    assert _whole(srcs) == b"alpha\n\n" and desc.startswith("1 files")
+
+
+@pytest.mark.parametrize("setup, pattern, message", [
+    ({"a.txt": "x\n"}, "*.md", "no files under"),
+    ({"a.txt": "x\n"}, "", "data.glob is empty"),
+    ({"a.txt": "x\n"}, "/etc/*.conf", "not a usable pattern"),
+    ({"a.bin": b"\x00\x00"}, "*", "hold no text"),
+    ({"a.txt": "ok\n", "b.txt": b"caf\xe9\n"}, "*.txt", "b.txt: invalid utf-8 at line 1"),
+])
+def test_glob_bad_cases_are_usage_errors(tmp_path, cache_dir, setup, pattern, message):
+    root = _tree(tmp_path / "proj", setup)
+    with pytest.raises(UsageError, match=message):
+        resolve_sources(cfg(root, glob=pattern))
+    assert not list(cache_dir.glob("corpora/*.tmp*"))   # nothing half-written left behind
+
+
+def test_glob_decodes_with_data_errors_and_encoding(tmp_path, cache_dir):
+    root = _tree(tmp_path / "proj", {"b.txt": b"caf\xe9\n"})
+    assert _whole(resolve_sources(cfg(root, glob="*.txt", errors="replace"))[0]) == b"caf\xe9\n\n"
+    assert _whole(resolve_sources(cfg(root, glob="*.txt", encoding="latin-1"))[0]) == b"caf\xe9\n\n"
+
+
+def test_glob_needs_a_directory_and_a_plain_directory_suggests_it(tmp_path, cache_dir):
+    f = _tree(tmp_path, {"one.txt": "x\n"}) / "one.txt"
+    with pytest.raises(UsageError, match="needs data.path to be a directory"):
+        resolve_sources(cfg(f, glob="*.txt"))
+    c = DataConfig(path=None, glob="*.txt")
+    with pytest.raises(UsageError, match="needs data.path"):
+        resolve_sources(c)
+    with pytest.raises(UsageError, match=r"data.glob='\*\*/\*.py'"):
+        resolve_sources(cfg(tmp_path))     # a directory without train.txt
+
+
+def test_glob_corpus_trains_end_to_end(tmp_path, cache_dir):
+    from rnnlm.config import build_config
+    from rnnlm.train import Trainer
+    text = "".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(200))
+    root = _tree(tmp_path / "proj", {"pkg/a.py": text, "pkg/b.py": text[::-1], "README.md": "readme\n"})
+    c = build_config(None, [f"data.path={root}", "data.glob=**/*.py", "model.hidden_size=16",
+                            "model.embedding_size=8", "model.num_layers=1", "train.batch_size=4", "train.bptt=16",
+                            "train.max_steps=3", "train.eval_every=null"])
+    tr = Trainer(c, run_dir=tmp_path / "run")
+    tr.progress_enabled = False
+    end = tr.fit()
+    assert end["step"] == 3 and end["best_valid_loss"] is not None
+    assert "r" in tr.vocab and "#" not in tr.vocab   # README.md was not read (its '#' never seen)
