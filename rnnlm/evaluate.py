@@ -23,6 +23,8 @@ but several percent off for a model that remembers further back than ``burn_in``
 
 from __future__ import annotations
 
+import codecs
+
 import math
 import sys
 from pathlib import Path
@@ -270,6 +272,15 @@ def _word_count(ids: np.ndarray, vocab: Vocab) -> int | None:
     return int(np.count_nonzero(starts)) + int(np.count_nonzero(ids == EOS_ID))
 
 
+def _check_errors(errors) -> None:
+    """`errors` names a codecs error handler (checked now, not when the first bad byte is met)."""
+    try:
+        codecs.lookup_error(errors)
+    except (LookupError, TypeError):
+        raise UsageError(f"errors must name a codecs error handler such as 'strict', 'replace' or 'ignore', "
+                         f"got {errors!r}") from None
+
+
 def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batch_size: int = 1,
                device="cpu", encoding: str = "utf-8", errors: str = "strict", progress: Progress = False,
                exact: bool = True) -> dict:
@@ -290,6 +301,7 @@ def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batc
         raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if progress not in (False, None, True, "auto") and not callable(progress):
         raise UsageError(f"progress must be False, True, 'auto' or a callable, got {progress!r}")
+    _check_errors(errors)
     from .allocator import tune_allocator
     tune_allocator()
     p = Path(path)

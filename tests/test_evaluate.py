@@ -393,6 +393,11 @@ def test_library_arguments_are_checked_with_usage_errors(tmp_path):
     for kw in ({"batch_size": 0}, {"batch_size": -3}, {"batch_size": 2.5}, {"progress": "bogus"}):
         with pytest.raises(UsageError):
             perplexity(model, vocab, tok, path, **kw)
+    # an unknown error handler is refused before reading, even for a file with no bad byte in it
+    for bad in ("bogus", None):
+        with pytest.raises(UsageError, match="error handler"):
+            perplexity(model, vocab, tok, path, errors=bad)
+    assert perplexity(model, vocab, tok, path, errors="replace")["tokens"] > 0
     with pytest.raises(UsageError, match="list of sentences"):
         score_sentences(model, vocab, tok, "abc")                    # not 3 one-letter sentences
     for bad in ([None], ["ab", 3]):
