@@ -263,7 +263,11 @@ def _check_sample_options(t: Optional[float], k: Optional[int], tp: Optional[flo
 def eval_perplexity(
     checkpoint: str = typer.Option(..., "--checkpoint", "-m", metavar="PATH",
                                    help="Run directory (its best.pt) or a checkpoint."),
-    data: str = typer.Option(..., "--data", "-d", metavar="PATH", help="Text file to evaluate."),
+    data: str = typer.Option(..., "--data", "-d", metavar="PATH", help="Text file to evaluate (with --glob, a directory)."),
+    glob: Optional[str] = typer.Option(None, "--glob", metavar="PATTERN",
+                                       help="Evaluate the files under the --data directory matching PATTERN "
+                                            "('**/*.py'), gathered as data.glob gathers them for training: in "
+                                            "path order, a blank line after each, hidden and binary files left out."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Pieces evaluated in parallel; the result is the same at every batch size (1 = one sequential pass)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object.", metavar=""),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
@@ -271,27 +275,39 @@ def eval_perplexity(
 ) -> None:
     def body() -> None:
         from .checkpoint import load_model
-        from .data import check_encoding
+        from .data import check_encoding, glob_corpus_path
         from .evaluate import perplexity
 
         if batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
         ckpt = _path(checkpoint, "--checkpoint")
         data_path = _path(data, "--data")
-        if data_path.is_dir():
-            raise UsageError(f"--data {data} is a directory; give the text file to evaluate (e.g. {data}/test.txt)")
-        if not data_path.is_file():
+        if glob is not None:
+            if not data_path.is_dir():
+                raise UsageError(f"--glob needs --data to be a directory, and {data} is "
+                                 f"{'not one' if data_path.exists() else 'not found'}")
+        elif data_path.is_dir():
+            raise UsageError(f"--data {data} is a directory; give the text file to evaluate (e.g. {data}/test.txt), "
+                             f"or add --glob '**/*.txt' to evaluate the files in it")
+        elif not data_path.is_file():
             raise UsageError(f"--data {data} is not a regular file; give the text file to evaluate"
                              if data_path.exists() else f"evaluation file not found: {data}")
         enc = check_encoding(encoding, "--encoding") if encoding is not None else None
         dev = _device(device)
         lm = load_model(ckpt, dev)
+        what = str(data)
+        if glob is not None:
+            data_path, what = glob_corpus_path(data_path, glob, enc or lm.config.data.encoding,
+                                               lm.config.data.errors, option="--glob")
         res = perplexity(lm.model, lm.vocab, lm.tokenizer, data_path, batch_size, dev,
                          enc or lm.config.data.encoding, lm.config.data.errors, progress="auto")
+        if glob is not None:  # "file" is the gathered text; say where it came from
+            res["source"] = what
         if as_json:
             sys.stdout.write(json.dumps(res) + "\n")
             return
-        table = Table(title=escape(str(data)), show_header=True)
+        out_console.print(escape(what), soft_wrap=True)  # the file on a line of its own: a long path
+        table = Table(show_header=True)                          # stays whole, not wrapped in a title
         table.add_column("metric")
         table.add_column("value", justify="right")
         rows = [("tokens", f"{res['tokens']:,}"), ("oov", f"{res['oov']:,} ({100 * res['oov_rate']:.2f} %)"),

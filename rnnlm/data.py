@@ -92,7 +92,7 @@ def default_corpus_path(cache_dir: str | None = None, max_bytes: int = 3_000_000
 # -- a folder of files (data.glob) --------------------------------------------------------
 
 def glob_corpus_path(root: Path, pattern: str, encoding: str = "utf-8", errors: str = "strict",
-                     cache_dir: str | None = None) -> tuple[Path, str]:
+                     cache_dir: str | None = None, option: str = "data.glob") -> tuple[Path, str]:
     """Every file under `root` matching `pattern` (``Path.glob`` syntax: '**/*.py' reaches into
     subfolders), concatenated in path order into one cached text file; returns it and a description.
 
@@ -107,14 +107,14 @@ def glob_corpus_path(root: Path, pattern: str, encoding: str = "utf-8", errors: 
     """
     codec = check_encoding(encoding)
     if not pattern or not pattern.strip():
-        raise UsageError("data.glob is empty; give a pattern such as '**/*.py', or null for a directory with "
-                         "train.txt")
+        raise UsageError(f"{option} is empty; give a pattern such as '**/*.py'"
+                         + (", or null for a directory with train.txt" if option == "data.glob" else ""))
     root = root.resolve()
     cache = cache_root(cache_dir).expanduser().resolve()
     try:
         matched = [q for q in root.glob(pattern) if q.is_file()]
     except (ValueError, NotImplementedError) as e:  # '/abs/*.py', '**.py' on old Pythons, ...
-        raise UsageError(f"data.glob={pattern!r} is not a usable pattern ({e}); give one relative to the data "
+        raise UsageError(f"{option}={pattern!r} is not a usable pattern ({e}); give one relative to the data "
                          f"directory, such as '**/*.py'") from None
     except OSError as e:
         raise UsageError(f"cannot list the files under {root}: {e.strerror or e}") from None
@@ -128,7 +128,7 @@ def glob_corpus_path(root: Path, pattern: str, encoding: str = "utf-8", errors: 
         files.append((rel.as_posix(), q))
     files.sort()
     if not files:
-        raise UsageError(f"no files under {root} match data.glob={pattern!r} (hidden files are left out); "
+        raise UsageError(f"no files under {root} match {option}={pattern!r} (hidden files are left out); "
                          f"'**/*.py' matches Python files in every subfolder, '*.txt' text files at the top")
     stats = []
     for rel, q in files:
@@ -174,15 +174,17 @@ def glob_corpus_path(root: Path, pattern: str, encoding: str = "utf-8", errors: 
                     line = 1 + raw.count(b"\n", 0, e.start)
                     raise UsageError(
                         f"{q}: invalid {encoding} at line {line} (bytes {raw[e.start:e.end][:4].hex(' ')}: "
-                        f"{e.reason}); data.errors=replace replaces undecodable bytes, data.encoding=ENCODING names "
-                        f"another encoding, or narrow data.glob to leave the file out") from None
+                        f"{e.reason}); "
+                        + ("data.errors=replace replaces undecodable bytes, data.encoding=ENCODING names another "
+                           "encoding" if option == "data.glob" else "--encoding ENCODING names another encoding")
+                        + f", or narrow {option} to leave the file out") from None
                 if not raw.strip():
                     continue
                 w.write(raw if raw.endswith(b"\n") else raw + b"\n")
                 w.write(b"\n")  # a blank line between files
                 used += 1
         if not used:
-            raise UsageError(f"the {len(files):,} files under {root} matching data.glob={pattern!r} hold no text "
+            raise UsageError(f"the {len(files):,} files under {root} matching {option}={pattern!r} hold no text "
                              f"({binary:,} binary)")
         info = {"root": str(root), "glob": pattern, "files": used, "binary_skipped": binary}
         _write_json(meta, info)

@@ -290,6 +290,37 @@ def test_eval_perplexity_counts_oov_and_human_table(work, word_run):
     assert res["oov"] == 1 and res["tokens"] == 7
     r = invoke(["eval-perplexity", "-m", word_run, "-d", f])
     assert r.exit_code == 0 and "perplexity" in r.stdout and "oov" in r.stdout
+    # a path longer than the table is printed whole on its own line (it used to wrap inside the title)
+    deep = work / ("a_long_folder_name_" * 4) / "and_a_long_file_name_too.txt"
+    deep.parent.mkdir(exist_ok=True)
+    deep.write_text("the cat sat on the rug\n", encoding="utf-8")
+    r = invoke(["eval-perplexity", "-m", word_run, "-d", deep])
+    assert r.exit_code == 0 and r.stdout.splitlines()[0] == str(deep)
+
+
+def test_eval_perplexity_glob_equals_the_concatenated_file(work, char_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("RNNLM_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "other"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "b.txt").write_text(char_text(20, 7), encoding="utf-8")
+    (folder / "sub" / "a.txt").write_text(char_text(20, 8).rstrip("\n"), encoding="utf-8")   # no final newline
+    (folder / ".hidden.txt").write_text("left out\n", encoding="utf-8")
+    (folder / "notes.md").write_text("not matched\n", encoding="utf-8")
+    by_hand = tmp_path / "by_hand.txt"   # what the docs say --glob reads: path order, a blank line after each file
+    by_hand.write_text((folder / "b.txt").read_text() + "\n" + (folder / "sub" / "a.txt").read_text() + "\n\n",
+                       encoding="utf-8")
+    want = json.loads(ok_invoke(["eval-perplexity", "-m", char_run, "-d", by_hand, "--json"]).stdout)
+    got = json.loads(ok_invoke(["eval-perplexity", "-m", char_run, "-d", folder, "--glob", "**/*.txt",
+                                "--json"]).stdout)
+    assert got["tokens"] == want["tokens"] and got["nll"] == pytest.approx(want["nll"], rel=1e-9)
+    assert got["source"].startswith("2 files matching '**/*.txt' under")
+    r = ok_invoke(["eval-perplexity", "-m", char_run, "-d", folder, "--glob", "**/*.txt"])
+    assert r.stdout.splitlines()[0].startswith("2 files matching")
+    assert_usage_error(invoke(["eval-perplexity", "-m", char_run, "-d", folder]), "is a directory", "--glob")
+    assert_usage_error(invoke(["eval-perplexity", "-m", char_run, "-d", by_hand, "--glob", "*.txt"]),
+                       "--glob needs --data to be a directory")
+    assert_usage_error(invoke(["eval-perplexity", "-m", char_run, "-d", folder, "--glob", "*.rst"]),
+                       "no files under", "--glob='*.rst'")
 
 
 def test_eval_perplexity_char(work, char_run):
