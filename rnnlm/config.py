@@ -46,8 +46,8 @@ class DataConfig:
                                 "null = the embedded default corpus (the Python standard library's source)")
     glob: str | None = _f(None, "with a directory as `path`: train on every file under it matching this pattern "
                                 "('**/*.py': all Python files, in subfolders too), concatenated in path order and "
-                                "split by `split`; hidden and binary files are left out. null = the directory holds "
-                                "train.txt [valid.txt test.txt]")
+                                "split by `split`; hidden, binary and blank files and run directories are left out. "
+                                "null = the directory holds train.txt [valid.txt test.txt]")
     split: list[float] = _f([0.9, 0.05, 0.05], "train/valid/test fractions for a single file (or `glob`'s files), "
                                                "cut at line boundaries")
     level: str = _f("char", "token level", choices=("char", "word"))
@@ -63,7 +63,8 @@ class DataConfig:
     errors: str = _f("strict", "what to do with undecodable bytes", choices=("strict", "replace", "ignore"))
     cache: bool = _f(True, "reuse encoded ids cached on disk (keyed by file contents and tokenizer settings); "
                            "false = always encode in memory")
-    cache_dir: str | None = _f(None, "where encoded ids are cached; null = $RNNLM_CACHE or ~/.cache/rnnlm")
+    cache_dir: str | None = _f(None, "where encoded ids (and the text data.glob gathers) are cached; null = "
+                                     "$RNNLM_CACHE or ~/.cache/rnnlm")
 
 
 @dataclass
@@ -398,6 +399,9 @@ def load_yaml(path: str | Path) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         kind = "YAML error" if isinstance(e, yaml.constructor.ConstructorError) else "YAML syntax error"
+        line = text.splitlines()[mark.line] if mark is not None and mark.line < len(text.splitlines()) else ""
+        if re.search(r":\s+[*&]", line):  # `glob: **/*.py`: YAML reads a leading * as an alias
+            problem += "; a value starting with * or & needs quotes in YAML, e.g. glob: '**/*.py'"
         raise UsageError(f"{kind} in {p}{where}: {problem}") from None
     except RecursionError:
         raise UsageError(f"config file {p} is nested too deeply to be a config") from None

@@ -21,6 +21,7 @@ first token is predicted from the same start context as in evaluation) is laid o
 
 from __future__ import annotations
 
+import atexit
 import codecs
 import hashlib
 import json
@@ -91,45 +92,162 @@ def default_corpus_path(cache_dir: str | None = None, max_bytes: int = 3_000_000
 
 # -- a folder of files (data.glob) --------------------------------------------------------
 
+try:
+    import fcntl
+except ImportError:  # Windows, where a file open in another process cannot be deleted anyway
+    fcntl = None
+_HELD: dict[str, object] = {}  # gathered texts this process reads: path -> open file holding a shared lock
+
+
+@atexit.register
+def _release_held() -> None:
+    for f in _HELD.values():
+        f.close()
+    _HELD.clear()
+
+
+def _hold(f, path: Path) -> None:
+    """Keep `f` (open on `path`) with a shared lock for the life of the process, so another process's
+    clean-up of stale gathered texts leaves this one alone (it reads it again: counting, encoding)."""
+    if fcntl is not None:
+        fcntl.flock(f, fcntl.LOCK_SH)
+    _HELD[str(path)] = f
+
+
+def _remove_unless_used(path: Path) -> None:
+    """Delete a stale gathered text unless some process holds it (see _hold)."""
+    held = _HELD.pop(str(path), None)
+    if held is not None:  # this process has moved on to a newer text of the same folder
+        held.close()
+    try:
+        with open(path, "rb") as f:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while another process reads it
+            path.unlink()
+    except OSError:
+        pass
+
+
+def _append_text_file(q: Path, w, codec: str, errors: str, hint: str, lead: bytes = b"") -> str:
+    """Append file `q` to the open binary file `w` after `lead` (a UTF-8 BOM dropped, a final newline
+    added), unless it is binary (a NUL byte: "binary") or blank ("empty"); "text" if appended.
+    Read in blocks, twice (checked, then copied), so a big file never sits in memory whole. A file
+    that cannot be read is a UsageError; a failed write to `w` is left to the caller (an OSError)."""
+    bom = codecs.BOM_UTF8 if codec == "utf-8" else b""
+
+    def blocks(f):
+        f.seek(0)
+        if bom and f.read(len(bom)) != bom:
+            f.seek(0)
+        while True:
+            try:
+                block = f.read(_READ_HINT)
+            except OSError as e:
+                raise UsageError(f"cannot read data file {q}: {e.strerror or e}") from None
+            if not block:
+                return
+            yield block
+
+    try:
+        f = open(q, "rb")
+    except OSError as e:
+        raise UsageError(f"cannot read data file {q}: {e.strerror or e}") from None
+    with f:
+        dec = codecs.getincrementaldecoder(codec)(errors)
+        lines, blank = 0, True
+        for block in blocks(f):
+            if b"\x00" in block:  # binary (the test git and grep use)
+                return "binary"
+            try:
+                dec.decode(block)
+            except UnicodeDecodeError as e:  # e.object: the decoder's held bytes (never a newline) + block
+                line = lines + e.object.count(b"\n", 0, e.start) + 1
+                raise UsageError(f"{q}: invalid {codec} at line {line} (bytes {e.object[e.start:e.end][:4].hex(' ')}"
+                                 f": {e.reason}); {hint}") from None
+            lines += block.count(b"\n")
+            blank = blank and not block.strip()
+        try:
+            dec.decode(b"", final=True)
+        except UnicodeDecodeError as e:  # the file ends inside a character
+            raise UsageError(f"{q}: invalid {codec} at its end (a truncated character: {e.reason}); {hint}") from None
+        if blank:
+            return "empty"
+        w.write(lead)
+        last = b""
+        for block in blocks(f):
+            w.write(block)
+            last = block[-1:]
+    if last != b"\n":
+        w.write(b"\n")
+    return "text"
+
+
+def _is_run_dir(d: Path) -> bool:
+    """An rnnlm run directory (it writes both files when a run starts)."""
+    return (d / "config.yaml").is_file() and (d / "metrics.jsonl").is_file()
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def glob_corpus_path(root: Path, pattern: str, encoding: str = "utf-8", errors: str = "strict",
                      cache_dir: str | None = None, option: str = "data.glob") -> tuple[Path, str]:
     """Every file under `root` matching `pattern` (``Path.glob`` syntax: '**/*.py' reaches into
     subfolders), concatenated in path order into one cached text file; returns it and a description.
 
-    As char-rnn trained on the Linux kernel: each file's text is followed by a blank line, so
+    As char-rnn trained on the Linux kernel: the files' texts are separated by a blank line, so
     `eos: paragraph` (the char-level default) ends a sample where a file ends, and the train/valid/
     test split cuts the concatenation by position (the last files in path order are the held-out
-    ones). Files under a hidden folder or with a hidden name, files holding a NUL byte (binary) and
-    the cache folder itself are left out. Each file is decoded once here, so a bad byte
-    is reported against the file that holds it. The result is reused while no matched file changes
-    (name, size or modification time); older concatenations of the same folder and pattern are
-    removed.
+    ones). Left out: names starting with a dot at any depth, files holding a NUL byte (binary),
+    blank files, rnnlm run directories (a folder with config.yaml and metrics.jsonl) and rnnlm's own
+    cache folders. Each file is decoded here, so a bad byte is reported against the file that holds
+    it. The result is reused while every matched file keeps its name, size and modification time;
+    older gathered texts of the same folder and pattern are removed unless another process is
+    reading them.
     """
     codec = check_encoding(encoding)
     if not pattern or not pattern.strip():
         raise UsageError(f"{option} is empty; give a pattern such as '**/*.py'"
                          + (", or null for a directory with train.txt" if option == "data.glob" else ""))
+    if ".." in Path(pattern).parts:
+        raise UsageError(f"{option}={pattern!r} leaves the data directory ('..'); give the folder to read as "
+                         f"--data and a pattern inside it, such as '**/*.py'")
     root = root.resolve()
     cache = cache_root(cache_dir).expanduser().resolve()
+    own = (cache / "corpora", cache / "encoded")  # rnnlm's own cache folders (the data may live near them)
     try:
+        with os.scandir(root):
+            pass
         matched = [q for q in root.glob(pattern) if q.is_file()]
     except (ValueError, NotImplementedError) as e:  # '/abs/*.py', '**.py' on old Pythons, ...
         raise UsageError(f"{option}={pattern!r} is not a usable pattern ({e}); give one relative to the data "
                          f"directory, such as '**/*.py'") from None
     except OSError as e:
         raise UsageError(f"cannot list the files under {root}: {e.strerror or e}") from None
+    run_dirs: dict[Path, bool] = {}
     files = []
     for q in matched:
         rel = q.relative_to(root)
         if any(part.startswith(".") for part in rel.parts):
             continue
-        if cache == q.resolve() or cache in q.resolve().parents:
+        real = q.resolve()
+        if any(d == real or d in real.parents for d in own):
+            continue
+        parents = [root.joinpath(*rel.parts[:k]) for k in range(1, len(rel.parts))]
+        if any(run_dirs.setdefault(d, _is_run_dir(d)) for d in parents):
             continue
         files.append((rel.as_posix(), q))
     files.sort()
     if not files:
-        raise UsageError(f"no files under {root} match {option}={pattern!r} (hidden files are left out); "
-                         f"'**/*.py' matches Python files in every subfolder, '*.txt' text files at the top")
+        tip = ("'**' alone matches folders: '**/*' matches every file" if Path(pattern).name == "**" else
+               "'**/*.py' matches Python files in every subfolder, '*.txt' text files at the top")
+        raise UsageError(f"no files under {root} match {option}={pattern!r} (names starting with a dot and rnnlm "
+                         f"run directories are left out); {tip}")
+    if option == "data.glob" and (root / "train.txt").is_file():
+        warnings.warn(f"{root} holds train.txt, but data.glob is set: the files matching {pattern!r} are the "
+                      f"corpus, split by data.split, and train.txt / valid.txt / test.txt are ordinary files "
+                      f"(set data.glob=null to use them as the splits)", stacklevel=3)
     stats = []
     for rel, q in files:
         try:
@@ -137,66 +255,69 @@ def glob_corpus_path(root: Path, pattern: str, encoding: str = "utf-8", errors: 
         except OSError as e:
             raise UsageError(f"cannot read data file {q}: {e.strerror or e}") from None
         stats.append((rel, st.st_size, st.st_mtime_ns))
-    folder_key = hashlib.sha256(json.dumps([str(root), pattern]).encode()).hexdigest()[:12]
+    where = os.fsencode(root).decode("utf-8", "backslashreplace")  # JSON-safe whatever the folder's name
+    folder_key = hashlib.sha256(json.dumps([where, pattern]).encode()).hexdigest()[:12]
     files_key = hashlib.sha256(json.dumps([codec, errors, stats]).encode()).hexdigest()[:12]
     corpora = cache / "corpora"
     out = corpora / f"files-{folder_key}-{files_key}.txt"
     meta = out.with_suffix(".json")
 
     def describe(info: dict) -> str:
-        skipped = info["binary_skipped"]
-        return (f"{info['files']:,} files matching {pattern!r} under {root}"
-                + (f", {skipped:,} binary left out" if skipped else ""))
+        left = [_plural(info[k], what) for k, what in (("binary_skipped", "binary file"),
+                                                       ("empty_skipped", "blank file")) if info.get(k)]
+        return (f"{_plural(info['files'], 'file')} matching {pattern!r} under {root}"
+                + (f" ({' and '.join(left)} left out)" if left else ""))
 
-    if out.is_file() and meta.is_file():
+    if str(out) in _HELD:  # this process gathered or reused it already
         try:
             return out, describe(json.loads(meta.read_text()))
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged description: rebuild
+        except Exception:
+            pass
+    try:
+        f = open(out, "rb")
+    except OSError:
+        f = None
+    if f is not None:  # reuse it, if its description is sound
+        try:
+            info = json.loads(meta.read_text())
+            desc = describe(info)
+            _hold(f, out)
+            return out, desc
+        except Exception:  # a missing or damaged description: gather again
+            f.close()
     tmp = out.with_suffix(f".tmp{os.getpid()}")
+    hint = ("data.errors=replace replaces undecodable bytes, data.encoding=ENCODING names another encoding"
+            if option == "data.glob" else "--encoding ENCODING names another encoding")
     try:
         corpora.mkdir(parents=True, exist_ok=True)
-        used = binary = 0
+        counts = {"text": 0, "binary": 0, "empty": 0}
         with open(tmp, "wb") as w:
             for rel, q in files:
-                try:
-                    raw = q.read_bytes()
-                except OSError as e:
-                    raise UsageError(f"cannot read data file {q}: {e.strerror or e}") from None
-                if b"\x00" in raw:  # binary (the test git and grep use)
-                    binary += 1
-                    continue
-                if codec == "utf-8" and raw.startswith(codecs.BOM_UTF8):
-                    raw = raw[len(codecs.BOM_UTF8):]
-                try:
-                    raw.decode(codec, errors)
-                except UnicodeDecodeError as e:
-                    line = 1 + raw.count(b"\n", 0, e.start)
-                    raise UsageError(
-                        f"{q}: invalid {encoding} at line {line} (bytes {raw[e.start:e.end][:4].hex(' ')}: "
-                        f"{e.reason}); "
-                        + ("data.errors=replace replaces undecodable bytes, data.encoding=ENCODING names another "
-                           "encoding" if option == "data.glob" else "--encoding ENCODING names another encoding")
-                        + f", or narrow {option} to leave the file out") from None
-                if not raw.strip():
-                    continue
-                w.write(raw if raw.endswith(b"\n") else raw + b"\n")
-                w.write(b"\n")  # a blank line between files
-                used += 1
-        if not used:
-            raise UsageError(f"the {len(files):,} files under {root} matching {option}={pattern!r} hold no text "
-                             f"({binary:,} binary)")
-        info = {"root": str(root), "glob": pattern, "files": used, "binary_skipped": binary}
-        _write_json(meta, info)
-        os.replace(tmp, out)
+                kind = _append_text_file(q, w, codec, errors, f"{hint}, or narrow {option} to leave the file out",
+                                         lead=b"\n" if counts["text"] else b"")
+                counts[kind] += 1
+            if not counts["text"]:
+                raise UsageError(f"the {_plural(len(files), 'file')} under {root} matching {option}={pattern!r} hold "
+                                 f"no text ({counts['binary']:,} binary, {counts['empty']:,} blank)")
+            w.flush()
+            info = {"root": where, "glob": pattern, "files": counts["text"], "binary_skipped": counts["binary"],
+                    "empty_skipped": counts["empty"]}
+            _write_json(meta, info)
+            if fcntl is not None:  # locked before it takes its name: no other process's clean-up catches it unheld
+                fcntl.flock(w, fcntl.LOCK_SH)
+            os.replace(tmp, out)
+            _hold(open(out, "rb"), out)
         for old in corpora.glob(f"files-{folder_key}-*"):
             if old not in (out, meta) and ".tmp" not in old.name:
-                old.unlink(missing_ok=True)
+                _remove_unless_used(old)
     except OSError as e:
-        raise UsageError(f"cannot write the concatenated corpus to {corpora}: {e.strerror or e}; "
+        raise UsageError(f"cannot write the gathered text to {corpora}: {e.strerror or e}; "
                          f"set data.cache_dir to a writable folder") from None
     finally:
-        tmp.unlink(missing_ok=True)  # after a failure; gone already after the rename
+        try:
+            tmp.unlink(missing_ok=True)  # after a failure; gone already after the rename
+        except OSError:
+            pass
     return out, describe(info)
 
 
@@ -625,8 +746,20 @@ def cache_key(settings: dict) -> str:
 
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(obj, ensure_ascii=False, indent=1) + "\n"
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError:  # a path that is not valid UTF-8 (surrogate escapes): \u escapes round-trip it
+        raw = (json.dumps(obj, ensure_ascii=True, indent=1) + "\n").encode("ascii")
+    try:
+        tmp.write_bytes(raw)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
 
 
 class CacheMiss(Exception):

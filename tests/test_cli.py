@@ -306,8 +306,8 @@ def test_eval_perplexity_glob_equals_the_concatenated_file(work, char_run, tmp_p
     (folder / "sub" / "a.txt").write_text(char_text(20, 8).rstrip("\n"), encoding="utf-8")   # no final newline
     (folder / ".hidden.txt").write_text("left out\n", encoding="utf-8")
     (folder / "notes.md").write_text("not matched\n", encoding="utf-8")
-    by_hand = tmp_path / "by_hand.txt"   # what the docs say --glob reads: path order, a blank line after each file
-    by_hand.write_text((folder / "b.txt").read_text() + "\n" + (folder / "sub" / "a.txt").read_text() + "\n\n",
+    by_hand = tmp_path / "by_hand.txt"   # what the docs say --glob reads: path order, a blank line between files
+    by_hand.write_text((folder / "b.txt").read_text() + "\n" + (folder / "sub" / "a.txt").read_text() + "\n",
                        encoding="utf-8")
     want = json.loads(ok_invoke(["eval-perplexity", "-m", char_run, "-d", by_hand, "--json"]).stdout)
     got = json.loads(ok_invoke(["eval-perplexity", "-m", char_run, "-d", folder, "--glob", "**/*.txt",

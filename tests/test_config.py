@@ -254,7 +254,13 @@ def test_yaml_syntax_error_has_line_and_column(tmp_path):
         build_config(p)
     msg = str(e.value)
     assert "YAML syntax error" in msg and str(p) in msg
-    assert "line 4" in msg and "column" in msg
+    assert "line 4" in msg and "column" in msg and "needs quotes" not in msg
+
+
+def test_unquoted_glob_pattern_gets_a_quoting_hint(tmp_path):
+    with pytest.raises(UsageError, match=r"line 2.*needs quotes in YAML, e.g. glob: '\*\*/\*.py'"):
+        build_config(write(tmp_path, "data:\n  glob: **/*.py\n"))
+    assert build_config(write(tmp_path, "data:\n  glob: '**/*.py'\n")).data.glob == "**/*.py"
 
 
 def test_yaml_tab_indentation_error(tmp_path):

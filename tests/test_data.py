@@ -494,11 +494,11 @@ def test_glob_concatenates_matching_files_in_path_order(tmp_path, cache_dir):
     })
     srcs, desc = resolve_sources(cfg(root, glob="**/*.py", split=[0.5, 0.25, 0.25]))
     # path order: a.py, b/sub/three.py, b/two.py
-    assert _whole(srcs) == b"x = 1\n\ny = 3\n\ndef two():\n    return 2\n\n"
-    assert "3 files matching '**/*.py'" in desc and "1 binary left out" in desc
+    assert _whole(srcs) == b"x = 1\n\ny = 3\n\ndef two():\n    return 2\n"      # a blank line between files
+    assert "3 files matching '**/*.py'" in desc and "(1 binary file and 1 blank file left out)" in desc
     # a pattern without ** stays at the top
     srcs, desc = resolve_sources(cfg(root, glob="*.py"))
-    assert _whole(srcs) == b"x = 1\n\n" and desc.startswith("1 files")
+    assert _whole(srcs) == b"x = 1\n" and desc.startswith("1 file matching")
 
 
 def test_glob_result_is_reused_until_a_file_changes(tmp_path, cache_dir):
@@ -521,7 +521,7 @@ def test_glob_leaves_the_cache_folder_out(tmp_path, monkeypatch):
     resolve_sources(cfg(root, glob="**/*.txt"))
     assert list((root / "cache" / "corpora").glob("*.txt"))
     srcs, desc = resolve_sources(cfg(root, glob="**/*"))       # would match the cached concatenation
-    assert _whole(srcs) == b"alpha\n\n" and desc.startswith("1 files")
+    assert _whole(srcs) == b"alpha\n" and desc.startswith("1 file matching")
 
 
 @pytest.mark.parametrize("setup, pattern, message", [
@@ -540,8 +540,8 @@ def test_glob_bad_cases_are_usage_errors(tmp_path, cache_dir, setup, pattern, me
 
 def test_glob_decodes_with_data_errors_and_encoding(tmp_path, cache_dir):
     root = _tree(tmp_path / "proj", {"b.txt": b"caf\xe9\n"})
-    assert _whole(resolve_sources(cfg(root, glob="*.txt", errors="replace"))[0]) == b"caf\xe9\n\n"
-    assert _whole(resolve_sources(cfg(root, glob="*.txt", encoding="latin-1"))[0]) == b"caf\xe9\n\n"
+    assert _whole(resolve_sources(cfg(root, glob="*.txt", errors="replace"))[0]) == b"caf\xe9\n"
+    assert _whole(resolve_sources(cfg(root, glob="*.txt", encoding="latin-1"))[0]) == b"caf\xe9\n"
 
 
 def test_glob_needs_a_directory_and_a_plain_directory_suggests_it(tmp_path, cache_dir):
@@ -568,3 +568,87 @@ def test_glob_corpus_trains_end_to_end(tmp_path, cache_dir):
     end = tr.fit()
     assert end["step"] == 3 and end["best_valid_loss"] is not None
     assert "r" in tr.vocab and "#" not in tr.vocab   # README.md was not read (its '#' never seen)
+
+
+def test_glob_reads_files_in_blocks(tmp_path, cache_dir, monkeypatch):
+    """Files are checked and copied block by block: the results must not depend on where the blocks fall."""
+    monkeypatch.setattr(data, "_READ_HINT", 5)   # blocks cut through lines and through multi-byte characters
+    text = "αβγ δεζ\nline two ηθ\nend"
+    root = _tree(tmp_path / "proj", {
+        "a.txt": "\ufeff" + text,
+        "b.txt": "x" * 23 + "\x00tail\n",      # a NUL only in a late block: still binary
+    })
+    srcs, desc = resolve_sources(cfg(root, glob="*.txt"))
+    assert _whole(srcs) == (text + "\n").encode("utf-8") and "(1 binary file left out)" in desc
+    (root / "c.txt").write_bytes("ok\nok\nok\nnot \xff ok\n".replace("\xff", "").encode() + b"\n\xc3(\n")
+    with pytest.raises(UsageError, match=r"c.txt: invalid utf-8 at line 6"):
+        resolve_sources(cfg(root, glob="*.txt"))
+    (root / "c.txt").write_bytes("ends inside é".encode("utf-8")[:-1])      # a truncated last character
+    with pytest.raises(UsageError, match="c.txt: invalid utf-8 at its end"):
+        resolve_sources(cfg(root, glob="*.txt"))
+
+
+@pytest.mark.skipif(data.fcntl is None, reason="no fcntl (Windows): an open file cannot be deleted there anyway")
+def test_glob_never_deletes_a_text_another_process_reads(tmp_path, cache_dir):
+    import fcntl
+    root = _tree(tmp_path / "proj", {"a.txt": "alpha\n"})
+    c = cfg(root, glob="*.txt")
+    p1 = resolve_sources(c)[0]["train"].path
+    other = open(p1, "rb")             # another reader (flock locks belong to each open file)
+    fcntl.flock(other, fcntl.LOCK_SH)
+    (root / "a.txt").write_text("alpha, edited\n")
+    p2 = resolve_sources(c)[0]["train"].path
+    assert p2 != p1 and p1.exists()    # still in use: kept
+    other.close()
+    (root / "a.txt").write_text("alpha, edited again\n")
+    p3 = resolve_sources(c)[0]["train"].path
+    assert p3.exists() and not p1.exists() and not p2.exists()
+
+
+def test_glob_leaves_run_directories_out_and_finds_data_inside_the_cache_root(tmp_path, monkeypatch):
+    top = tmp_path / "scratch"
+    monkeypatch.setenv("RNNLM_CACHE", str(top))     # cache and data side by side, as on a cluster's $SCRATCH
+    root = _tree(top / "src", {"a.txt": "alpha\n", "runs/r1/config.yaml": "model: {}\n",
+                               "runs/r1/metrics.jsonl": "{}\n", "runs/r1/vocab.json": "{}\n",
+                               "notes/config.yaml": "kept: true\n"})   # config.yaml alone is not a run
+    srcs, desc = resolve_sources(cfg(root, glob="**/*"))
+    assert _whole(srcs) == b"alpha\n\nkept: true\n" and desc.startswith("2 files matching")
+    srcs, _ = resolve_sources(cfg(root, glob="**/*"))   # again: its own gathered text (under $RNNLM_CACHE) stays out
+    assert _whole(srcs) == b"alpha\n\nkept: true\n"
+
+
+def test_glob_odd_places_and_damage(tmp_path, cache_dir):
+    root = _tree(tmp_path / "proj", {"a.txt": "alpha\n", "top.txt": "x\n"})
+    with pytest.raises(UsageError, match="cannot write the gathered text"):    # a cache "folder" under a file
+        resolve_sources(cfg(root, glob="*.txt", cache_dir=str(root / "top.txt" / "cache")))
+    odd = tmp_path / os.fsdecode(b"bad\xffname")                               # a folder name that is not UTF-8
+    _tree(odd, {"a.txt": "alpha\n"})
+    assert _whole(resolve_sources(cfg(odd, glob="*.txt"))[0]) == b"alpha\n"
+    p = resolve_sources(cfg(root, glob="*.txt"))[0]["train"].path
+    data._HELD.pop(str(p)).close()                                             # as a new process would find it
+    p.with_suffix(".json").write_text("[]")                                    # valid JSON, wrong shape
+    srcs, desc = resolve_sources(cfg(root, glob="*.txt"))
+    assert _whole(srcs) == b"alpha\n\nx\n" and desc.startswith("2 files")
+    assert not list(cache_dir.glob("corpora/.*tmp*")) and not list(cache_dir.glob("corpora/*.tmp*"))
+
+
+def test_glob_pattern_hints_and_the_train_txt_warning(tmp_path, cache_dir):
+    root = _tree(tmp_path / "proj", {"sub/a.txt": "alpha\n", "train.txt": "the old split\n"})
+    with pytest.raises(UsageError, match=r"leaves the data directory"):
+        resolve_sources(cfg(root / "sub", glob="../*.txt"))
+    with pytest.raises(UsageError, match=r"'\*\*' alone matches folders: '\*\*/\*' matches every file"):
+        resolve_sources(cfg(root, glob="**"))
+    with pytest.warns(UserWarning, match="holds train.txt, but data.glob is set"):
+        srcs, _ = resolve_sources(cfg(root, glob="**/*.txt"))
+    assert _whole(srcs) == b"alpha\n\nthe old split\n"
+
+
+def test_a_file_name_that_is_not_utf8_is_cached_and_read_back(tmp_path, cache_dir):
+    try:
+        p = tmp_path / os.fsdecode(b"bad\xffname.txt")
+        p.write_text("hello world\n" * 50, encoding="utf-8")
+    except (OSError, UnicodeError):
+        pytest.skip("this file system does not take a name that is not UTF-8")
+    first = load_corpus(cfg(p), "line")           # writes the cache manifest (which names the file)
+    again = load_corpus(cfg(p), "line")
+    assert again.cached and np.array_equal(np.asarray(first.train), np.asarray(again.train))
