@@ -114,6 +114,32 @@ def _hold(f, path: Path) -> None:
     _HELD[str(path)] = f
 
 
+def _hold_path(path: Path) -> bool:
+    """Open and hold `path` (see _hold) if it exists; False if it does not, or was deleted meanwhile
+    by another process's clean-up (checked after the lock is taken: the name must still be the file)."""
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return False
+    try:
+        _hold(f, path)
+        if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+            return True
+    except OSError:
+        pass
+    _HELD.pop(str(path), None)
+    f.close()
+    return False
+
+
+def _remove_older(corpora: Path, folder_key: str, keep: tuple[Path, ...]) -> None:
+    """Delete the older gathered texts of one folder and pattern (and their descriptions), except those
+    another process still reads."""
+    for old in corpora.glob(f"files-{folder_key}-*"):
+        if old not in keep and ".tmp" not in old.name:
+            _remove_unless_used(old)
+
+
 def _remove_unless_used(path: Path) -> None:
     """Delete a stale gathered text unless some process holds it (see _hold)."""
     held = _HELD.pop(str(path), None)
@@ -268,23 +294,13 @@ def glob_corpus_path(root: Path, pattern: str, encoding: str = "utf-8", errors: 
         return (f"{_plural(info['files'], 'file')} matching {pattern!r} under {root}"
                 + (f" ({' and '.join(left)} left out)" if left else ""))
 
-    if str(out) in _HELD:  # this process gathered or reused it already
+    if str(out) in _HELD or _hold_path(out):  # gathered already (by this process or another): reuse it
         try:
-            return out, describe(json.loads(meta.read_text()))
-        except Exception:
-            pass
-    try:
-        f = open(out, "rb")
-    except OSError:
-        f = None
-    if f is not None:  # reuse it, if its description is sound
-        try:
-            info = json.loads(meta.read_text())
-            desc = describe(info)
-            _hold(f, out)
+            desc = describe(json.loads(meta.read_text()))
+            _remove_older(corpora, folder_key, keep=(out, meta))
             return out, desc
         except Exception:  # a missing or damaged description: gather again
-            f.close()
+            _HELD.pop(str(out)).close()
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     hint = ("data.errors=replace replaces undecodable bytes, data.encoding=ENCODING names another encoding"
             if option == "data.glob" else "--encoding ENCODING names another encoding")
@@ -307,9 +323,7 @@ def glob_corpus_path(root: Path, pattern: str, encoding: str = "utf-8", errors: 
                 fcntl.flock(w, fcntl.LOCK_SH)
             os.replace(tmp, out)
             _hold(open(out, "rb"), out)
-        for old in corpora.glob(f"files-{folder_key}-*"):
-            if old not in (out, meta) and ".tmp" not in old.name:
-                _remove_unless_used(old)
+        _remove_older(corpora, folder_key, keep=(out, meta))
     except OSError as e:
         raise UsageError(f"cannot write the gathered text to {corpora}: {e.strerror or e}; "
                          f"set data.cache_dir to a writable folder") from None
