@@ -267,7 +267,8 @@ def eval_perplexity(
     glob: Optional[str] = typer.Option(None, "--glob", metavar="PATTERN",
                                        help="Evaluate the files under the --data directory matching PATTERN "
                                             "('**/*.py'), gathered as data.glob gathers them for training: in "
-                                            "path order, a blank line between files, hidden and binary files left out."),
+                                            "path order, a blank line between files; hidden, binary and blank files and "
+                                            "rnnlm run directories left out."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Pieces evaluated in parallel; the result is the same at every batch size (1 = one sequential pass)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object.", metavar=""),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),

@@ -167,12 +167,13 @@ def _append_text_file(q: Path, w, codec: str, errors: str, hint: str, lead: byte
             f.seek(0)
         while True:
             try:
+                at = f.tell()
                 block = f.read(_READ_HINT)
             except OSError as e:
                 raise UsageError(f"cannot read data file {q}: {e.strerror or e}") from None
             if not block:
                 return
-            yield block
+            yield at, block
 
     try:
         f = open(q, "rb")
@@ -181,15 +182,16 @@ def _append_text_file(q: Path, w, codec: str, errors: str, hint: str, lead: byte
     with f:
         dec = codecs.getincrementaldecoder(codec)(errors)
         lines, blank = 0, True
-        for block in blocks(f):
+        for at, block in blocks(f):
             if b"\x00" in block:  # binary (the test git and grep use)
                 return "binary"
             try:
                 dec.decode(block)
             except UnicodeDecodeError as e:  # e.object: the decoder's held bytes (never a newline) + block
                 line = lines + e.object.count(b"\n", 0, e.start) + 1
-                raise UsageError(f"{q}: invalid {codec} at line {line} (bytes {e.object[e.start:e.end][:4].hex(' ')}"
-                                 f": {e.reason}); {hint}") from None
+                offset = at - (len(e.object) - len(block)) + e.start
+                raise UsageError(f"{q}: invalid {codec} at line {line}, byte offset {offset} (bytes "
+                                 f"{e.object[e.start:e.end][:4].hex(' ')}: {e.reason}); {hint}") from None
             lines += block.count(b"\n")
             blank = blank and not block.strip()
         try:
@@ -200,7 +202,7 @@ def _append_text_file(q: Path, w, codec: str, errors: str, hint: str, lead: byte
             return "empty"
         w.write(lead)
         last = b""
-        for block in blocks(f):
+        for _, block in blocks(f):
             w.write(block)
             last = block[-1:]
     if last != b"\n":

@@ -820,7 +820,8 @@ class Trainer:
         if math.isfinite(self.best_loss):
             best = f"best valid loss {self.best_loss:.4f} (ppl {math.exp(self.best_loss):.2f})"
         else:
-            best = "no validation split" if self.valid is None else f"not validated ({BEST} holds the last weights)"
+            best = (f"no validation split ({BEST} holds the last weights)" if self.valid is None else
+                    f"not validated ({BEST} holds the last weights)")
         self._log(f"done: {self.step} steps, {self.tokens:,} tokens, {self._now():.1f} s "
                   f"({end['train_tokens_per_sec']:,.0f} tokens/s); {best}; stopped by {self.stop_reason}")
         return end

@@ -529,7 +529,7 @@ def test_glob_leaves_the_cache_folder_out(tmp_path, monkeypatch):
     ({"a.txt": "x\n"}, "", "data.glob is empty"),
     ({"a.txt": "x\n"}, "/etc/*.conf", "not a usable pattern"),
     ({"a.bin": b"\x00\x00"}, "*", "hold no text"),
-    ({"a.txt": "ok\n", "b.txt": b"caf\xe9\n"}, "*.txt", "b.txt: invalid utf-8 at line 1"),
+    ({"a.txt": "ok\n", "b.txt": b"caf\xe9\n"}, "*.txt", "b.txt: invalid utf-8 at line 1, byte offset 3"),
 ])
 def test_glob_bad_cases_are_usage_errors(tmp_path, cache_dir, setup, pattern, message):
     root = _tree(tmp_path / "proj", setup)
@@ -581,7 +581,7 @@ def test_glob_reads_files_in_blocks(tmp_path, cache_dir, monkeypatch):
     srcs, desc = resolve_sources(cfg(root, glob="*.txt"))
     assert _whole(srcs) == (text + "\n").encode("utf-8") and "(1 binary file left out)" in desc
     (root / "c.txt").write_bytes("ok\nok\nok\nnot \xff ok\n".replace("\xff", "").encode() + b"\n\xc3(\n")
-    with pytest.raises(UsageError, match=r"c.txt: invalid utf-8 at line 6"):
+    with pytest.raises(UsageError, match=r"c.txt: invalid utf-8 at line 6, byte offset 18 \(bytes c3"):
         resolve_sources(cfg(root, glob="*.txt"))
     (root / "c.txt").write_bytes("ends inside é".encode("utf-8")[:-1])      # a truncated last character
     with pytest.raises(UsageError, match="c.txt: invalid utf-8 at its end"):

@@ -631,3 +631,12 @@ def test_a_config_built_in_code_is_normalised_not_mutated(corpus, tmp_path):
     tr = Trainer(cfg, tmp_path / "r", progress=False)
     assert tr.cfg.train.lr == 0.01 and cfg.train.lr == "0.01"
     tr.fit()
+
+
+def test_run_without_validation_split_says_best_pt_holds_the_last_weights(word_corpus, tmp_path, capsys):
+    end = Trainer(_cfg(word_corpus, "train.max_steps=3", "data.split=[1,0,0]"), tmp_path / "r",  # all of it training
+                  progress=False).fit()
+    err = " ".join(capsys.readouterr().err.split())
+    assert end["best_valid_loss"] is None and end["step"] == 3
+    assert "no validation split (best.pt holds the last weights)" in err
+    assert load_checkpoint(tmp_path / "r" / "best.pt")["step"] == 3
