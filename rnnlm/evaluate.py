@@ -24,7 +24,6 @@ but several percent off for a model that remembers further back than ``burn_in``
 from __future__ import annotations
 
 import codecs
-
 import math
 import sys
 from pathlib import Path
