@@ -94,6 +94,10 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = _f(32, "sequences trained in parallel (columns of the token stream)", min=1, max=COUNT_MAX)
     bptt: int = _f(128, "truncated backpropagation-through-time window, in tokens", min=1, max=COUNT_MAX)
+    state_resets: bool | None = _f(None, "zero the carried state of one batch column per step, in turn (each column "
+                                         "every batch_size steps), so the model also learns to start from the zero "
+                                         "state, where sampling starts; null = on when data.eos resolves to none "
+                                         "(text without <eos> markers), off otherwise")
     epochs: int = _f(3, "passes over the training split", min=1)
     max_steps: int | None = _f(1500, "stop after this many optimizer steps (null = no limit)", min=1)
     max_time: float | None = _f(None, "stop after this many seconds of training wall time (null = no limit); "
@@ -211,7 +215,8 @@ def _is_union(hint: Any) -> bool:
 
 def _check_value(key: str, value: Any, hint: Any, meta: dict[str, Any]) -> Any:
     """Coerce `value` to the annotated type `hint` and check the field's rules; return the value."""
-    if _is_union(hint) and type(None) in typing.get_args(hint):
+    optional = _is_union(hint) and type(None) in typing.get_args(hint)
+    if optional:
         if value is None:
             return None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
@@ -220,7 +225,8 @@ def _check_value(key: str, value: Any, hint: Any, meta: dict[str, Any]) -> Any:
         return None
 
     def bad(expected: str) -> UsageError:
-        return UsageError(f"config key '{key}' must be {expected}, got {_show(value)}")
+        return UsageError(f"config key '{key}' must be {expected}{' (or null)' if optional else ''}, "
+                          f"got {_show(value)}")
 
     if hint is bool:
         if not isinstance(value, bool):

@@ -310,6 +310,17 @@ def detach_state(state: State) -> State:
 
 
 
+def reset_column(state: State, j: int) -> State:
+    """A copy of `state` with batch column `j` set to zero (the zero state of a fresh sequence)."""
+    def zeroed(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()  # (L, B, H); the caller's tensor may be saved, or shared with a checkpoint
+        t[:, j] = 0
+        return t
+    if state is None:
+        return None
+    return tuple(zeroed(s) for s in state) if isinstance(state, tuple) else zeroed(state)
+
+
 def state_to_list(state: State) -> list[torch.Tensor] | None:
     """A checkpoint-friendly form of a state (tensors in a list)."""
     if state is None:

@@ -39,7 +39,7 @@ from .config import Config, checked, config_from_dict, dump_yaml, load_yaml
 from .data import Corpus, batchify, get_window, load_corpus, num_windows, with_start
 from .errors import RunError, UsageError
 from .evaluate import evaluate_ids
-from .models import RNNLM, detach_state, state_from_list, state_to_list
+from .models import RNNLM, detach_state, reset_column, state_from_list, state_to_list
 from .text import Tokenizer, Vocab
 
 
@@ -459,6 +459,9 @@ class Trainer:
         self.train_data = self._my_columns(batchify(with_start(corpus.train), tc.batch_size))       # (T, B)
         self.n_windows = num_windows(self.train_data, tc.bptt)
         self.bidirectional = cfg.model.bidirectional
+        # Zero-state practice (see TrainConfig.state_resets): text without <eos> markers gives the model
+        # no start it has learned, and a prime fed from the zero state can derail a sample.
+        self.state_resets = tc.state_resets if tc.state_resets is not None else cfg.resolved_eos() == "none"
         if self.bidirectional:  # the backward stack reads the reversed text
             self.train_data_rev = self._my_columns(
                 batchify(with_start(np.ascontiguousarray(corpus.train[::-1])), tc.batch_size))
@@ -617,6 +620,16 @@ class Trainer:
         return ev
 
     # -- the loop ------------------------------------------------------------------------------
+    def _carry(self, state):
+        """The state carried into the next window: detached (truncated BPTT) and, with state resets, one
+        batch column zeroed, column `step % B`, so each column restarts every B steps (a function of
+        the step: a resumed run resets the same columns)."""
+        state = detach_state(state)
+        if state is None or not self.state_resets:
+            return state
+        first = state[0] if isinstance(state, tuple) else state
+        return reset_column(state, self.step % first.size(1))
+
     def fit(self) -> dict:
         D.barrier(self.dist)  # every rank has checked the run directory before rank 0 writes into it
         lock = RunLock(self.run_dir)
@@ -712,7 +725,7 @@ class Trainer:
                         xb, yb = xb.to(self.device), yb.to(self.device)
                     with self._autocast():
                         loss, self.state, self.state_rev = self.step_module(
-                            x, y, detach_state(self.state), xb, yb, detach_state(self.state_rev))
+                            x, y, self._carry(self.state), xb, yb, self._carry(self.state_rev))
                     self.scaler.scale(loss).backward()
                     if self.fused_sgd:  # clip + SGD in one pass (and sparse embedding rows)
                         gnorm = clipped_sgd_step(params, lr, clip)

@@ -402,11 +402,11 @@ def test_resume_is_exact_with_fused_sgd_and_layerwise_dropout(corpus, tmp_path):
     """The plain-SGD path (fused clip + update, sparse embedding rows) and the layer-by-layer
     dropout resume exactly too."""
     common = ("model.dropout=0.3", "train.optimizer=sgd", "train.lr=2", "train.clip_grad_norm=0.5")
-    full = Trainer(_cfg(corpus, "train.max_steps=30", *common), tmp_path / "full", progress=False)
+    full = Trainer(_cfg(corpus, "train.max_steps=40", *common), tmp_path / "full", progress=False)
     assert full.fused_sgd and full.model.embedding.sparse
     full = full.fit()
     Trainer(_cfg(corpus, "train.max_steps=20", *common), tmp_path / "part", progress=False).fit()
-    resumed = Trainer(build_config(None, ["train.max_steps=30"]), tmp_path / "part", resume=True,
+    resumed = Trainer(build_config(None, ["train.max_steps=40"]), tmp_path / "part", resume=True,
                       progress=False).fit()
     assert resumed["best_valid_loss"] == full["best_valid_loss"]
     assert [e["loss"] for e in _events(tmp_path / "full", "eval")] == \
@@ -640,3 +640,59 @@ def test_run_without_validation_split_says_best_pt_holds_the_last_weights(word_c
     assert end["best_valid_loss"] is None and end["step"] == 3
     assert "no validation split (best.pt holds the last weights)" in err
     assert load_checkpoint(tmp_path / "r" / "best.pt")["step"] == 3
+
+
+# -- state resets (train.state_resets) ---------------------------------------------------------------
+
+def test_reset_column_zeroes_one_column_of_a_copy():
+    from rnnlm.models import reset_column
+    h, c = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    h0, c0 = h.clone(), c.clone()
+    nh, nc = reset_column((h, c), 3)
+    for new, old in ((nh, h0), (nc, c0)):
+        assert torch.all(new[:, 3] == 0)
+        keep = [0, 1, 2, 4]
+        assert torch.equal(new[:, keep], old[:, keep])
+    assert torch.equal(h, h0) and torch.equal(c, c0)        # the caller's tensors are untouched
+    g = torch.randn(1, 4, 2)
+    assert torch.all(reset_column(g, 0)[:, 0] == 0) and reset_column(None, 0) is None
+
+
+@pytest.mark.parametrize("eos, setting, expected", [
+    ("none", None, True), ("line", None, False), ("paragraph", None, False),
+    ("none", False, False), ("line", True, True),
+])
+def test_state_resets_default_follows_the_eos_policy(corpus, tmp_path, eos, setting, expected):
+    extra = [f"data.eos={eos}"] + ([f"train.state_resets={str(setting).lower()}"] if setting is not None else [])
+    assert Trainer(_cfg(corpus, *extra), tmp_path / "r", progress=False).state_resets is expected
+
+
+def test_state_resets_zero_one_column_per_step_in_turn(corpus, tmp_path, monkeypatch):
+    from rnnlm.models import RNNLM
+    seen = []
+    real = RNNLM.forward
+
+    def forward(self, x, state=None, direction=0):
+        if self.training:
+            seen.append(None if state is None else [s.detach().clone() for s in state])
+        return real(self, x, state, direction)
+    monkeypatch.setattr(RNNLM, "forward", forward)
+    Trainer(_cfg(corpus, "train.max_steps=9", "train.state_resets=true", "train.eval_every=null"), tmp_path / "r",
+            progress=False).fit()
+    B = 4
+    assert seen[0] is None and len(seen) == 9                     # the first window starts from zero anyway
+    for step, state in enumerate(seen[1:], start=1):              # the state carried into step `step` + 1
+        for t in state:                                           # (h, c), each (L, B, H)
+            zero = [bool(torch.all(t[:, j] == 0)) for j in range(B)]
+            assert zero == [j == step % B for j in range(B)]
+
+
+def test_resume_is_exact_with_state_resets(corpus, tmp_path):
+    common = ("data.eos=none", "train.optimizer=adam", "train.lr=0.01", "model.dropout=0.2")
+    full = Trainer(_cfg(corpus, "train.max_steps=40", *common), tmp_path / "full", progress=False).fit()
+    Trainer(_cfg(corpus, "train.max_steps=20", *common), tmp_path / "part", progress=False).fit()
+    resumed = Trainer(build_config(None, ["train.max_steps=40"]), tmp_path / "part", resume=True,
+                      progress=False).fit()
+    assert resumed["best_valid_loss"] == full["best_valid_loss"]
+    assert [e["loss"] for e in _events(tmp_path / "full", "eval")] == \
+        [e["loss"] for e in _events(tmp_path / "part", "eval")]
