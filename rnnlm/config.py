@@ -31,6 +31,8 @@ SECTIONS = ("data", "model", "train", "sample")
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
 COUNT_MAX = 2 ** 31 - 1
 LAYERS_MAX = 1024  # a guard against typos (a 10**20-layer model would be built for ever), not a design limit
+STATE_RESETS_MIN_BATCH = 16  # train.state_resets=null turns resets on from this batch size (each column keeps
+                             # at least 16 windows of context between its resets)
 
 
 def _f(default: Any, help: str, **rules: Any) -> Any:
@@ -97,7 +99,8 @@ class TrainConfig:
     state_resets: bool | None = _f(None, "zero the carried state of one batch column per step, in turn (each column "
                                          "every batch_size steps), so the model also learns to start from the zero "
                                          "state, where sampling starts; null = on when data.eos resolves to none "
-                                         "(text without <eos> markers), off otherwise")
+                                         "(text without <eos> markers) and batch_size >= 16, off otherwise (the "
+                                         "value used is recorded in the run's config)")
     epochs: int = _f(3, "passes over the training split", min=1)
     max_steps: int | None = _f(1500, "stop after this many optimizer steps (null = no limit)", min=1)
     max_time: float | None = _f(None, "stop after this many seconds of training wall time (null = no limit); "

@@ -21,12 +21,12 @@ first token is predicted from the same start context as in evaluation) is laid o
 
 from __future__ import annotations
 
-import atexit
 import codecs
 import hashlib
 import json
 import mmap
 import os
+import secrets
 import sys
 import sysconfig
 import time
@@ -84,7 +84,7 @@ def default_corpus_path(cache_dir: str | None = None, max_bytes: int = 3_000_000
         if size >= max_bytes:
             break
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    tmp = _unique_tmp(out.with_name(f".{out.name}"))
     tmp.write_text("".join(parts), encoding="utf-8")
     os.replace(tmp, out)
     return out
@@ -92,66 +92,34 @@ def default_corpus_path(cache_dir: str | None = None, max_bytes: int = 3_000_000
 
 # -- a folder of files (data.glob) --------------------------------------------------------
 
-try:
-    import fcntl
-except ImportError:  # Windows, where a file open in another process cannot be deleted anyway
-    fcntl = None
-_HELD: dict[str, object] = {}  # gathered texts this process reads: path -> open file holding a shared lock
+STALE_AFTER_S = 24 * 3600  # an older gathered text untouched this long is deleted (see _remove_older)
 
 
-@atexit.register
-def _release_held() -> None:
-    for f in _HELD.values():
-        f.close()
-    _HELD.clear()
-
-
-def _hold(f, path: Path) -> None:
-    """Keep `f` (open on `path`) with a shared lock for the life of the process, so another process's
-    clean-up of stale gathered texts leaves this one alone (it reads it again: counting, encoding)."""
-    if fcntl is not None:
-        fcntl.flock(f, fcntl.LOCK_SH)
-    _HELD[str(path)] = f
-
-
-def _hold_path(path: Path) -> bool:
-    """Open and hold `path` (see _hold) if it exists; False if it does not, or was deleted meanwhile
-    by another process's clean-up (checked after the lock is taken: the name must still be the file)."""
+def _touch(path: Path) -> None:
+    """Mark a gathered text as in use now (its modification time), so clean-ups leave it alone."""
     try:
-        f = open(path, "rb")
-    except OSError:
-        return False
-    try:
-        _hold(f, path)
-        if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
-            return True
-    except OSError:
+        os.utime(path)
+    except OSError:  # a read-only cache: nobody can clean it up either
         pass
-    _HELD.pop(str(path), None)
-    f.close()
-    return False
 
 
 def _remove_older(corpora: Path, folder_key: str, keep: tuple[Path, ...]) -> None:
-    """Delete the older gathered texts of one folder and pattern (and their descriptions), except those
-    another process still reads."""
-    for old in corpora.glob(f"files-{folder_key}-*"):
-        if old not in keep and ".tmp" not in old.name:
-            _remove_unless_used(old)
+    """Delete the older gathered texts of one folder and pattern (with their descriptions, and temporary
+    files left by killed processes) once nobody has used them for STALE_AFTER_S.
 
-
-def _remove_unless_used(path: Path) -> None:
-    """Delete a stale gathered text unless some process holds it (see _hold)."""
-    held = _HELD.pop(str(path), None)
-    if held is not None:  # this process has moved on to a newer text of the same folder
-        held.close()
-    try:
-        with open(path, "rb") as f:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while another process reads it
-            path.unlink()
-    except OSError:
-        pass
+    A process reads its gathered text while it starts (counting, building the vocabulary, encoding),
+    and marks it each time it gathers or reuses it; a day's grace covers any start-up, and needs no
+    file locks, which Windows and NFS-mounted caches do not give the way POSIX local disks do.
+    """
+    now = time.time()
+    for old in list(corpora.glob(f"files-{folder_key}-*")) + list(corpora.glob(f".files-{folder_key}-*")):
+        if old in keep:
+            continue
+        try:
+            if now - old.stat().st_mtime > STALE_AFTER_S:
+                old.unlink()
+        except OSError:  # gone already, or open in another process (Windows)
+            pass
 
 
 def _append_text_file(q: Path, w, codec: str, errors: str, hint: str, lead: bytes = b"") -> str:
@@ -231,8 +199,8 @@ def glob_corpus_path(root: Path, pattern: str, encoding: str = "utf-8", errors: 
     blank files, rnnlm run directories (a folder with config.yaml and metrics.jsonl) and rnnlm's own
     cache folders. Each file is decoded here, so a bad byte is reported against the file that holds
     it. The result is reused while every matched file keeps its name, size and modification time;
-    older gathered texts of the same folder and pattern are removed unless another process is
-    reading them.
+    older gathered texts of the same folder and pattern are removed once unused for a day (see
+    _remove_older).
     """
     codec = check_encoding(encoding)
     if not pattern or not pattern.strip():
@@ -296,44 +264,49 @@ def glob_corpus_path(root: Path, pattern: str, encoding: str = "utf-8", errors: 
         return (f"{_plural(info['files'], 'file')} matching {pattern!r} under {root}"
                 + (f" ({' and '.join(left)} left out)" if left else ""))
 
-    if str(out) in _HELD or _hold_path(out):  # gathered already (by this process or another): reuse it
+    if out.is_file():  # gathered already (by this process or another): reuse it, if its description is sound
         try:
-            desc = describe(json.loads(meta.read_text()))
+            desc = describe(json.loads(meta.read_text(encoding="utf-8")))
+            _touch(out)
             _remove_older(corpora, folder_key, keep=(out, meta))
             return out, desc
         except Exception:  # a missing or damaged description: gather again
-            _HELD.pop(str(out)).close()
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
+            pass
     hint = ("data.errors=replace replaces undecodable bytes, data.encoding=ENCODING names another encoding"
             if option == "data.glob" else "--encoding ENCODING names another encoding")
+    tmp = None
     try:
         corpora.mkdir(parents=True, exist_ok=True)
+        tmp = _unique_tmp(corpora / f".files-{folder_key}")
         counts = {"text": 0, "binary": 0, "empty": 0}
-        with open(tmp, "wb") as w:
+        with open(tmp, "xb") as w:
             for rel, q in files:
                 kind = _append_text_file(q, w, codec, errors, f"{hint}, or narrow {option} to leave the file out",
                                          lead=b"\n" if counts["text"] else b"")
                 counts[kind] += 1
-            if not counts["text"]:
-                raise UsageError(f"the {_plural(len(files), 'file')} under {root} matching {option}={pattern!r} hold "
-                                 f"no text ({counts['binary']:,} binary, {counts['empty']:,} blank)")
-            w.flush()
-            info = {"root": where, "glob": pattern, "files": counts["text"], "binary_skipped": counts["binary"],
-                    "empty_skipped": counts["empty"]}
-            _write_json(meta, info)
-            if fcntl is not None:  # locked before it takes its name: no other process's clean-up catches it unheld
-                fcntl.flock(w, fcntl.LOCK_SH)
+        if not counts["text"]:
+            raise UsageError(f"the {_plural(len(files), 'file')} under {root} matching {option}={pattern!r} hold "
+                             f"no text ({counts['binary']:,} binary, {counts['empty']:,} blank)")
+        info = {"root": where, "glob": pattern, "files": counts["text"], "binary_skipped": counts["binary"],
+                "empty_skipped": counts["empty"]}
+        _write_json(meta, info)
+        try:
             os.replace(tmp, out)
-            _hold(open(out, "rb"), out)
+        except PermissionError:  # Windows: another process gathered the same text and has it open
+            if not out.is_file():
+                raise
+        _touch(out)
         _remove_older(corpora, folder_key, keep=(out, meta))
     except OSError as e:
+        where_to = "set data.cache_dir" if option == "data.glob" else "set $RNNLM_CACHE"
         raise UsageError(f"cannot write the gathered text to {corpora}: {e.strerror or e}; "
-                         f"set data.cache_dir to a writable folder") from None
+                         f"{where_to} to a writable folder") from None
     finally:
-        try:
-            tmp.unlink(missing_ok=True)  # after a failure; gone already after the rename
-        except OSError:
-            pass
+        if tmp is not None:
+            try:
+                tmp.unlink(missing_ok=True)  # after a failure; gone already after the rename
+            except OSError:
+                pass
     return out, describe(info)
 
 
@@ -648,7 +621,7 @@ class _NpyWriter:
     def __init__(self, path: Path, dtype: np.dtype):
         self.path = path
         self.dtype = np.dtype(dtype)
-        self.tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        self.tmp = _unique_tmp(path.with_name(f".{path.name}"))
         self.f = open(self.tmp, "wb")
         self.n = 0
         self.sha = hashlib.sha256()
@@ -760,8 +733,14 @@ def cache_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()[:32]
 
 
+def _unique_tmp(stem: Path) -> Path:
+    """A temporary name beside `stem` that no other process, on this machine or another sharing the cache
+    folder, picks at the same time (a pid alone repeats across containers and nodes)."""
+    return stem.with_name(f"{stem.name}-{os.getpid()}-{secrets.token_hex(6)}.tmp")
+
+
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _unique_tmp(path.with_name(f".{path.name}"))
     text = json.dumps(obj, ensure_ascii=False, indent=1) + "\n"
     try:
         raw = text.encode("utf-8")

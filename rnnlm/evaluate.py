@@ -275,6 +275,9 @@ def _check_errors(errors) -> None:
     """`errors` names a codecs error handler (checked now, not when the first bad byte is met)."""
     try:
         codecs.lookup_error(errors)
+        b"\xff".decode("ascii", errors)  # a handler for encoding only (xmlcharrefreplace) fails here
+    except UnicodeDecodeError:  # strict
+        pass
     except (LookupError, TypeError):
         raise UsageError(f"errors must name a codecs error handler such as 'strict', 'replace' or 'ignore', "
                          f"got {errors!r}") from None

@@ -35,7 +35,7 @@ from . import __version__
 from . import distributed as D
 from .allocator import tune_allocator
 from .checkpoint import BEST, LAST, atomic_write_text, load_checkpoint, save_checkpoint
-from .config import Config, checked, config_from_dict, dump_yaml, load_yaml
+from .config import STATE_RESETS_MIN_BATCH, Config, checked, config_from_dict, dump_yaml, load_yaml
 from .data import Corpus, batchify, get_window, load_corpus, num_windows, with_start
 from .errors import RunError, UsageError
 from .evaluate import evaluate_ids
@@ -460,8 +460,11 @@ class Trainer:
         self.n_windows = num_windows(self.train_data, tc.bptt)
         self.bidirectional = cfg.model.bidirectional
         # Zero-state practice (see TrainConfig.state_resets): text without <eos> markers gives the model
-        # no start it has learned, and a prime fed from the zero state can derail a sample.
-        self.state_resets = tc.state_resets if tc.state_resets is not None else cfg.resolved_eos() == "none"
+        # no start it has learned, and a prime fed from the zero state can derail a sample. The value in
+        # use is recorded in the config (config.yaml, checkpoints), so a resumed run keeps it.
+        if tc.state_resets is None:
+            tc.state_resets = cfg.resolved_eos() == "none" and tc.batch_size >= STATE_RESETS_MIN_BATCH
+        self.state_resets = tc.state_resets
         if self.bidirectional:  # the backward stack reads the reversed text
             self.train_data_rev = self._my_columns(
                 batchify(with_start(np.ascontiguousarray(corpus.train[::-1])), tc.batch_size))
@@ -622,13 +625,15 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def _carry(self, state):
         """The state carried into the next window: detached (truncated BPTT) and, with state resets, one
-        batch column zeroed, column `step % B`, so each column restarts every B steps (a function of
-        the step: a resumed run resets the same columns)."""
+        batch column zeroed, global column `step % B` of the B = train.batch_size columns (under DDP
+        only the rank holding it resets it), so each column restarts every B steps, however many
+        processes share them; a function of the step, so a resumed run resets the same columns."""
         state = detach_state(state)
         if state is None or not self.state_resets:
             return state
-        first = state[0] if isinstance(state, tuple) else state
-        return reset_column(state, self.step % first.size(1))
+        b = (state[0] if isinstance(state, tuple) else state).size(1)  # this rank's columns
+        j = self.step % (b * self.dist.world_size) - self.dist.rank * b
+        return reset_column(state, j) if 0 <= j < b else state
 
     def fit(self) -> dict:
         D.barrier(self.dist)  # every rank has checked the run directory before rank 0 writes into it
@@ -1093,6 +1098,8 @@ def _check_belongs(run_dir: Path, ckpt: dict) -> None:
 def _merge_resume_config(saved: dict, given: Config) -> Config:
     """The saved run's config with train.* changes from the command line (e.g. a larger max_steps)."""
     base = config_from_dict(saved)
+    if "state_resets" not in saved.get("train", {}):  # a run started before state resets existed
+        base.train.state_resets = False
     defaults = Config()
     # data.path alone may change: the same text moved, or a relative path seen from another folder
     # (a changed text is noticed by its fingerprint and warned about).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -505,12 +506,13 @@ def test_glob_result_is_reused_until_a_file_changes(tmp_path, cache_dir):
     root = _tree(tmp_path / "proj", {"a.txt": "alpha\n", "b.txt": "beta\n"})
     c = cfg(root, glob="*.txt")
     p1 = resolve_sources(c)[0]["train"].path
-    stamp = p1.stat().st_mtime_ns
-    assert resolve_sources(c)[0]["train"].path == p1 and p1.stat().st_mtime_ns == stamp   # reused, not rewritten
+    body = p1.read_bytes()
+    os.utime(p1, (1_000_000_000, 1_000_000_000))
+    assert resolve_sources(c)[0]["train"].path == p1 and p1.read_bytes() == body        # reused, not rewritten,
+    assert p1.stat().st_mtime > 1_000_000_000                                            # and marked as used now
     (root / "b.txt").write_text("beta, longer now\n")
     p2 = resolve_sources(c)[0]["train"].path
-    assert p2 != p1 and not p1.exists()     # the stale concatenation of this folder is removed
-    assert b"beta, longer now" in _whole(resolve_sources(c)[0])
+    assert p2 != p1 and b"beta, longer now" in _whole(resolve_sources(c)[0])
     _tree(root, {"c.txt": "gamma\n"})       # a new file is a change too
     assert b"gamma" in _whole(resolve_sources(c)[0])
 
@@ -588,21 +590,23 @@ def test_glob_reads_files_in_blocks(tmp_path, cache_dir, monkeypatch):
         resolve_sources(cfg(root, glob="*.txt"))
 
 
-@pytest.mark.skipif(data.fcntl is None, reason="no fcntl (Windows): an open file cannot be deleted there anyway")
-def test_glob_never_deletes_a_text_another_process_reads(tmp_path, cache_dir):
-    import fcntl
+def test_glob_deletes_an_older_text_only_when_unused_for_a_day(tmp_path, cache_dir):
+    """Another process may still be reading an older gathered text (it reads it while it starts): the
+    clean-up waits until nobody has gathered or reused it for STALE_AFTER_S."""
     root = _tree(tmp_path / "proj", {"a.txt": "alpha\n"})
     c = cfg(root, glob="*.txt")
     p1 = resolve_sources(c)[0]["train"].path
-    other = open(p1, "rb")             # another reader (flock locks belong to each open file)
-    fcntl.flock(other, fcntl.LOCK_SH)
     (root / "a.txt").write_text("alpha, edited\n")
     p2 = resolve_sources(c)[0]["train"].path
-    assert p2 != p1 and p1.exists()    # still in use: kept
-    other.close()
-    (root / "a.txt").write_text("alpha, edited again\n")
-    p3 = resolve_sources(c)[0]["train"].path
-    assert p3.exists() and not p1.exists() and not p2.exists()
+    assert p2 != p1 and p1.exists() and p1.with_suffix(".json").exists()    # used a moment ago: kept
+    day_ago = time.time() - data.STALE_AFTER_S - 60
+    for f in (p1, p1.with_suffix(".json")):
+        os.utime(f, (day_ago, day_ago))
+    killed = cache_dir / "corpora" / f".{p1.stem.rsplit('-', 1)[0]}-123-abc.tmp"   # left by a killed process
+    killed.write_bytes(b"half")
+    os.utime(killed, (day_ago, day_ago))
+    assert resolve_sources(c)[0]["train"].path == p2                        # a reuse cleans up too
+    assert not p1.exists() and not p1.with_suffix(".json").exists() and not killed.exists() and p2.exists()
 
 
 def test_glob_leaves_run_directories_out_and_finds_data_inside_the_cache_root(tmp_path, monkeypatch):
@@ -625,7 +629,6 @@ def test_glob_odd_places_and_damage(tmp_path, cache_dir):
     _tree(odd, {"a.txt": "alpha\n"})
     assert _whole(resolve_sources(cfg(odd, glob="*.txt"))[0]) == b"alpha\n"
     p = resolve_sources(cfg(root, glob="*.txt"))[0]["train"].path
-    data._HELD.pop(str(p)).close()                                             # as a new process would find it
     p.with_suffix(".json").write_text("[]")                                    # valid JSON, wrong shape
     srcs, desc = resolve_sources(cfg(root, glob="*.txt"))
     assert _whole(srcs) == b"alpha\n\nx\n" and desc.startswith("2 files")

@@ -394,7 +394,7 @@ def test_library_arguments_are_checked_with_usage_errors(tmp_path):
         with pytest.raises(UsageError):
             perplexity(model, vocab, tok, path, **kw)
     # an unknown error handler is refused before reading, even for a file with no bad byte in it
-    for bad in ("bogus", None):
+    for bad in ("bogus", None, "xmlcharrefreplace"):   # the last handles encoding only
         with pytest.raises(UsageError, match="error handler"):
             perplexity(model, vocab, tok, path, errors=bad)
     assert perplexity(model, vocab, tok, path, errors="replace")["tokens"] > 0

@@ -231,7 +231,8 @@ def test_torchrun_processes_match_single_process(corpus, tmp_path):
     all-reduces)."""
     args = [f"--data={corpus}", "data.level=word", "model.hidden_size=32", "model.embedding_size=16",
             "train.batch_size=4", "train.bptt=8", "train.max_steps=12", "train.log_every=1", "train.eval_every=6",
-            "train.optimizer=sgd", "train.lr=0.5", "model.dropout=0.0"]
+            "train.optimizer=sgd", "train.lr=0.5", "model.dropout=0.0",
+            "train.state_resets=true"]  # global column step % 4 restarts, whichever rank holds it
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RNNLM_FORCE_DDP": "1"}
     single = subprocess.run([sys.executable, "-m", "rnnlm", "train", "--out", str(tmp_path / "s"), *args],
                             env=env, capture_output=True, text=True, timeout=300)
@@ -658,13 +659,32 @@ def test_reset_column_zeroes_one_column_of_a_copy():
     assert torch.all(reset_column(g, 0)[:, 0] == 0) and reset_column(None, 0) is None
 
 
-@pytest.mark.parametrize("eos, setting, expected", [
-    ("none", None, True), ("line", None, False), ("paragraph", None, False),
-    ("none", False, False), ("line", True, True),
+@pytest.mark.parametrize("eos, batch, setting, expected", [
+    ("none", 16, None, True), ("none", 4, None, False),     # null: on without <eos> markers, from batch 16
+    ("line", 16, None, False), ("paragraph", 64, None, False),
+    ("none", 16, False, False), ("line", 4, True, True),    # explicit values win
 ])
-def test_state_resets_default_follows_the_eos_policy(corpus, tmp_path, eos, setting, expected):
-    extra = [f"data.eos={eos}"] + ([f"train.state_resets={str(setting).lower()}"] if setting is not None else [])
-    assert Trainer(_cfg(corpus, *extra), tmp_path / "r", progress=False).state_resets is expected
+def test_state_resets_default_follows_the_eos_policy_and_is_recorded(corpus, tmp_path, eos, batch, setting,
+                                                                     expected):
+    extra = [f"data.eos={eos}", f"train.batch_size={batch}", "train.max_steps=1"]
+    extra += [f"train.state_resets={str(setting).lower()}"] if setting is not None else []
+    tr = Trainer(_cfg(corpus, *extra), tmp_path / "r", progress=False)
+    assert tr.state_resets is expected and tr.cfg.train.state_resets is expected
+    tr.fit()   # the value in use, not null, goes into the run's config
+    assert f"state_resets: {str(expected).lower()}" in (tmp_path / "r" / "config.yaml").read_text()
+
+
+def test_a_run_saved_before_state_resets_resumes_without_them():
+    from rnnlm.config import Config
+    from rnnlm.train import _merge_resume_config
+    saved = Config().to_dict()
+    saved["data"]["eos"] = "none"
+    saved["train"]["batch_size"] = 64
+    old = {**saved, "train": {k: v for k, v in saved["train"].items() if k != "state_resets"}}
+    assert _merge_resume_config(old, build_config(None, [])).train.state_resets is False
+    assert _merge_resume_config(old, build_config(None, ["train.state_resets=true"])).train.state_resets is True
+    saved["train"]["state_resets"] = True
+    assert _merge_resume_config(saved, build_config(None, [])).train.state_resets is True
 
 
 def test_state_resets_zero_one_column_per_step_in_turn(corpus, tmp_path, monkeypatch):
