@@ -30,6 +30,12 @@ def _cfg(corpus: Path, *extra: str):
                                "train.eval_max_tokens=400", *extra])
 
 
+def _same_last_weights(a: Path, b: Path) -> bool:
+    """Bit-identical model weights in two runs' last.pt."""
+    wa, wb = load_checkpoint(a / "last.pt")["model"], load_checkpoint(b / "last.pt")["model"]
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def _events(run: Path, kind: str) -> list[dict]:
     return [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
 
@@ -51,6 +57,7 @@ def test_resume_is_exact(corpus, tmp_path, dropout, cell):
     a = [e["loss"] for e in _events(tmp_path / "full", "eval")]
     b = [e["loss"] for e in _events(tmp_path / "part", "eval")]
     assert a == b  # every validation, before and after the interruption
+    assert _same_last_weights(tmp_path / "full", tmp_path / "part")
     # metrics keep appending: one end event per session
     assert len(_events(tmp_path / "part", "end")) == 2
 
@@ -412,6 +419,7 @@ def test_resume_is_exact_with_fused_sgd_and_layerwise_dropout(corpus, tmp_path):
     assert resumed["best_valid_loss"] == full["best_valid_loss"]
     assert [e["loss"] for e in _events(tmp_path / "full", "eval")] == \
         [e["loss"] for e in _events(tmp_path / "part", "eval")]
+    assert _same_last_weights(tmp_path / "full", tmp_path / "part")
 
 
 @pytest.mark.parametrize("opt", ["adam", "adamw"])
@@ -716,3 +724,4 @@ def test_resume_is_exact_with_state_resets(corpus, tmp_path):
     assert resumed["best_valid_loss"] == full["best_valid_loss"]
     assert [e["loss"] for e in _events(tmp_path / "full", "eval")] == \
         [e["loss"] for e in _events(tmp_path / "part", "eval")]
+    assert _same_last_weights(tmp_path / "full", tmp_path / "part")
