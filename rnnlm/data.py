@@ -268,6 +268,7 @@ def glob_corpus_path(root: Path, pattern: str, encoding: str = "utf-8", errors: 
         try:
             desc = describe(json.loads(meta.read_text(encoding="utf-8")))
             _touch(out)
+            _touch(meta)
             _remove_older(corpora, folder_key, keep=(out, meta))
             return out, desc
         except Exception:  # a missing or damaged description: gather again
@@ -296,6 +297,7 @@ def glob_corpus_path(root: Path, pattern: str, encoding: str = "utf-8", errors: 
             if not out.is_file():
                 raise
         _touch(out)
+        _touch(meta)
         _remove_older(corpora, folder_key, keep=(out, meta))
     except OSError as e:
         where_to = "set data.cache_dir" if option == "data.glob" else "set $RNNLM_CACHE"

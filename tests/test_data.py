@@ -507,9 +507,10 @@ def test_glob_result_is_reused_until_a_file_changes(tmp_path, cache_dir):
     c = cfg(root, glob="*.txt")
     p1 = resolve_sources(c)[0]["train"].path
     body = p1.read_bytes()
-    os.utime(p1, (1_000_000_000, 1_000_000_000))
+    for f in (p1, p1.with_suffix(".json")):
+        os.utime(f, (1_000_000_000, 1_000_000_000))
     assert resolve_sources(c)[0]["train"].path == p1 and p1.read_bytes() == body        # reused, not rewritten,
-    assert p1.stat().st_mtime > 1_000_000_000                                            # and marked as used now
+    assert p1.stat().st_mtime > 1e9 and p1.with_suffix(".json").stat().st_mtime > 1e9   # and marked as used now
     (root / "b.txt").write_text("beta, longer now\n")
     p2 = resolve_sources(c)[0]["train"].path
     assert p2 != p1 and b"beta, longer now" in _whole(resolve_sources(c)[0])
