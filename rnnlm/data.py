@@ -221,7 +221,17 @@ def glob_corpus_path(root: Path, pattern: str, encoding: str = "utf-8", errors: 
                          f"directory, such as '**/*.py'") from None
     except OSError as e:
         raise UsageError(f"cannot list the files under {root}: {e.strerror or e}") from None
-    run_dirs: dict[Path, bool] = {}
+    run_dirs: dict[Path, bool] = {}  # each folder checked once
+
+    def in_run_dir(rel: Path) -> bool:
+        for k in range(1, len(rel.parts)):
+            d = root.joinpath(*rel.parts[:k])
+            if d not in run_dirs:
+                run_dirs[d] = _is_run_dir(d)
+            if run_dirs[d]:
+                return True
+        return False
+
     files = []
     for q in matched:
         rel = q.relative_to(root)
@@ -230,8 +240,7 @@ def glob_corpus_path(root: Path, pattern: str, encoding: str = "utf-8", errors: 
         real = q.resolve()
         if any(d == real or d in real.parents for d in own):
             continue
-        parents = [root.joinpath(*rel.parts[:k]) for k in range(1, len(rel.parts))]
-        if any(run_dirs.setdefault(d, _is_run_dir(d)) for d in parents):
+        if in_run_dir(rel):
             continue
         files.append((rel.as_posix(), q))
     files.sort()
