@@ -406,20 +406,27 @@ def test_precision_auto_trains_with_what_it_resolved_to(corpus, tmp_path, monkey
     assert load_checkpoint(tmp_path / "r" / "last.pt")["config"]["train"]["precision"] == "auto"
 
 
-def test_resume_is_exact_with_fused_sgd_and_layerwise_dropout(corpus, tmp_path):
-    """The plain-SGD path (fused clip + update, sparse embedding rows) and the layer-by-layer
-    dropout resume exactly too."""
-    common = ("model.dropout=0.3", "train.optimizer=sgd", "train.lr=2", "train.clip_grad_norm=0.5")
+def _check_exact_resume(corpus: Path, tmp_path: Path, *common: str) -> Trainer:
+    """40 steps straight, against 20 steps then a resume to 40: the same validations and the same
+    final weights, bit for bit. Returns the uninterrupted run's trainer."""
     full = Trainer(_cfg(corpus, "train.max_steps=40", *common), tmp_path / "full", progress=False)
-    assert full.fused_sgd and full.model.embedding.sparse
-    full = full.fit()
+    end = full.fit()
     Trainer(_cfg(corpus, "train.max_steps=20", *common), tmp_path / "part", progress=False).fit()
     resumed = Trainer(build_config(None, ["train.max_steps=40"]), tmp_path / "part", resume=True,
                       progress=False).fit()
-    assert resumed["best_valid_loss"] == full["best_valid_loss"]
+    assert resumed["best_valid_loss"] == end["best_valid_loss"]
     assert [e["loss"] for e in _events(tmp_path / "full", "eval")] == \
         [e["loss"] for e in _events(tmp_path / "part", "eval")]
     assert _same_last_weights(tmp_path / "full", tmp_path / "part")
+    return full
+
+
+def test_resume_is_exact_with_fused_sgd_and_layerwise_dropout(corpus, tmp_path):
+    """The plain-SGD path (fused clip + update, sparse embedding rows) and the layer-by-layer
+    dropout resume exactly too."""
+    full = _check_exact_resume(corpus, tmp_path, "model.dropout=0.3", "train.optimizer=sgd", "train.lr=2",
+                               "train.clip_grad_norm=0.5")
+    assert full.fused_sgd and full.model.embedding.sparse
 
 
 @pytest.mark.parametrize("opt", ["adam", "adamw"])
@@ -716,12 +723,6 @@ def test_state_resets_zero_one_column_per_step_in_turn(corpus, tmp_path, monkeyp
 
 
 def test_resume_is_exact_with_state_resets(corpus, tmp_path):
-    common = ("data.eos=none", "train.optimizer=adam", "train.lr=0.01", "model.dropout=0.2")
-    full = Trainer(_cfg(corpus, "train.max_steps=40", *common), tmp_path / "full", progress=False).fit()
-    Trainer(_cfg(corpus, "train.max_steps=20", *common), tmp_path / "part", progress=False).fit()
-    resumed = Trainer(build_config(None, ["train.max_steps=40"]), tmp_path / "part", resume=True,
-                      progress=False).fit()
-    assert resumed["best_valid_loss"] == full["best_valid_loss"]
-    assert [e["loss"] for e in _events(tmp_path / "full", "eval")] == \
-        [e["loss"] for e in _events(tmp_path / "part", "eval")]
-    assert _same_last_weights(tmp_path / "full", tmp_path / "part")
+    full = _check_exact_resume(corpus, tmp_path, "data.eos=none", "train.state_resets=true", "train.optimizer=adam",
+                               "train.lr=0.01", "model.dropout=0.2")
+    assert full.state_resets
