@@ -435,6 +435,8 @@ def _parse_override(item: str) -> tuple[str, Any, str]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except Exception:  # not a YAML scalar (bad syntax, an impossible date, ...): take it as plain text
         value = raw
+    if raw.strip().startswith(("&", "*")):  # YAML's anchors and aliases (`&x` would read as null): the text
+        value = raw.strip()
     return key, value, raw
 
 

@@ -257,6 +257,12 @@ def test_yaml_syntax_error_has_line_and_column(tmp_path):
     assert "line 4" in msg and "column" in msg and "needs quotes" not in msg
 
 
+def test_override_values_starting_with_yaml_anchor_or_alias_stay_text():
+    assert build_config(None, ["data.glob=**/*.py"]).data.glob == "**/*.py"
+    assert build_config(None, ["data.glob=&x"]).data.glob == "&x"          # YAML alone reads null
+    assert build_config(None, ["data.glob=*.txt"]).data.glob == "*.txt"
+
+
 def test_unquoted_glob_pattern_gets_a_quoting_hint(tmp_path):
     with pytest.raises(UsageError, match=r"line 2.*needs quotes in YAML, e.g. glob: '\*\*/\*.py'"):
         build_config(write(tmp_path, "data:\n  glob: **/*.py\n"))
