@@ -296,12 +296,11 @@ def eval_perplexity(
         enc = check_encoding(encoding, "--encoding") if encoding is not None else None
         dev = _device(device)
         lm = load_model(ckpt, dev)
-        what = str(data)
+        enc, errors, what = enc or lm.config.data.encoding, lm.config.data.errors, str(data)
         if glob is not None:
-            data_path, what = glob_corpus_path(data_path, glob, enc or lm.config.data.encoding,
-                                               lm.config.data.errors, option="--glob")
-        res = perplexity(lm.model, lm.vocab, lm.tokenizer, data_path, batch_size, dev,
-                         enc or lm.config.data.encoding, lm.config.data.errors, progress="auto")
+            data_path, what = glob_corpus_path(data_path, glob, enc, errors, option="--glob")
+        res = perplexity(lm.model, lm.vocab, lm.tokenizer, data_path, batch_size, dev, enc, errors,
+                         progress="auto")
         if glob is not None:  # "file" is the gathered text; say where it came from
             res["source"] = what
         if as_json:

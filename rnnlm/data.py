@@ -122,6 +122,12 @@ def _remove_older(corpora: Path, folder_key: str, keep: tuple[Path, ...]) -> Non
             pass
 
 
+def _bad_bytes(path: Path, encoding: str, line: int, offset: int, e: UnicodeDecodeError, hint: str) -> UsageError:
+    """The message for undecodable bytes: the file, line and byte offset, the bytes, and what fixes it."""
+    return UsageError(f"{path}: invalid {encoding} at line {line}, byte offset {offset} (bytes "
+                      f"{e.object[e.start:e.end][:4].hex(' ')}: {e.reason}); {hint}")
+
+
 def _append_text_file(q: Path, w, codec: str, errors: str, hint: str, lead: bytes = b"") -> str:
     """Append file `q` to the open binary file `w` after `lead` (a UTF-8 BOM dropped, a final newline
     added), unless it is binary (a NUL byte: "binary") or blank ("empty"); "text" if appended.
@@ -158,8 +164,7 @@ def _append_text_file(q: Path, w, codec: str, errors: str, hint: str, lead: byte
             except UnicodeDecodeError as e:  # e.object: the decoder's held bytes (never a newline) + block
                 line = lines + e.object.count(b"\n", 0, e.start) + 1
                 offset = at - (len(e.object) - len(block)) + e.start
-                raise UsageError(f"{q}: invalid {codec} at line {line}, byte offset {offset} (bytes "
-                                 f"{e.object[e.start:e.end][:4].hex(' ')}: {e.reason}); {hint}") from None
+                raise _bad_bytes(q, codec, line, offset, e, hint) from None
             lines += block.count(b"\n")
             blank = blank and not block.strip()
         try:
@@ -421,12 +426,10 @@ def read_blocks(src: TextSource, encoding: str = "utf-8", errors: str = "strict"
                 text = block.decode(codec, errors)
             except UnicodeDecodeError as e:
                 line = line_no + block.count(b"\n", 0, e.start)
-                bad = block[e.start:e.end][:4].hex(" ")
-                raise UsageError(
-                    f"{src.path}: invalid {encoding} at line {line}, byte offset {pos + e.start} "
-                    f"(bytes {bad}: {e.reason}); if the file is in another encoding, convert it (iconv -f "
-                    f"ENCODING -t {encoding}), or name its encoding: data.encoding=ENCODING for training, --encoding "
-                    f"ENCODING for eval-perplexity and score; data.errors=replace replaces undecodable bytes") from None
+                raise _bad_bytes(src.path, encoding, line, pos + e.start, e,
+                                 f"if the file is in another encoding, convert it (iconv -f ENCODING -t {encoding}), or "
+                                 f"name its encoding: data.encoding=ENCODING for training, --encoding ENCODING for "
+                                 f"eval-perplexity and score; data.errors=replace replaces undecodable bytes") from None
             line_no += block.count(b"\n")
             pos += len(block)
             yield text, len(block)
