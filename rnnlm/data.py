@@ -980,8 +980,12 @@ def num_windows(data: torch.Tensor, bptt: int) -> int:
 
 def get_window(data: torch.Tensor, i: int, bptt: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Window i: inputs (L, B) and targets (L, B), the inputs shifted by one, as int64."""
+    block = window_block(data, i, bptt)
+    return block[:-1].long(), block[1:].long()
+
+
+def window_block(data: torch.Tensor, i: int, bptt: int) -> torch.Tensor:
+    """Window i as one (L + 1, B) view of `data`: inputs ``[:-1]``, targets ``[1:]``."""
     start = i * bptt
     length = min(bptt, data.size(0) - 1 - start)
-    x = data[start: start + length]
-    y = data[start + 1: start + 1 + length]
-    return x.long(), y.long()
+    return data[start: start + length + 1]

@@ -36,7 +36,8 @@ from . import distributed as D
 from .allocator import tune_allocator
 from .checkpoint import BEST, LAST, atomic_write_text, load_checkpoint, save_checkpoint
 from .config import STATE_RESETS_MIN_BATCH, Config, checked, config_from_dict, dump_yaml, load_yaml
-from .data import Corpus, batchify, get_window, load_corpus, num_windows, with_start
+from .cudagraph import GraphedStep, graph_blocker
+from .data import Corpus, batchify, get_window, load_corpus, num_windows, window_block, with_start
 from .errors import RunError, UsageError
 from .evaluate import evaluate_ids
 from .models import RNNLM, detach_state, reset_column, state_from_list, state_to_list
@@ -507,6 +508,16 @@ class Trainer:
         self.fused_sgd = (self.device.type == "cpu" and plain_sgd(self.optimizer) and not self.scaler.is_enabled()
                           and not tc.compile)
         self.model.embedding.sparse = bool(self.fused_sgd and not self.dist.enabled and not cfg.model.tie_weights)
+        # On a GPU, each training step recorded once as a CUDA graph and replayed (train.cuda_graphs).
+        self.params = list(self.model.parameters())
+        self.clip = tc.clip_grad_norm if tc.clip_grad_norm is not None else math.inf
+        self.graphed: GraphedStep | None = None
+        blocker = graph_blocker(self.device, self.precision, self.dist.enabled, tc.compile, self.model.adaptive)
+        if tc.cuda_graphs and blocker:
+            self._log(f"[yellow]warning:[/] train.cuda_graphs=true is not used: {escape(blocker)}")
+        if tc.cuda_graphs is not False and not blocker:
+            self.graphed = GraphedStep(self.step_module, self.params, self.clip, self._autocast, tc.bptt,
+                                       warn=lambda msg: self._log(f"[yellow]warning:[/] {escape(msg)}"))
 
         # Progress counters (restored on resume).
         self.step = 0
@@ -681,7 +692,7 @@ class Trainer:
                   f"{' bidirectional' if self.bidirectional else ''} · {n_params:,} parameters · "
                   f"vocab {len(self.vocab):,} ({self.tokenizer.level}) · {len(self.corpus.train):,} train tokens · "
                   f"device {self.device} {self.precision}{' (auto)' if tc.precision == 'auto' else ''}"
-                  f"{procs}")
+                  f"{' · CUDA graphs' if self.graphed is not None else ''}{procs}")
         cache = ("ids from the cache" if self.corpus.cached else
                  "encoded now, cached" if self.corpus.cache_dir is not None else "encoded now, not cached")
         self._log(f"data: {escape(self.corpus.description)} ({cache}) · run directory: {escape(str(self.run_dir))}")
@@ -704,8 +715,7 @@ class Trainer:
         self._t0 = time.perf_counter()
         self._step0 = self.step
         old_handlers = self._install_signal_handlers()
-        params = [p for p in self.model.parameters()]
-        clip = tc.clip_grad_norm if tc.clip_grad_norm is not None else math.inf
+        params, clip = self.params, self.clip
         stats = _StepStats(self.device, clip)
         interval_steps, interval_tokens, interval_time = 0, 0, 0.0
         bar = _Progress(self, enabled=self.progress_enabled if self.dist.is_main else False)
@@ -721,28 +731,37 @@ class Trainer:
                     t_step = time.perf_counter()
                     lr = self.schedule.on_step(self.step)
                     set_lr(self.optimizer, lr)
-                    x, y = get_window(self.train_data, i, tc.bptt)
-                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    xb = yb = None
-                    if self.bidirectional:
-                        xb, yb = get_window(self.train_data_rev, i, tc.bptt)
-                        xb, yb = xb.to(self.device), yb.to(self.device)
-                    with self._autocast():
-                        loss, self.state, self.state_rev = self.step_module(
-                            x, y, self._carry(self.state), xb, yb, self._carry(self.state_rev))
-                    self.scaler.scale(loss).backward()
-                    if self.fused_sgd:  # clip + SGD in one pass (and sparse embedding rows)
-                        gnorm = clipped_sgd_step(params, lr, clip)
+                    if self.graphed is not None:  # forward, backward and clipping replayed from a CUDA graph
+                        xy = window_block(self.train_data, i, tc.bptt)
+                        xyb = window_block(self.train_data_rev, i, tc.bptt) if self.bidirectional else None
+                        loss, gnorm, self.state, self.state_rev = self.graphed.step(
+                            xy, self._carry(self.state), xyb, self._carry(self.state_rev))
+                        self.optimizer.step()
+                        n_x = xy[1:].numel()
                     else:
-                        self.scaler.unscale_(self.optimizer)
-                        gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
-                        self.scaler.step(self.optimizer)
-                        self.scaler.update()
+                        x, y = get_window(self.train_data, i, tc.bptt)
+                        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                        self.optimizer.zero_grad(set_to_none=True)
+                        xb = yb = None
+                        if self.bidirectional:
+                            xb, yb = get_window(self.train_data_rev, i, tc.bptt)
+                            xb, yb = xb.to(self.device), yb.to(self.device)
+                        with self._autocast():
+                            loss, self.state, self.state_rev = self.step_module(
+                                x, y, self._carry(self.state), xb, yb, self._carry(self.state_rev))
+                        self.scaler.scale(loss).backward()
+                        if self.fused_sgd:  # clip + SGD in one pass (and sparse embedding rows)
+                            gnorm = clipped_sgd_step(params, lr, clip)
+                        else:
+                            self.scaler.unscale_(self.optimizer)
+                            gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
+                            self.scaler.step(self.optimizer)
+                            self.scaler.update()
+                        n_x = x.numel()
                     self.step += 1
                     stats.add(self.step, loss, gnorm)  # no host sync until the next log line
                     self.window = i + 1
-                    n_tok = x.numel() * self.dist.world_size  # global tokens (all ranks)
+                    n_tok = n_x * self.dist.world_size  # global tokens (all ranks)
                     self.tokens += n_tok
                     interval_steps += 1
                     interval_tokens += n_tok

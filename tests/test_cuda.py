@@ -280,6 +280,56 @@ def test_greedy_samples_agree_between_cpu_and_device():
     assert all(x.tokens == 60 for x in got)
 
 
+# -- CUDA graphs (train.cuda_graphs) ---------------------------------------------------------------
+
+GRAPHED = {
+    "lstm-dropout-sgd": ("model.dropout=0.3", "train.optimizer=sgd", "train.lr=1.0"),
+    "lstm-bf16-adam": ("model.dropout=0.2", "train.precision=bf16", "train.optimizer=adam", "train.lr=0.01"),
+    "gru-bidirectional": ("model.cell=gru", "model.bidirectional=true", "model.dropout=0.2"),
+    "peephole-resets": ("model.cell=lstm_peephole", "model.dropout=0.2", "train.state_resets=true"),
+    "tied-head-1layer": ("model.num_layers=1", "model.tie_weights=true", "model.head_layers=1",
+                         "train.clip_grad_norm=null"),
+}
+
+
+def _trainer(corpus: Path, run: Path, *extra: str) -> Trainer:
+    return Trainer(_cfg(corpus, DEV, *extra), run, progress=False)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", list(GRAPHED))
+def test_cuda_graph_training_equals_eager_training(corpus, tmp_path, name):
+    """The same run with each step replayed from a CUDA graph and with eager steps: the same
+    losses and weights (dropout masks from the same generator), across an epoch boundary with its
+    short last window, which runs eagerly into the graph's gradient buffers."""
+    extra = (*GRAPHED[name], "train.bptt=7", "train.batch_size=64", "train.epochs=2", "train.max_steps=null",
+             "train.eval_every=null")
+    eager = _trainer(corpus, tmp_path / "eager", *extra, "train.cuda_graphs=false")
+    eager.fit()
+    graphed = _trainer(corpus, tmp_path / "graphed", *extra)  # null: on where it applies
+    graphed.fit()
+    g = graphed.graphed
+    assert eager.graphed is None and g is not None and not g.failed
+    assert g.replays == 2 * graphed.n_windows - g.warm - 2  # each epoch's last window is short
+    la = [e["loss"] for e in _events(tmp_path / "eager", "train") + _events(tmp_path / "eager", "eval")]
+    lb = [e["loss"] for e in _events(tmp_path / "graphed", "train") + _events(tmp_path / "graphed", "eval")]
+    tol = 1e-6 if "bf16" not in name else 1e-3
+    assert lb == pytest.approx(la, rel=tol, abs=0), max(abs(a - b) for a, b in zip(la, lb))
+    wa, wb = eager.model.state_dict(), graphed.model.state_dict()
+    worst = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+    assert worst <= (1e-5 if "bf16" not in name else 1e-2), worst
+
+
+@needs_cuda
+def test_cuda_graphs_stay_off_where_they_do_not_apply(corpus, tmp_path):
+    for extra in (("train.precision=fp16",), ("model.softmax=adaptive", "model.adaptive_cutoffs=[20,60]"),
+                  ("train.cuda_graphs=false",)):
+        t = _trainer(corpus, tmp_path / "_".join(extra).replace("=", "-").replace("[", "").replace("]", ""),
+                     *extra, "train.max_steps=6")
+        assert t.graphed is None, extra
+        t.fit()
+
+
 # -- compile and DDP -------------------------------------------------------------------------------
 
 def test_compiled_training_on_device_matches_eager(corpus, tmp_path):
