@@ -122,6 +122,37 @@ def _remove_older(corpora: Path, folder_key: str, keep: tuple[Path, ...]) -> Non
             pass
 
 
+def _prune_encoded(cache: Path) -> None:
+    """Delete encoded-ids entries (``encoded/<key>/``) made from gathered texts that have since been
+    cleaned up (:func:`_remove_older`): each edit of a `data.glob` folder makes a new text and a new
+    entry, and without this they would pile up. An entry goes when every split it was encoded from
+    is a gathered text under `cache`/corpora that no longer exists, and its manifest is older than
+    STALE_AFTER_S (so one being written or read now is never touched). The manifest is removed
+    first, so an entry half deleted is one the cache ignores."""
+    corpora = cache / "corpora"
+    now = time.time()
+    try:
+        manifests = list((cache / "encoded").glob("*/manifest.json"))
+    except OSError:
+        return
+    for man in manifests:
+        try:
+            if now - man.stat().st_mtime <= STALE_AFTER_S:
+                continue
+            sources = json.loads(man.read_text(encoding="utf-8")).get("sources")
+            paths = [Path(str(v).rsplit(" [bytes ", 1)[0]) for v in (sources or {}).values()]
+            if not paths or not all(q.parent == corpora and q.name.startswith("files-") and not q.exists()
+                                    for q in paths):
+                continue
+            entry = man.parent
+            man.unlink()
+            for f in entry.iterdir():
+                f.unlink()
+            entry.rmdir()
+        except (OSError, ValueError, AttributeError):  # in use (Windows), gone already, or not ours to judge
+            pass
+
+
 def _bad_bytes(path: Path, encoding: str, line: int, offset: int, e: UnicodeDecodeError, hint: str) -> UsageError:
     """The message for undecodable bytes: the file, line and byte offset, the bytes, and what fixes it."""
     return UsageError(f"{path}: invalid {encoding} at line {line}, byte offset {offset} (bytes "
@@ -284,6 +315,7 @@ def glob_corpus_path(root: Path, pattern: str, encoding: str = "utf-8", errors: 
             _touch(out)
             _touch(meta)
             _remove_older(corpora, folder_key, keep=(out, meta))
+            _prune_encoded(cache)
             return out, desc
         except Exception:  # a missing or damaged description: gather again
             pass
@@ -313,6 +345,7 @@ def glob_corpus_path(root: Path, pattern: str, encoding: str = "utf-8", errors: 
         _touch(out)
         _touch(meta)
         _remove_older(corpora, folder_key, keep=(out, meta))
+        _prune_encoded(cache)
     except OSError as e:
         where_to = "set data.cache_dir" if option == "data.glob" else "set $RNNLM_CACHE"
         raise UsageError(f"cannot write the gathered text to {corpora}: {e.strerror or e}; "

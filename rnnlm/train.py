@@ -24,7 +24,7 @@ import time
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -438,12 +438,15 @@ class Trainer:
                                  f"--resume --data PATH")
             vocab = Vocab.from_dict(ckpt["vocab"])
             tok = Tokenizer(**ckpt["vocab"]["tokenizer"])
-            corpus = load_corpus(cfg.data, cfg.resolved_eos(), vocab, tok)
+            corpus = self._rank0_first(lambda: load_corpus(cfg.data, cfg.resolved_eos(), vocab, tok))
         elif corpus is None:
-            corpus = load_corpus(cfg.data, cfg.resolved_eos())
+            corpus = self._rank0_first(lambda: load_corpus(cfg.data, cfg.resolved_eos()))
         self.corpus = corpus
         self.vocab, self.tokenizer = corpus.vocab, corpus.tokenizer
         self.train_fingerprint = _fingerprint(corpus.train)
+        if self.dist.enabled and len(set(D.gather_objects(self.train_fingerprint, self.dist))) > 1:
+            raise RunError("the processes read different training texts: a data file changed while they were "
+                           "reading it (or the ranks see different files); start the run again")
         if ckpt is None and self.tokenizer.level == "char" and " " in self.vocab:
             head = corpus.train[:1_000_000] == self.vocab.stoi[" "]
             share = float(head.mean()) if head.size else 0.0
@@ -540,6 +543,26 @@ class Trainer:
         self.progress_enabled = progress
         self._stop_signal: str | None = None
         self.stop_reason = ""
+
+    def _rank0_first(self, load: Callable[[], Corpus]) -> Corpus:
+        """`load()`, under torchrun on rank 0 first -- which gathers, encodes and caches the text
+        alone -- then on the other ranks, which find it in the cache. A failure on rank 0 is every
+        rank's: the others raise it too instead of waiting for a rank that has gone."""
+        if not self.dist.enabled:
+            return load()
+        corpus = err = None
+        if self.dist.is_main:
+            try:
+                corpus = load()
+            except Exception as e:  # noqa: BLE001 - told to every rank, then raised here as it was
+                err = e
+        said = D.broadcast_object(None if err is None else (isinstance(err, UsageError), str(err)), self.dist)
+        if err is not None:
+            raise err
+        if said is not None:
+            usage, msg = said
+            raise UsageError(msg) if usage else RunError(f"rank 0 could not load the data: {msg}")
+        return corpus if corpus is not None else load()
 
     # -- state ---------------------------------------------------------------------------------
     def _payload(self, with_trainer_state: bool) -> dict:

@@ -610,6 +610,38 @@ def test_glob_deletes_an_older_text_only_when_unused_for_a_day(tmp_path, cache_d
     assert not p1.exists() and not p1.with_suffix(".json").exists() and not killed.exists() and p2.exists()
 
 
+def test_encoded_entries_of_cleaned_up_gathered_texts_are_deleted_too(tmp_path, cache_dir):
+    """Each edit of a data.glob folder makes a gathered text and an encoded-ids entry; once the old
+    text is cleaned up (a day unused), its entry goes as well -- but not an entry of a plain file,
+    nor one of a gathered text that still exists, nor a recent one."""
+    root = _tree(tmp_path / "proj", {"a.txt": "alpha beta gamma\n" * 40})
+    plain = _tree(tmp_path / "plain", {"p.txt": "delta epsilon\n" * 40}) / "p.txt"
+    c = cfg(root, glob="*.txt", level="word")
+    first = load_corpus(c, "line")
+    p1 = first.cache_dir
+    old_text = resolve_sources(c)[0]["train"].path
+    keep_plain = load_corpus(cfg(plain, level="word"), "line").cache_dir
+    gone = _tree(tmp_path / "gone", {"g.txt": "zeta eta\n" * 40}) / "g.txt"
+    keep_gone = load_corpus(cfg(gone, level="word"), "line").cache_dir
+    gone.unlink()  # a user's file deleted: its entry stays (a renamed copy of it would hit it)
+    (root / "a.txt").write_text("alpha beta gamma, edited\n" * 40)
+    second = load_corpus(c, "line")
+    assert second.cache_dir != p1 and p1.is_dir()
+    day_ago = time.time() - data.STALE_AFTER_S - 60
+    for f in (old_text, old_text.with_suffix(".json"), p1 / "manifest.json", keep_plain / "manifest.json",
+              keep_gone / "manifest.json"):
+        os.utime(f, (day_ago, day_ago))
+    load_corpus(c, "line")                         # the reuse cleans up: the old text, then its entry
+    assert not old_text.exists() and not p1.exists()
+    assert (keep_plain / "manifest.json").is_file() and (second.cache_dir / "manifest.json").is_file()
+    assert (keep_gone / "manifest.json").is_file()
+    # an old entry whose gathered text still exists stays
+    os.utime(second.cache_dir / "manifest.json", (day_ago, day_ago))
+    load_corpus(c, "line")
+    assert (second.cache_dir / "manifest.json").is_file()
+    assert load_corpus(c, "line").cached           # and is used
+
+
 def test_glob_leaves_run_directories_out_and_finds_data_inside_the_cache_root(tmp_path, monkeypatch):
     top = tmp_path / "scratch"
     monkeypatch.setenv("RNNLM_CACHE", str(top))     # cache and data side by side, as on a cluster's $SCRATCH

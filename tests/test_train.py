@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from rnnlm.checkpoint import load_checkpoint
 from rnnlm.config import build_config
 from rnnlm.errors import RunError, UsageError
 from rnnlm.train import LRSchedule, Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture()
 def corpus(word_corpus) -> Path:
@@ -726,3 +729,56 @@ def test_resume_is_exact_with_state_resets(corpus, tmp_path):
     full = _check_exact_resume(corpus, tmp_path, "data.eos=none", "train.state_resets=true", "train.optimizer=adam",
                                "train.lr=0.01", "model.dropout=0.2")
     assert full.state_resets
+
+
+_RANK1_EDITS = '''
+import os
+if os.environ.get("RANK") == "1" and os.environ.get("RNNLM_TEST_EDIT_ON_RANK1"):
+    import rnnlm.train as T
+    _load = T.load_corpus
+
+    def load_corpus(*args, **kwargs):  # a file changes after rank 0 has read the folder
+        with open(os.environ["RNNLM_TEST_EDIT_ON_RANK1"], "a") as f:
+            f.write("x = 1\\n")
+        return _load(*args, **kwargs)
+    T.load_corpus = load_corpus
+'''
+
+
+def test_torchrun_reads_a_folder_once_and_the_ranks_check_they_agree(tmp_path):
+    """data.glob under torchrun: rank 0 gathers and caches the folder's text, the other rank finds
+    it in the cache (one gathered text, not one per rank); if a file changes in between, every rank
+    stops with one message instead of training on different texts."""
+    src = tmp_path / "proj"
+    rng = random.Random(3)
+    for k in range(4):
+        (src / f"m{k}").mkdir(parents=True)
+        (src / f"m{k}" / "code.py").write_text("".join(
+            f"def f{i}(x):\n    return x * {rng.randint(0, 99)} + {rng.randint(0, 9)}\n\n" for i in range(150)))
+    args = [f"--data={src}", "data.glob=**/*.py", "data.level=char", "model.hidden_size=16",
+            "model.embedding_size=8", "train.batch_size=4", "train.bptt=16", "train.max_steps=4",
+            "train.eval_every=2", "train.eval_max_tokens=200"]
+    cache = tmp_path / "cache"
+    ok = _torchrun(tmp_path, "ok", args, 2, RNNLM_CACHE=str(cache))
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert len(list((cache / "corpora").glob("files-*.txt"))) == 1
+    assert _events(tmp_path / "ok", "end")[0]["step"] == 4
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_RANK1_EDITS)
+    bad = _torchrun(tmp_path, "bad", args, 2, RNNLM_CACHE=str(tmp_path / "cache2"),
+                    RNNLM_TEST_EDIT_ON_RANK1=str(src / "m2" / "code.py"),
+                    PYTHONPATH=os.pathsep.join([str(hook), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    assert bad.returncode != 0
+    said = " ".join((bad.stdout + bad.stderr).split())
+    assert said.count("error: the processes read different training texts") == 2  # each rank, one line
+    assert "rnnlm/" not in bad.stdout + bad.stderr  # no traceback of ours (torchrun prints its own)
+    assert not (tmp_path / "bad" / "last.pt").exists()
+
+    # A folder rank 0 cannot use: its message from every rank, and no rank left waiting.
+    none = _torchrun(tmp_path, "none", [a if not a.startswith("data.glob=") else "data.glob=**/*.rs" for a in args], 2,
+                     RNNLM_CACHE=str(cache))
+    assert none.returncode != 0
+    said = " ".join((none.stdout + none.stderr).split())
+    assert said.count("error: no files under") == 2 and "rnnlm/" not in none.stdout + none.stderr
