@@ -131,8 +131,8 @@ class TrainConfig:
     cuda_graphs: bool | None = _f(None, "on a CUDA GPU, record each training step (forward, loss, backward, "
                                          "clipping) as a CUDA graph and replay it: one launch instead of hundreds, "
                                          "for models too small to keep a GPU busy; null = on where it applies (one "
-                                         "process, fp32 or bf16, full softmax, no torch.compile), which true also "
-                                         "requires; false = never")
+                                         "process, fp32 or bf16, full softmax below 2^25 logits per window, no "
+                                         "torch.compile), which true also requires; false = never")
     tensorboard: bool = _f(False, "also write TensorBoard event files to RUN_DIR/tensorboard (needs the "
                                   "tensorboard package)")
     log_every: int = _f(50, "optimizer steps between train events", min=1)

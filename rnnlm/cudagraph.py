@@ -40,8 +40,11 @@ from .models import State
 WARMUP_STEPS = 3  # eager steps on the capture stream before the capture (PyTorch's docs use 3)
 
 
-def graph_blocker(device: torch.device, precision: str, distributed: bool, compiled: bool, adaptive: bool) -> str:
-    """Why a training step cannot be captured as a CUDA graph here ('' = it can)."""
+def graph_blocker(device: torch.device, precision: str, distributed: bool, compiled: bool, adaptive: bool,
+                  plain_loss: bool = True) -> str:
+    """Why a training step cannot be captured as a CUDA graph here ('' = it can). `plain_loss`: the
+    output layer is PyTorch's linear + cross-entropy (models.PLAIN_LOSS_MAX), not the fused function,
+    whose rare-row fix-up reads the device on the host."""
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device (this run is on {device.type})"
     if precision == "fp16":
@@ -52,6 +55,9 @@ def graph_blocker(device: torch.device, precision: str, distributed: bool, compi
         return "train.compile=true (torch.compile manages its own graphs)"
     if adaptive:
         return "an adaptive softmax chooses its clusters on the host from each window's targets"
+    if not plain_loss:
+        return ("a window has too many logits for PyTorch's cross-entropy (bptt x batch_size x vocabulary >= 2^25), "
+                "and the fused loss used instead reads the device on the host")
     return ""
 
 
@@ -84,7 +90,11 @@ class GraphedStep:
         self.window = window  # the full window length (train.bptt): the shape worth capturing
         self.warmup = warmup
         self.warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
-        self.stream = torch.cuda.Stream()
+        # Streams, synchronisation and the capture all belong to the parameters' GPU, which need not
+        # be the current device (train.device=cuda:1 in a single process).
+        self.device = params[0].device
+        with torch.cuda.device(self.device):
+            self.stream = torch.cuda.Stream()
         self.graph: torch.cuda.CUDAGraph | None = None
         self.failed = ""        # why the capture failed ('' = it did not)
         self.warm = 0           # eager steps taken before the capture
@@ -94,6 +104,10 @@ class GraphedStep:
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, xy: torch.Tensor, state: State, xyb: torch.Tensor | None = None, state_b: State = None):
+        with torch.cuda.device(self.device):
+            return self._step(xy, state, xyb, state_b)
+
+    def _step(self, xy, state, xyb, state_b):
         key = (tuple(xy.shape), None if xyb is None else tuple(xyb.shape))
         if self.graph is None and not self.failed and self.warm >= self.warmup and \
                 (self.window is None or xy.size(0) == self.window + 1) and self._shapes_known(state, xyb, state_b):
@@ -164,7 +178,18 @@ class GraphedStep:
                 dst.copy_(src)
 
         try:
-            record(graph, self.stream, body)
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                record(graph, self.stream, body)
+            empty = [w for w in said if "empty" in str(w.message).lower() and "graph" in str(w.message).lower()]
+            for w in said:
+                if w not in empty:  # not ours to hide
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            if empty:  # the work ran on another device's streams: nothing was recorded
+                raise RuntimeError(str(empty[0].message))
+            missing = [i for i, p in enumerate(self.params) if p.grad is None]
+            if missing:  # a replay would leave a stale gradient there for the optimizer
+                raise RuntimeError(f"{len(missing)} parameter(s) got no gradient in the captured step")
         except Exception as e:  # noqa: BLE001 - any failure to capture leaves training eager
             for p in self.params:
                 p.grad = None

@@ -27,6 +27,7 @@ import json
 import mmap
 import os
 import secrets
+import shutil
 import sys
 import sysconfig
 import time
@@ -126,9 +127,10 @@ def _prune_encoded(cache: Path) -> None:
     """Delete encoded-ids entries (``encoded/<key>/``) made from gathered texts that have since been
     cleaned up (:func:`_remove_older`): each edit of a `data.glob` folder makes a new text and a new
     entry, and without this they would pile up. An entry goes when every split it was encoded from
-    is a gathered text under `cache`/corpora that no longer exists, and its manifest is older than
-    STALE_AFTER_S (so one being written or read now is never touched). The manifest is removed
-    first, so an entry half deleted is one the cache ignores."""
+    is a gathered text under `cache`/corpora that no longer exists and nobody has used the entry for
+    STALE_AFTER_S (each cache hit marks its manifest), whatever source hit it. The entry is renamed
+    out of the way first, so a half-deleted one is never looked up; where renaming an open entry
+    fails (Windows), it is left for a later clean-up."""
     corpora = cache / "corpora"
     now = time.time()
     try:
@@ -144,11 +146,9 @@ def _prune_encoded(cache: Path) -> None:
             if not paths or not all(q.parent == corpora and q.name.startswith("files-") and not q.exists()
                                     for q in paths):
                 continue
-            entry = man.parent
-            man.unlink()
-            for f in entry.iterdir():
-                f.unlink()
-            entry.rmdir()
+            trash = man.parent.with_name(f".deleting-{man.parent.name}-{secrets.token_hex(4)}")
+            man.parent.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
         except (OSError, ValueError, AttributeError):  # in use (Windows), gone already, or not ours to judge
             pass
 
@@ -893,6 +893,7 @@ def load_corpus(data_cfg, eos: str, vocab: Vocab | None = None, tokenizer: Token
             if vocab is not None and cvocab.itos != vocab.itos:  # pragma: no cover - the key covers it
                 raise CacheMiss("vocabulary differs")
             oov = {n: int(man["splits"][n]["oov"]) for n in names}
+            _touch(d / "manifest.json")  # in use: kept by the clean-up of data.glob texts (_prune_encoded)
             return Corpus(vocab or cvocab, tok, splits, desc, oov, d, cached=True)
         except CacheMiss as e:
             if str(e) != "absent":

@@ -40,7 +40,7 @@ from .cudagraph import GraphedStep, graph_blocker
 from .data import Corpus, batchify, get_window, load_corpus, num_windows, window_block, with_start
 from .errors import RunError, UsageError
 from .evaluate import evaluate_ids
-from .models import RNNLM, detach_state, reset_column, state_from_list, state_to_list
+from .models import RNNLM, _plain_loss, detach_state, reset_column, state_from_list, state_to_list
 from .text import Tokenizer, Vocab
 
 
@@ -438,13 +438,15 @@ class Trainer:
                                  f"--resume --data PATH")
             vocab = Vocab.from_dict(ckpt["vocab"])
             tok = Tokenizer(**ckpt["vocab"]["tokenizer"])
-            corpus = self._rank0_first(lambda: load_corpus(cfg.data, cfg.resolved_eos(), vocab, tok))
+            corpus = self._rank0_first(lambda: load_corpus(cfg.data, cfg.resolved_eos(), vocab, tok), cfg.data)
         elif corpus is None:
-            corpus = self._rank0_first(lambda: load_corpus(cfg.data, cfg.resolved_eos()))
+            corpus = self._rank0_first(lambda: load_corpus(cfg.data, cfg.resolved_eos()), cfg.data)
         self.corpus = corpus
         self.vocab, self.tokenizer = corpus.vocab, corpus.tokenizer
         self.train_fingerprint = _fingerprint(corpus.train)
-        if self.dist.enabled and len(set(D.gather_objects(self.train_fingerprint, self.dist))) > 1:
+        # The cache key hashes every byte of the text; the fingerprint samples the ids.
+        agreed = (self.train_fingerprint, corpus.cache_dir.name if corpus.cache_dir is not None else None)
+        if self.dist.enabled and len(set(D.gather_objects(agreed, self.dist))) > 1:
             raise RunError("the processes read different training texts: a data file changed while they were "
                            "reading it (or the ranks see different files); start the run again")
         if ckpt is None and self.tokenizer.level == "char" and " " in self.vocab:
@@ -515,7 +517,8 @@ class Trainer:
         self.params = list(self.model.parameters())
         self.clip = tc.clip_grad_norm if tc.clip_grad_norm is not None else math.inf
         self.graphed: GraphedStep | None = None
-        blocker = graph_blocker(self.device, self.precision, self.dist.enabled, tc.compile, self.model.adaptive)
+        blocker = graph_blocker(self.device, self.precision, self.dist.enabled, tc.compile, self.model.adaptive,
+                                plain_loss=_plain_loss(self.device, tc.bptt * self.train_data.size(1) * len(self.vocab)))
         if tc.cuda_graphs and blocker:
             self._log(f"[yellow]warning:[/] train.cuda_graphs=true is not used: {escape(blocker)}")
         if tc.cuda_graphs is not False and not blocker:
@@ -544,11 +547,13 @@ class Trainer:
         self._stop_signal: str | None = None
         self.stop_reason = ""
 
-    def _rank0_first(self, load: Callable[[], Corpus]) -> Corpus:
-        """`load()`, under torchrun on rank 0 first -- which gathers, encodes and caches the text
-        alone -- then on the other ranks, which find it in the cache. A failure on rank 0 is every
-        rank's: the others raise it too instead of waiting for a rank that has gone."""
-        if not self.dist.enabled:
+    def _rank0_first(self, load: Callable[[], Corpus], data_cfg) -> Corpus:
+        """`load()`; under torchrun, for a text rnnlm gathers itself (data.glob, the default corpus),
+        on rank 0 first -- which gathers, encodes and caches it alone -- then on the other ranks,
+        which find it in the cache. A failure on rank 0 is every rank's: the others raise it too
+        instead of waiting for a rank that has gone. Plain files load on all ranks at once (the
+        ranks compare what they read afterwards, in __init__)."""
+        if not self.dist.enabled or (data_cfg.path is not None and data_cfg.glob is None):
             return load()
         corpus = err = None
         if self.dist.is_main:
@@ -556,12 +561,13 @@ class Trainer:
                 corpus = load()
             except Exception as e:  # noqa: BLE001 - told to every rank, then raised here as it was
                 err = e
-        said = D.broadcast_object(None if err is None else (isinstance(err, UsageError), str(err)), self.dist)
+        said = D.broadcast_object(None if err is None else (isinstance(err, UsageError), str(err) or type(err).__name__),
+                                  self.dist)
         if err is not None:
             raise err
         if said is not None:
             usage, msg = said
-            raise UsageError(msg) if usage else RunError(f"rank 0 could not load the data: {msg}")
+            raise UsageError(msg) if usage else RunError(f"rank 0 could not load the data: {msg or 'no message'}")
         return corpus if corpus is not None else load()
 
     # -- state ---------------------------------------------------------------------------------

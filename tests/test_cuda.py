@@ -321,6 +321,22 @@ def test_cuda_graph_training_equals_eager_training(corpus, tmp_path, name):
 
 
 @needs_cuda
+def test_cuda_graphs_on_a_second_gpu_equal_eager_training(corpus, tmp_path):
+    """train.device=cuda:1 in one process (the current device stays cuda:0): the capture must use
+    cuda:1's streams, or it records nothing."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    extra = ("model.dropout=0.2", "train.device=cuda:1", "train.max_steps=30", "train.eval_every=null")
+    eager = _trainer(corpus, tmp_path / "eager", *extra, "train.cuda_graphs=false")
+    eager.fit()
+    graphed = _trainer(corpus, tmp_path / "graphed", *extra)
+    graphed.fit()
+    assert graphed.graphed is not None and not graphed.graphed.failed and graphed.graphed.replays > 0
+    la, lb = (_events(tmp_path / r, "train") for r in ("eager", "graphed"))
+    assert [e["loss"] for e in lb] == pytest.approx([e["loss"] for e in la], rel=1e-6, abs=0)
+
+
+@needs_cuda
 def test_cuda_graphs_stay_off_where_they_do_not_apply(corpus, tmp_path):
     for extra in (("train.precision=fp16",), ("model.softmax=adaptive", "model.adaptive_cutoffs=[20,60]"),
                   ("train.cuda_graphs=false",)):

@@ -53,6 +53,9 @@ class FakeGraph:
 
 
 class FakeStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
     def wait_stream(self, other):
         pass
 
@@ -63,13 +66,19 @@ def fake_cuda(monkeypatch):
     recorded = []
 
     def record(graph, stream, body):
+        # A capture runs the step's Python code -- allocating the gradient buffers -- without
+        # computing anything: run it, then put back the random state its dropout masks used.
+        rng = torch.get_rng_state()
+        body()
+        torch.set_rng_state(rng)
         graph.body = body
         recorded.append(graph)
 
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(cg, "record", record)
     return recorded
@@ -145,12 +154,35 @@ def test_the_capture_waits_for_a_full_length_window(corpus, tmp_path, fake_cuda)
     assert _same_weights(graphed, eager)
 
 
-def test_a_capture_that_fails_warns_once_and_trains_eagerly(corpus, tmp_path, fake_cuda, monkeypatch):
-    def refuse(graph, stream, body):
-        fake_cuda.append(graph)
-        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+def _raises(graph, stream, body):
+    raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
 
-    monkeypatch.setattr(cg, "record", refuse)
+
+def _records_nothing(graph, stream, body):  # the work went to another device's streams
+    import warnings
+    warnings.warn("The CUDA Graph is empty. This usually means that the graph was attempted to be captured "
+                  "on wrong device or stream.")
+
+
+def _leaves_a_gradient_out(graph, stream, body):
+    rng = torch.get_rng_state()
+    body()
+    torch.set_rng_state(rng)
+    FakeGraph.params[0].grad = None
+
+
+@pytest.mark.parametrize("refuse, reason", [
+    (_raises, "CUDA error: operation not permitted when stream is capturing"),
+    (_records_nothing, "The CUDA Graph is empty. This usually means that the graph was attempted to be captured "
+                       "on wrong device or stream."),
+    (_leaves_a_gradient_out, "1 parameter(s) got no gradient in the captured step"),
+], ids=["raises", "empty-graph", "missing-gradient"])
+def test_a_capture_that_fails_warns_once_and_trains_eagerly(corpus, tmp_path, fake_cuda, monkeypatch, refuse, reason):
+    def record(graph, stream, body):
+        fake_cuda.append(graph)
+        refuse(graph, stream, body)
+
+    monkeypatch.setattr(cg, "record", record)
     extra = ("train.optimizer=sgd", "train.lr=1.0")
     eager = _trainer(corpus, tmp_path / "eager", False, *extra)
     eager.fit()
@@ -160,7 +192,7 @@ def test_a_capture_that_fails_warns_once_and_trains_eagerly(corpus, tmp_path, fa
     graphed.fit()
     assert len(fake_cuda) == 1  # tried once
     assert graphed.graphed.graph is None and graphed.graphed.replays == 0
-    assert graphed.graphed.failed == "CUDA error: operation not permitted when stream is capturing"
+    assert graphed.graphed.failed == reason
     text = out.getvalue()
     assert text.count("could not be captured as a CUDA graph") == 1
     assert _losses(tmp_path / "graphed") == _losses(tmp_path / "eager")
@@ -191,6 +223,7 @@ def test_resume_in_graph_mode_is_exact(corpus, tmp_path, fake_cuda):
     (("cuda", "fp32", True, False, False), "torchrun"),
     (("cuda", "bf16", False, True, False), "train.compile=true"),
     (("cuda", "fp32", False, False, True), "adaptive softmax"),
+    (("cuda", "fp32", False, False, False, False), "2^25"),
     (("cuda", "bf16", False, False, False), ""),
 ])
 def test_graph_blocker_names_what_stands_in_the_way(args, reason):

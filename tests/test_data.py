@@ -612,8 +612,9 @@ def test_glob_deletes_an_older_text_only_when_unused_for_a_day(tmp_path, cache_d
 
 def test_encoded_entries_of_cleaned_up_gathered_texts_are_deleted_too(tmp_path, cache_dir):
     """Each edit of a data.glob folder makes a gathered text and an encoded-ids entry; once the old
-    text is cleaned up (a day unused), its entry goes as well -- but not an entry of a plain file,
-    nor one of a gathered text that still exists, nor a recent one."""
+    text is cleaned up (a day unused) and the entry is unused for a day too, the entry goes -- but not
+    an entry of a plain file (even one deleted since), nor one of a gathered text that still exists,
+    nor one that another source hit recently (the key is the content, not the name)."""
     root = _tree(tmp_path / "proj", {"a.txt": "alpha beta gamma\n" * 40})
     plain = _tree(tmp_path / "plain", {"p.txt": "delta epsilon\n" * 40}) / "p.txt"
     c = cfg(root, glob="*.txt", level="word")
@@ -631,8 +632,15 @@ def test_encoded_entries_of_cleaned_up_gathered_texts_are_deleted_too(tmp_path, 
     for f in (old_text, old_text.with_suffix(".json"), p1 / "manifest.json", keep_plain / "manifest.json",
               keep_gone / "manifest.json"):
         os.utime(f, (day_ago, day_ago))
-    load_corpus(c, "line")                         # the reuse cleans up: the old text, then its entry
-    assert not old_text.exists() and not p1.exists()
+    same = tmp_path / "same.txt"                   # a user's file with the old text's bytes hits its entry,
+    same.write_bytes(old_text.read_bytes())
+    hit = load_corpus(cfg(same, level="word"), "line")
+    assert hit.cached and hit.cache_dir == p1       # which marks it as used:
+    load_corpus(c, "line")                         # the reuse cleans up the old text, but not the entry
+    assert not old_text.exists() and (p1 / "manifest.json").is_file()
+    os.utime(p1 / "manifest.json", (day_ago, day_ago))
+    load_corpus(c, "line")                         # a day unused: the entry goes too
+    assert not p1.exists() and not list((cache_dir / "encoded").glob(".deleting-*"))
     assert (keep_plain / "manifest.json").is_file() and (second.cache_dir / "manifest.json").is_file()
     assert (keep_gone / "manifest.json").is_file()
     # an old entry whose gathered text still exists stays
