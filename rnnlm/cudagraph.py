@@ -19,12 +19,14 @@ What a graph needs, and how it is met:
 * warm-up before capture (lazy cuBLAS/cuDNN set-up): the first WARMUP_STEPS steps of a session
   run eagerly on the capture stream -- real training steps, nothing is thrown away;
 * no host synchronisation inside the step: fp16 (its GradScaler reads an overflow flag each
-  step), an adaptive softmax (clusters chosen on the host from the targets), DDP and
-  torch.compile are left to the eager loop (:func:`graph_blocker`);
+  step), an adaptive softmax (clusters chosen on the host from the targets), windows of 2^25
+  logits or more (the fused loss's rare-row fix-up), DDP and torch.compile are left to the eager
+  loop (:func:`graph_blocker`);
 * random numbers: PyTorch's default CUDA generator is graph-safe, so dropout masks are drawn
   fresh at each replay, and the generator's state advances as in eager steps.
 
-If the capture itself fails, training warns once and goes on eagerly.
+If the capture itself fails -- an error, an empty graph (work issued to another device's
+streams), a parameter left without a gradient -- training warns once and goes on eagerly.
 """
 
 from __future__ import annotations
