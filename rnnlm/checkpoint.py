@@ -180,6 +180,16 @@ def _refusal(err: BaseException) -> tuple[str, bool]:
     return _first_sentence(lines[0] if lines else type(err).__name__), False
 
 
+def _instead(p: Path) -> str:
+    """What to use when checkpoint `p` cannot be read."""
+    if p.name == LAST:
+        return (f"Sampling and evaluation can use the run's {BEST}; resuming needs {LAST}'s trainer state, "
+                f"so training must start again (in a new --out)")
+    if p.name == BEST:
+        return f"Use the run's {LAST} (--checkpoint {p.with_name(LAST)}) or train again"
+    return "Use another checkpoint or train again"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (no arbitrary unpickling); any problem -> UsageError.
 
@@ -193,8 +203,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except OSError as e:
         raise UsageError(f"cannot read checkpoint {p}: {e.strerror or e}") from None
     if not head:
-        raise UsageError(f"checkpoint {p} is empty (0 bytes); it was not written completely. Use the run's "
-                         f"other checkpoint ({BEST} or {LAST}) or train again")
+        raise UsageError(f"checkpoint {p} is empty (0 bytes); it was not written completely. {_instead(p)}")
     if head != _ZIP_MAGIC:
         raise UsageError(f"{p} is not an rnnlm checkpoint (not a file written by torch.save; an rnnlm "
                          f"checkpoint is a zip archive)")
@@ -215,8 +224,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                          f"there is)") from None
     except Exception as e:  # zip/stream errors of a truncated or damaged file, and anything else odd
         msg = _first_sentence(str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot read checkpoint {p}: it is truncated or corrupt ({msg}). Use the "
-                         f"run's other checkpoint ({BEST} or {LAST}) or train again") from None
+        raise UsageError(f"cannot read checkpoint {p}: it is truncated or corrupt ({msg}). {_instead(p)}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UsageError(f"{p} is not an rnnlm checkpoint (a torch file without rnnlm's format marker)")
     version = data.get("format_version")

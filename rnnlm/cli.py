@@ -226,20 +226,19 @@ def sample(
         _check_sample_options(t, k, tp, L, n)
         sampler = Sampler(lm.model, lm.vocab, lm.tokenizer, dev)
         stream = n == 1 and not as_json
-        if stream:
-            sys.stdout.write(p)
-            sys.stdout.flush()
+        shown = []  # the prime is printed with the first generated piece, after any warning about it
 
         def on_text(piece: str) -> None:
-            sys.stdout.write(piece)
+            sys.stdout.write(piece if shown else p + piece)
             sys.stdout.flush()
+            shown.append(True)
 
         samples = sampler.generate(p, n, L, t, k, tp, greedy, allow_unk, seed, on_text if stream else None)
         for s in samples:
             if as_json:
                 sys.stdout.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
             elif stream:
-                sys.stdout.write("\n\n")
+                sys.stdout.write(("" if shown else p) + "\n\n")
             else:
                 sys.stdout.write(s.text + "\n\n")
         sys.stdout.flush()
@@ -385,9 +384,12 @@ def _read_input(src: str) -> tuple[bytes, str]:
 def _sentences(data: bytes, name: str, encoding: str = "utf-8", errors: str = "strict") -> list[str]:
     """The lines of `data` decoded with `encoding` (a UTF-8 byte-order mark is dropped), every one a
     sentence, empty ones included, so that the i-th result is the i-th line."""
+    codec = codecs.lookup(encoding).name
+    if codec == "utf-8" and data.startswith((b"\xff\xfe", b"\xfe\xff")):  # as training and eval-perplexity say it
+        raise UsageError(f"{name}: looks like UTF-16 text (it starts with a UTF-16 byte-order mark); convert it to "
+                         f"UTF-8, e.g. `iconv -f UTF-16 -t UTF-8 FILE > FILE.utf8`")
     if b"\x00" in data:
         raise UsageError(f"{name} looks like a binary file; give one sentence per line of text")
-    codec = codecs.lookup(encoding).name
     try:
         text = data.decode("utf-8-sig" if codec == "utf-8" else codec, errors)
     except UnicodeDecodeError as e:

@@ -447,6 +447,9 @@ def _parse_override(item: str) -> tuple[str, Any, str]:
 
 def _apply_override(cfg: Config, item: str) -> None:
     key, value, raw = _parse_override(item)
+    if key == "name":  # the one top-level key (the run's name: runs/<name>-<time>); text as written
+        _set_name(cfg, raw.strip() if value is not None else value, f"override {_show(item)}")
+        return
     section, f = _lookup(key)
     hint = _hint(section, f.name)
     plain_str = hint is str or (_is_union(hint) and str in typing.get_args(hint) and len(typing.get_args(hint)) == 2)

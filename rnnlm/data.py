@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
-from .text import EOS, EOS_CODE, EOS_ID, UNK_ID, Encoder, Tokenizer, Vocab, id_dtype
+from .text import EOS, EOS_CODE, EOS_ID, UNK, UNK_ID, Encoder, Tokenizer, Vocab, id_dtype
 
 SPLITS = ("train", "valid", "test")
 _READ_HINT = 1 << 22          # bytes read (and decoded) at a time; a block ends at a newline
@@ -234,7 +234,7 @@ def glob_corpus_path(root: Path, pattern: str, encoding: str = "utf-8", errors: 
     ones). Left out: names starting with a dot at any depth, files holding a NUL byte (binary),
     blank files, rnnlm run directories (a folder with config.yaml and metrics.jsonl) and rnnlm's own
     cache folders. Each file is decoded here, so a bad byte is reported against the file that holds
-    it. The result is reused while every matched file keeps its name, size and modification time;
+    it. The result is reused while every matched file keeps its name, size, mtime, ctime and inode;
     older gathered texts of the same folder and pattern are removed once unused for a day (see
     _remove_older).
     """
@@ -295,7 +295,9 @@ def glob_corpus_path(root: Path, pattern: str, encoding: str = "utf-8", errors: 
             st = q.stat()
         except OSError as e:
             raise UsageError(f"cannot read data file {q}: {e.strerror or e}") from None
-        stats.append((rel, st.st_size, st.st_mtime_ns))
+        # ctime (the inode's change time, which a write always moves and `touch -d`, `cp -p` or
+        # `rsync -a` cannot set back) and the inode catch an edit that keeps size and mtime
+        stats.append((rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
     where = os.fsencode(root).decode("utf-8", "backslashreplace")  # JSON-safe whatever the folder's name
     folder_key = hashlib.sha256(json.dumps([where, pattern]).encode()).hexdigest()[:12]
     files_key = hashlib.sha256(json.dumps([codec, errors, stats]).encode()).hexdigest()[:12]
@@ -555,9 +557,13 @@ def split_file(path: Path, fractions: list[float]) -> dict[str, TextSource]:
             cuts.append(min(_cut_after(f, target), size))
     cuts.append(size)
     out = {}
-    for name, a, b in zip(SPLITS, cuts, cuts[1:]):
+    for name, frac, a, b in zip(SPLITS, fractions, cuts, cuts[1:]):
         if b > a:
             out[name] = TextSource(path, a, b)
+        elif frac > 0 and name != "train":
+            warnings.warn(f"data.split gives the {name} split {frac:g} of the text ({size:,} bytes), which is less "
+                          f"than a line there: the run has no {name} split; raise its share of data.split",
+                          stacklevel=3)
     return out
 
 
@@ -587,6 +593,9 @@ def resolve_sources(data_cfg) -> tuple[dict[str, TextSource], str]:
             f = p / f"{name}.txt"
             if f.is_file():
                 srcs[name] = TextSource(f)
+            elif name != "train" and (f.exists() or f.is_symlink()):  # a folder, a dangling link: not silently no split
+                raise UsageError(f"{f} is not a regular file; {name}.txt must be a text file (or absent, for no "
+                                 f"{name} split)")
         if "train" not in srcs:
             if (p / "train.txt").exists():
                 raise UsageError(f"{p / 'train.txt'} is not a regular file; the data directory needs a text file "
@@ -911,6 +920,10 @@ def load_corpus(data_cfg, eos: str, vocab: Vocab | None = None, tokenizer: Token
         if not counter:
             raise UsageError(f"training text {srcs['train'].describe()} has no tokens")
         vocab = Vocab.build(counter, data_cfg.min_freq, data_cfg.max_vocab)
+        if all(t in (UNK, EOS) for t in vocab.itos):
+            raise UsageError(f"data.min_freq={data_cfg.min_freq} leaves no token in the vocabulary (the most frequent "
+                             f"one occurs {max((c for t, c in counter.items() if t not in (UNK, EOS)), default=0):,} times "
+                             f"in the training text); lower data.min_freq")
 
     splits, oov, infos = {}, {}, {}
     for name, src in srcs.items():

@@ -46,6 +46,16 @@ _X = {"tokens": "training tokens", "time": "time since the start (s), evaluation
       "step": "optimizer steps"}
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _label(name: str) -> str:
+    """A run directory's name as text matplotlib draws: undecodable bytes escaped (a non-UTF-8 name),
+    and '$' escaped (matplotlib would read $...$ as mathematics, and fail on a lone one)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace").replace("$", r"\$")
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None, x: str = "tokens") -> Path:
     """Draw loss.png (or `out`) from metrics.jsonl; returns the image path."""
     return plot_runs([run_dir], out if out is not None else Path(run_dir) / "loss.png", x)
@@ -58,13 +68,14 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "tokens") ->
     curves = []
     for run_dir in run_dirs:
         events = read_metrics(run_dir)
-        has = [e for e in events if x in e and "loss" in e]  # (metrics of older versions may lack a key)
+        # (metrics of older versions may lack a key; a hand-edited or foreign line may hold other values)
+        has = [e for e in events if _number(e.get(x)) and _number(e.get("loss"))]
         train = [(e[x], e["loss"]) for e in has if e.get("event") == "train"]
         valid = [(e[x], e["loss"]) for e in has if e.get("event") == "eval" and e.get("split") == "valid"]
         if not train and not valid:
             raise UsageError(f"{run_dir}/metrics.jsonl holds no train or eval events to plot"
                              + ("" if x == "tokens" else f" against {x}"))
-        curves.append((Path(run_dir).resolve().name, train, valid))
+        curves.append((_label(Path(run_dir).resolve().name), train, valid))
 
     path = Path(out)
     if path.is_dir() or str(out).endswith(("/", os.sep)):

@@ -865,7 +865,7 @@ class Trainer:
 
         end = {"event": "end", "step": self.step, "tokens": self.tokens, "time": round(self._now(), 3),
                "best_valid_loss": self.best_loss if math.isfinite(self.best_loss) else None,
-               "best_valid_ppl": math.exp(self.best_loss) if math.isfinite(self.best_loss) else None,
+               "best_valid_ppl": _ppl(self.best_loss) if math.isfinite(self.best_loss) else None,
                "train_tokens_per_sec": self.tokens_per_sec_overall(),
                "clipped_fraction": self.clipped / max(1, self.step), "stop_reason": self.stop_reason,
                "epochs_completed": self.epoch}
@@ -884,7 +884,7 @@ class Trainer:
             self._log(f"[yellow]stopped by {self._stop_signal}[/] at step {self.step}; {LAST} saved. Resume with:\n"
                       f"  rnnlm train --resume --out {escape(str(self.run_dir))}")
         if math.isfinite(self.best_loss):
-            best = f"best valid loss {self.best_loss:.4f} (ppl {math.exp(self.best_loss):.2f})"
+            best = f"best valid loss {self.best_loss:.4f} (ppl {_ppl_text(self.best_loss)})"
         else:
             best = (f"no validation split ({BEST} holds the last weights)" if self.valid is None else
                     f"not validated ({BEST} holds the last weights)")
@@ -990,6 +990,8 @@ class Trainer:
                 raise KeyboardInterrupt
             self._stop_signal = name
         for s in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(s) is signal.SIG_IGN:  # ignored by whoever started us (`cmd &` in a script)
+                continue
             old[s] = signal.signal(s, handler)
         return old
 
@@ -1050,6 +1052,19 @@ class _StepStats:
         self.loss_sum, self.gnorm_sum, self.clipped = (torch.zeros_like(t) for t in out[:3])
         self.first = torch.full_like(self.first, -1)
         return out
+
+
+def _ppl(loss: float) -> float:
+    """exp(loss), inf where that overflows (a diverged run's loss can pass 709 nats)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+def _ppl_text(loss: float, digits: int = 2) -> str:
+    """The perplexity for a progress line: beyond e^50 (~5e21) not a number worth printing in full."""
+    return f"{math.exp(loss):.{digits}f}" if loss < 50 else ">5e21"
 
 
 def _point_latest(run_dir: Path) -> None:
@@ -1192,7 +1207,7 @@ class _Progress:
             self.task = self.rich.add_task("train", total=total, completed=trainer.step, info="")
 
     def update(self, ev: dict) -> None:
-        ppl = f"{math.exp(ev['loss']):.1f}" if ev["loss"] < 50 else ">5e21"  # e^50: not a perplexity worth printing
+        ppl = _ppl_text(ev["loss"], 1)
         info = (f"epoch {ev['epoch']} loss {ev['loss']:.4g} ppl {ppl} lr {ev['lr']:.3g} "
                 f"{ev['tokens_per_sec']:,.0f} tok/s")
         total = self.total  # with max_time, the projected last step when that comes first
@@ -1205,7 +1220,7 @@ class _Progress:
 
     def eval(self, ev: dict) -> None:
         extra = f" bpc {ev['bpc']:.3f}" if "bpc" in ev else ""
-        msg = f"step {ev['step']}: valid loss {ev['loss']:.4f} ppl {ev['ppl']:.2f}{extra}"
+        msg = f"step {ev['step']}: valid loss {ev['loss']:.4f} ppl {_ppl_text(ev['loss'])}{extra}"
         if self.rich is not None:
             self.rich.console.print(msg, highlight=False)
         else:

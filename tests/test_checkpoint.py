@@ -186,6 +186,18 @@ def test_empty(tmp_path):
         load_checkpoint(p)
 
 
+def test_an_unreadable_checkpoint_names_what_to_use_instead(tmp_path):
+    """best.pt unreadable: use last.pt; last.pt unreadable: best.pt serves sampling and evaluation but
+    holds no trainer state, so a resume must start again (never 'resume from best.pt')."""
+    for name, needles in ((BEST, ["Use the run's last.pt"]),
+                          (LAST, ["can use the run's best.pt", "training must start again"])):
+        p = tmp_path / name
+        p.write_bytes(b"")
+        with pytest.raises(UsageError) as e:
+            load_checkpoint(p)
+        assert all(n in str(e.value) for n in needles), str(e.value)
+
+
 @pytest.mark.parametrize("fraction", [0.02, 0.3, 0.5, 0.9, 0.999])
 def test_truncated(good, fraction):
     data = good.read_bytes()

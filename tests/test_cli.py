@@ -239,6 +239,18 @@ def test_sample_single_streams_and_stops(word_run):
     assert greedy[0] == greedy[1] == greedy[2]
 
 
+def test_a_warning_about_the_prime_comes_before_the_prime(word_run, work):
+    """Unknown prime tokens: the warning (stderr) is written before the prime starts the sample on
+    stdout, so on a terminal it does not land inside the text."""
+    proc = subprocess.run([sys.executable, "-m", "rnnlm", "sample", "-m", str(word_run), "--prime", "zebra quokka",
+                           "-l", "5", "--seed", "1"], cwd=work, env=env_for(work / "cache"),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    out = proc.stdout.decode("utf-8", "replace")
+    assert proc.returncode == 0, out
+    assert out.index("prime token(s) are not in the vocabulary") < out.index("zebra quokka")
+    assert out.count("zebra quokka") == 1
+
+
 def test_sample_eos_stops_early(word_run):
     """Lines are 7 words long: a sample from the line model ends at EOS well before 40 tokens."""
     r = invoke(["sample", "-m", word_run, "--json", "-n", "8", "-l", "40", "--seed", "0", "--temperature", "0.5"])
@@ -532,6 +544,7 @@ def bad(work) -> Path:
     d.mkdir()
     (d / "empty.txt").write_bytes(b"")
     (d / "binary.bin").write_bytes(bytes(range(256)) * 8)
+    (d / "utf16.txt").write_bytes("the cat sat\nthe dog ran\n".encode("utf-16"))
     (d / "latin1.txt").write_bytes("line one\nline two\ncaf\xe9 au lait\n".encode("latin-1"))
     (d / "notrain").mkdir()
     (d / "notrain" / "valid.txt").write_text(word_text(5, 9))
@@ -695,10 +708,11 @@ def test_bad_sampling_arguments(word_run, args, needles):
     ("binary", ["binary"]),
     ("latin1", ["latin1.txt", "line 3"]),
     ("directory", ["directory"]),
+    ("utf16", ["utf16.txt", "looks like UTF-16 text", "iconv -f UTF-16"]),  # the same words from both commands
 ])
 def test_eval_and_score_bad_files(work, bad, word_run, command, case, needles):
     path = {"missing": bad / "nope.txt", "empty": bad / "empty.txt", "binary": bad / "binary.bin",
-            "latin1": bad / "latin1.txt", "directory": bad / "notrain"}[case]
+            "latin1": bad / "latin1.txt", "directory": bad / "notrain", "utf16": bad / "utf16.txt"}[case]
     opt = "--data" if command == "eval-perplexity" else "--input"
     assert_usage_error(invoke([command, "--checkpoint", word_run, opt, path]), *needles)
 
@@ -832,11 +846,40 @@ def test_plot_run_dir_problems_say_what_is_wrong(work, word_run):
     assert_usage_error(invoke(["plot", torn]), "not an rnnlm metrics log")
 
 
+def test_plot_skips_events_without_numbers_and_draws_odd_run_names(work, word_run):
+    """A metrics file whose events hold no numbers is a usage error (exit 2), good events beside
+    bad ones are drawn; a run directory whose name is not UTF-8 or holds a lone '$' (matplotlib's
+    mathematics marker) plots."""
+    bad = work / "bad_values"
+    bad.mkdir()
+    (bad / "metrics.jsonl").write_text('{"event": "train", "step": "x", "tokens": null, "loss": "abc"}\n')
+    assert_usage_error(invoke(["plot", bad]), "holds no train or eval events to plot")
+    good = '{"event": "train", "step": 5, "tokens": 80, "time": 1.0, "loss": 2.5}\n'
+    (bad / "metrics.jsonl").write_text('{"event": "train", "step": 1, "tokens": true, "loss": [1]}\n' + good)
+    r = invoke(["plot", bad])
+    assert r.exit_code == 0 and (bad / "loss.png").stat().st_size > 0
+    for name in (b"odd_\xff_name", b"cost $5"):
+        d = Path(os.fsdecode(bytes(work) + b"/" + name))
+        d.mkdir()
+        (d / "metrics.jsonl").write_text(good)
+        r = run(["plot", d], work, work / "cache")  # the real command: its stdout is a byte stream
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert (d / "loss.png").stat().st_size > 0
+
+
 def test_eval_and_score_on_a_path_that_is_not_a_regular_file(word_run):
     if not Path("/dev/null").exists():
         pytest.skip("no /dev/null here")
     assert_usage_error(invoke(["eval-perplexity", "-m", word_run, "--data", "/dev/null"]), "not a regular file")
     assert_usage_error(invoke(["score", "-m", word_run, "--input", "/dev/null"]), "not a regular file")
+
+
+def test_valid_txt_that_is_a_directory_is_not_silently_no_validation(work):
+    d = work / "valid_is_dir"
+    d.mkdir()
+    (d / "train.txt").write_text("the cat sat on the mat\n" * 50)
+    (d / "valid.txt").mkdir()
+    assert_usage_error(invoke(["train", "--data", d, "--out", work / "never3", *TINY]), "valid.txt is not a regular file")
 
 
 def test_train_txt_that_is_a_directory(work):

@@ -61,6 +61,16 @@ def test_overrides_win_over_the_file(tmp_path):
     assert cfg.model.hidden_size == 16
 
 
+def test_the_top_level_name_is_an_override_too(tmp_path):
+    """`name` is the one key outside the sections (YAML `name:`; runs/<name>-<time>): KEY=VALUE sets it
+    as written, wins over the file's, and an empty one is refused."""
+    p = write(tmp_path, "name: from-file\nmodel: {hidden_size: 64}\n")
+    assert build_config(p, ["name=mine"]).name == "mine"
+    assert build_config(None, ["name=2024"]).name == "2024"   # text, not YAML's number
+    with pytest.raises(UsageError, match="'name' must be a non-empty string"):
+        build_config(None, ["name="])
+
+
 @pytest.mark.parametrize("item, key, value", [
     ("model.hidden_size=650", "model.hidden_size", 650),
     ("train.lr=0.5", "train.lr", 0.5),

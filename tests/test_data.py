@@ -22,6 +22,10 @@ from rnnlm.data import (TextSource, batchify, cache_root, count_tokens, encode_s
 from rnnlm.errors import UsageError
 from rnnlm.text import EOS, EOS_ID, UNK, Encoder, Tokenizer, Vocab
 
+# Many of these files are a few lines long, too short for a valid or test share of the default
+# split: the warning that says so (tested on its own below) is expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:data.split gives")
+
 FAST = settings(max_examples=50, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -516,6 +520,12 @@ def test_glob_result_is_reused_until_a_file_changes(tmp_path, cache_dir):
     assert p2 != p1 and b"beta, longer now" in _whole(resolve_sources(c)[0])
     _tree(root, {"c.txt": "gamma\n"})       # a new file is a change too
     assert b"gamma" in _whole(resolve_sources(c)[0])
+    # an edit that keeps the size and the modification time (cp -p, rsync -a, touch -d) is seen too
+    st = (root / "a.txt").stat()
+    (root / "a.txt").write_text("ALPHA\n")
+    os.utime(root / "a.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (root / "a.txt").stat().st_mtime_ns == st.st_mtime_ns and (root / "a.txt").stat().st_size == st.st_size
+    assert b"ALPHA" in _whole(resolve_sources(c)[0])
 
 
 def test_glob_leaves_the_cache_folder_out(tmp_path, monkeypatch):
@@ -608,6 +618,19 @@ def test_glob_deletes_an_older_text_only_when_unused_for_a_day(tmp_path, cache_d
     os.utime(killed, (day_ago, day_ago))
     assert resolve_sources(c)[0]["train"].path == p2                        # a reuse cleans up too
     assert not p1.exists() and not p1.with_suffix(".json").exists() and not killed.exists() and p2.exists()
+
+
+def test_a_split_share_below_one_line_warns_and_a_min_freq_above_every_count_is_refused(tmp_path, cache_dir):
+    p = tmp_path / "c.txt"
+    p.write_text("the cat sat on the mat\n" * 400)
+    with pytest.warns(UserWarning, match="the valid split 0.001 of the text .* no valid split"):
+        srcs = split_file(p, [0.999, 0.001, 0.0])
+    assert set(srcs) == {"train"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert set(split_file(p, [0.9, 0.1, 0.0])) == {"train", "valid"}   # a zero share: no warning
+    with pytest.raises(UsageError, match=r"data.min_freq=1000 leaves no token .* occurs 400 times"):
+        load_corpus(cfg(p, level="word", min_freq=1000, split=[0.5, 0.5, 0.0]), "line")
 
 
 def test_encoded_entries_of_cleaned_up_gathered_texts_are_deleted_too(tmp_path, cache_dir):

@@ -124,6 +124,21 @@ def test_divergence_stops_with_run_error_and_keeps_last_good(corpus, tmp_path, m
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
+def test_a_finite_but_huge_loss_finishes_the_run_with_an_infinite_perplexity(corpus, tmp_path, capsys):
+    """A diverged run whose losses stay finite (here ~1e10 nats, from weights scaled up) ends normally:
+    its perplexity is inf in the end event and '>5e21' in the lines, not an OverflowError."""
+    cfg = _cfg(corpus, "train.max_steps=4", "train.log_every=2", "train.eval_every=2", "train.lr=1e-12",
+               "train.optimizer=sgd")
+    t = Trainer(cfg, tmp_path / "r", progress=False)
+    with torch.no_grad():
+        t.model.decoder.weight.mul_(1e9)
+    end = t.fit()
+    assert end["best_valid_loss"] > 709 and end["best_valid_ppl"] == math.inf
+    err = capsys.readouterr().err
+    assert "ppl >5e21" in err and "best valid loss" in err
+    assert _events(tmp_path / "r", "end")[0]["best_valid_ppl"] == math.inf
+
+
 def test_divergence_before_the_first_save_says_there_is_no_checkpoint(corpus, tmp_path, monkeypatch):
     _nan_loss_from(monkeypatch, 3)
     cfg = _cfg(corpus, "train.max_steps=60", "train.log_every=5", "train.eval_every=10")
@@ -152,6 +167,26 @@ def test_stop_signal_before_the_first_validation_says_not_validated(corpus, tmp_
     assert end["stop_reason"] == "SIGTERM" and end["best_valid_loss"] is None and end["step"] == 2
     assert "not validated (best.pt holds the last weights)" in err and "no validation split" not in err
     assert load_checkpoint(tmp_path / "r" / "best.pt")["step"] == 2
+
+
+def test_an_ignored_sigint_stays_ignored(corpus, tmp_path):
+    """Started with SIGINT ignored (`rnnlm train &` in a script: the shell's Ctrl-C is not for it), the
+    trainer does not take SIGINT over, and gives every handler back when it ends."""
+    import signal
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        seen = {}
+
+        class Probe(Trainer):
+            def _should_stop(self, at_log=True):  # asked at every step, inside the loop
+                seen["int"], seen["term"] = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+                return super()._should_stop(at_log)
+        term = signal.getsignal(signal.SIGTERM)
+        Probe(_cfg(corpus, "train.max_steps=2"), tmp_path / "r", progress=False).fit()
+        assert seen["int"] is signal.SIG_IGN and callable(seen["term"]) and seen["term"] is not term
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is term
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_lr_schedules():
