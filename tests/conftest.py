@@ -68,12 +68,25 @@ def write_corpus(tmp_path):
 WORDS = "the cat dog sat on a mat and ran far away quickly slowly big small red".split()
 
 
+def _word_lines(n: int, seed: int, most: int) -> str:
+    """n lines of 3..`most` words drawn from WORDS, reproducibly."""
+    rng = random.Random(seed)
+    return "".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, most))) + "\n" for _ in range(n))
+
+
 @pytest.fixture()
 def word_corpus(tmp_path, monkeypatch) -> Path:
     """1,500 lines of 3-10 words drawn from 16 (a fixed seed), with a private RNNLM_CACHE."""
     monkeypatch.setenv("RNNLM_CACHE", str(tmp_path / "cache"))
-    rng = random.Random(0)
     p = tmp_path / "c.txt"
-    p.write_text("".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) + "\n"
-                         for _ in range(1500)))
+    p.write_text(_word_lines(1500, 0, 10))
+    return p
+
+
+@pytest.fixture()
+def tiny_word_corpus(tmp_path, monkeypatch) -> Path:
+    """90 lines of 3-9 words (about 580 tokens: a few windows an epoch), with a private RNNLM_CACHE."""
+    monkeypatch.setenv("RNNLM_CACHE", str(tmp_path / "cache"))
+    p = tmp_path / "c.txt"
+    p.write_text(_word_lines(90, 1, 9))
     return p

@@ -12,7 +12,6 @@ a bidirectional model, a capture that fails -- must give the eager loop's traini
 from __future__ import annotations
 
 import io
-import random
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -25,16 +24,9 @@ from rnnlm.config import build_config
 from rnnlm.cudagraph import GraphedStep, graph_blocker
 from rnnlm.train import Trainer
 
-WORDS = "the a cat dog sat ran on under mat log and then big small red blue".split()
-
-
 @pytest.fixture()
-def corpus(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("RNNLM_CACHE", str(tmp_path / "cache"))
-    rng = random.Random(1)
-    p = tmp_path / "c.txt"
-    p.write_text("".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) + "\n" for _ in range(90)))
-    return p
+def corpus(tiny_word_corpus) -> Path:
+    return tiny_word_corpus
 
 
 class FakeGraph:
