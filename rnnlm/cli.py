@@ -104,7 +104,8 @@ def _run(fn: Callable[[], None]) -> None:
             raise
         if isinstance(e, MemoryError) or "can't allocate memory" in str(e) or type(e).__name__ == "OutOfMemoryError":
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            _error(f"out of memory ({first[:200]}); use a smaller model, batch size or --num-samples")
+            _error(f"out of memory ({first[:200]}); use a smaller model or batch (train.batch_size, "
+                   f"eval-perplexity --batch-size, sample --num-samples)")
             raise typer.Exit(1)
         _error(f"{type(e).__name__}: {e}\n(this is a bug or an unexpected environment problem; run "
                f"`rnnlm --debug ...` for the traceback)")

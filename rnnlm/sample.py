@@ -475,6 +475,18 @@ def check_options(temperature=None, top_k=None, top_p=None, max_length=None, num
         raise UsageError(f"{name('seed')} must lie in [{SEED_MIN}, {SEED_MAX}], got {seed}")
 
 
+def _memory_size(device: torch.device) -> int | None:
+    """The machine's physical memory in bytes, for a batch on the CPU (None: not known here, or another
+    device, where a batch too large fails with an allocation error that says so)."""
+    if device.type != "cpu":
+        return None
+    try:
+        import os
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name
+        return None
+
+
 class Sampler:
     """Draws samples from an RNNLM (the forward direction).
 
@@ -491,6 +503,20 @@ class Sampler:
             device = select_device(device, "device")  # an unknown or unavailable device: a UsageError
         self.device = torch.device(device)
         self._prepared: tuple | None = None  # (key, parameters, _Stepper) of the last generate call
+
+    def _check_batch_memory(self, B: int, max_length: int) -> None:
+        """Refuse a batch that cannot fit in the machine's memory before allocating it: on Linux such a
+        batch is not an allocation error but the kernel's out-of-memory killer, which says nothing.
+        Per sample, roughly: the V scores and their temperature / top-k / float64 CDF copies, a few
+        copies of the recurrent state, and the first 256 generated ids."""
+        m = self.model
+        H = getattr(m, "hidden_size", 0) * getattr(m, "num_layers", 1) * 2
+        need = B * (32 * len(self.vocab) + 16 * H + 8 * min(max_length, 256))
+        have = _memory_size(self.device)
+        if have is not None and need > have:
+            raise UsageError(f"--num-samples {B:,} is one batch, which needs about {need / 2**30:,.1f} GiB "
+                             f"({len(self.vocab):,} scores per sample at every step), more than this machine's "
+                             f"{have / 2**30:,.1f} GiB; draw fewer samples at a time")
 
     def _stepper(self) -> _Stepper:
         """The per-model preparation (weight blocks, the token table), kept between calls.
@@ -561,6 +587,7 @@ class Sampler:
         if num_samples == 0:
             return []
         greedy = greedy or temperature == 0
+        self._check_batch_memory(num_samples, max_length)
         context, unknown = self.encode_prime(prime)
         if unknown:
             warnings.warn(f"{unknown} prime token(s) are not in the vocabulary and are fed as <unk>", stacklevel=2)

@@ -699,3 +699,16 @@ def test_sampler_leaves_the_model_mode_and_checks_its_arguments():
             s.generate("ab", **{"num_samples": 1, "max_length": 5, **kw})
     with pytest.raises(UsageError):
         Sampler(model, vocab, Tokenizer(level="char", eos="line"), device="gpu")
+
+
+def test_a_batch_larger_than_the_machine_is_refused_before_it_is_drawn(monkeypatch):
+    """--num-samples far beyond memory: a usage error up front (on Linux the allocation would not fail
+    but summon the kernel's out-of-memory killer, with no message); a batch that fits is drawn."""
+    import rnnlm.sample as sm
+    s = sampler(random_model(len(char_vocab())))
+    monkeypatch.setattr(sm, "_memory_size", lambda device: 64 * 2**20)   # a 64 MiB machine
+    with pytest.raises(UsageError, match=r"--num-samples 1,000,000 is one batch, which needs about .* GiB"):
+        s.generate("a", num_samples=1_000_000, max_length=3, seed=0)
+    assert len(s.generate("a", num_samples=50, max_length=3, seed=0)) == 50
+    monkeypatch.setattr(sm, "_memory_size", lambda device: None)         # not known: no check
+    assert len(s.generate("a", num_samples=2, max_length=3, seed=0)) == 2
