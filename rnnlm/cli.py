@@ -385,10 +385,11 @@ def _read_input(src: str) -> tuple[bytes, str]:
 def _sentences(data: bytes, name: str, encoding: str = "utf-8", errors: str = "strict") -> list[str]:
     """The lines of `data` decoded with `encoding` (a UTF-8 byte-order mark is dropped), every one a
     sentence, empty ones included, so that the i-th result is the i-th line."""
+    from .data import UTF16_BOMS, utf16_error
+
     codec = codecs.lookup(encoding).name
-    if codec == "utf-8" and data.startswith((b"\xff\xfe", b"\xfe\xff")):  # as training and eval-perplexity say it
-        raise UsageError(f"{name}: looks like UTF-16 text (it starts with a UTF-16 byte-order mark); convert it to "
-                         f"UTF-8, e.g. `iconv -f UTF-16 -t UTF-8 FILE > FILE.utf8`")
+    if codec == "utf-8" and data.startswith(UTF16_BOMS):  # as training and eval-perplexity say it
+        raise utf16_error(name)
     if b"\x00" in data:
         raise UsageError(f"{name} looks like a binary file; give one sentence per line of text")
     try:

@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from .models import State
+from .models import State, detach_state
 
 WARMUP_STEPS = 3  # eager steps on the capture stream before the capture (PyTorch's docs use 3)
 
@@ -135,7 +135,7 @@ class GraphedStep:
             loss, state, state_b = self.step_module(x, y, state, xb, yb, state_b)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        return loss.detach(), gnorm, _detached(state), _detached(state_b)
+        return loss.detach(), gnorm, detach_state(state), detach_state(state_b)
 
     def _eager(self, xy, state, xyb, state_b):
         if self.graph is None:
@@ -223,12 +223,6 @@ def record(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, body: Callabl
     torch.cuda.synchronize()
     with torch.cuda.graph(graph, stream=stream):
         body()
-
-
-def _detached(state: State) -> State:
-    if state is None:
-        return None
-    return tuple(t.detach() for t in state) if isinstance(state, tuple) else state.detach()
 
 
 def _load(static: State, state: State) -> None:

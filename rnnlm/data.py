@@ -153,6 +153,15 @@ def _prune_encoded(cache: Path) -> None:
             pass
 
 
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def utf16_error(name) -> UsageError:
+    """The message for a file that starts with a UTF-16 byte-order mark (rnnlm reads ASCII-compatible text)."""
+    return UsageError(f"{name}: looks like UTF-16 text (it starts with a UTF-16 byte-order mark); convert it to "
+                      f"UTF-8, e.g. `iconv -f UTF-16 -t UTF-8 FILE > FILE.utf8`")
+
+
 def _bad_bytes(path: Path, encoding: str, line: int, offset: int, e: UnicodeDecodeError, hint: str) -> UsageError:
     """The message for undecodable bytes: the file, line and byte offset, the bytes, and what fixes it."""
     return UsageError(f"{path}: invalid {encoding} at line {line}, byte offset {offset} (bytes "
@@ -428,9 +437,8 @@ def read_blocks(src: TextSource, encoding: str = "utf-8", errors: str = "strict"
         pos = src.start  # file offset of the first byte of `carry`
         if pos == 0 and utf8:
             head = f.read(3)
-            if head.startswith((b"\xff\xfe", b"\xfe\xff")):
-                raise UsageError(f"{src.path}: looks like UTF-16 text (it starts with a UTF-16 byte-order "
-                                 f"mark); convert it to UTF-8, e.g. `iconv -f UTF-16 -t UTF-8 FILE > FILE.utf8`")
+            if head.startswith(UTF16_BOMS):
+                raise utf16_error(src.path)
             if head == codecs.BOM_UTF8 and (src.end is None or src.end >= 3):
                 pos = 3
         f.seek(pos)

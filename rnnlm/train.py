@@ -39,7 +39,7 @@ from .config import STATE_RESETS_MIN_BATCH, Config, checked, config_from_dict, d
 from .cudagraph import GraphedStep, graph_blocker
 from .data import Corpus, batchify, get_window, load_corpus, num_windows, window_block, with_start
 from .errors import RunError, UsageError
-from .evaluate import evaluate_ids
+from .evaluate import _exp, evaluate_ids
 from .models import RNNLM, _plain_loss, detach_state, reset_column, state_from_list, state_to_list
 from .text import Tokenizer, Vocab
 
@@ -865,7 +865,7 @@ class Trainer:
 
         end = {"event": "end", "step": self.step, "tokens": self.tokens, "time": round(self._now(), 3),
                "best_valid_loss": self.best_loss if math.isfinite(self.best_loss) else None,
-               "best_valid_ppl": _ppl(self.best_loss) if math.isfinite(self.best_loss) else None,
+               "best_valid_ppl": _exp(self.best_loss) if math.isfinite(self.best_loss) else None,
                "train_tokens_per_sec": self.tokens_per_sec_overall(),
                "clipped_fraction": self.clipped / max(1, self.step), "stop_reason": self.stop_reason,
                "epochs_completed": self.epoch}
@@ -1052,14 +1052,6 @@ class _StepStats:
         self.loss_sum, self.gnorm_sum, self.clipped = (torch.zeros_like(t) for t in out[:3])
         self.first = torch.full_like(self.first, -1)
         return out
-
-
-def _ppl(loss: float) -> float:
-    """exp(loss), inf where that overflows (a diverged run's loss can pass 709 nats)."""
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return math.inf
 
 
 def _ppl_text(loss: float, digits: int = 2) -> str:
