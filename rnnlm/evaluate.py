@@ -11,8 +11,8 @@ contiguous pieces and runs them side by side. A piece that does not start at the
 of the file starts from a zero state, so it is first *warmed up* on the ``burn_in`` tokens
 before it (fed, not scored). The warmed-up state is then checked against the exact one -- the
 state the previous piece ends in, itself exact by induction -- and where they differ by more
-than a float tolerance, the piece is re-run from the exact state, window by window, until its
-state meets the parallel run's (from there on both runs are the same computation). So every
+than a float tolerance (a few units of rounding of the arithmetic used: `state_tolerance`), the
+piece is re-run from the exact state, window by window, until its state meets the parallel run's (from there on both runs are the same computation). So every
 batch size gives the batch-1 number up to float rounding; batching is only faster, the more
 so the shorter the model's memory (a model whose state never forgets pays one extra
 sequential pass at worst). One allowance keeps trained LSTMs from paying that: memory cells
@@ -82,6 +82,29 @@ def _close(a, b, tol: float) -> bool:
     return bool((same | saturated).all())
 
 
+# How far two states may differ and still count as the same (`_close`), by the arithmetic that
+# made them: a batch of B and a batch of 1 round differently, so this is a few units of rounding.
+TOL_FP32 = 1e-4
+TOL_TF32 = 5e-3    # TF32 keeps 10 mantissa bits (unit roundoff 2^-11 ~ 4.9e-4)
+TOL_16BIT = 2e-2   # bf16 keeps 7 (2^-8 ~ 3.9e-3 for bf16; fp16's 10 bits sit inside it)
+
+
+def state_tolerance(device: torch.device | str, autocast_dtype: torch.dtype | None) -> float:
+    """The tolerance of the exactness check for states computed on `device` in this precision.
+
+    fp32 on a GPU is TF32 wherever PyTorch lets it be: cuDNN's recurrent layers by default
+    (``torch.backends.cudnn.allow_tf32``), matmuls if the user turned
+    ``torch.backends.cuda.matmul.allow_tf32`` on. Held to the fp32 tolerance, such states never
+    agree and every piece is re-run sequentially to its end: correct, but the batch buys nothing.
+    """
+    if autocast_dtype is not None:
+        return TOL_16BIT
+    if torch.device(device).type == "cuda" and (torch.backends.cudnn.allow_tf32
+                                                or torch.backends.cuda.matmul.allow_tf32):
+        return TOL_TF32
+    return TOL_FP32
+
+
 def _clone(state):
     return tuple(s.clone() for s in state) if isinstance(state, tuple) else state.clone()
 
@@ -131,7 +154,7 @@ def _stream_nll(model, ids, batch_size, window, direction, burn_in, device, prog
     cuts = set(range(0, T, window)) | {T} | set(lens) | {a - c for c, a, _ in pieces if 0 < a - c < T}
     bounds = sorted(cuts)
     record = exact and B > 1
-    tol = 1e-4 if autocast_dtype is None else 2e-2
+    tol = state_tolerance(device, autocast_dtype)
 
     def forward(x: np.ndarray, y: np.ndarray, scored: np.ndarray, state):
         """Run (t, b) inputs from `state`: (per-column NLL sums (b,) float64, new state)."""

@@ -16,6 +16,9 @@ ptb-small    configs/ptb-word-small.yaml (Zaremba et al. small, 13 epochs) on th
 ptb-medium   configs/ptb-word-medium.yaml (2x650, 39 epochs; test ppl 82.7 in the paper) with at most
              --medium-time seconds of training; validation ppl per epoch, test ppl of best.pt.
 profile      torch.profiler over 40 fp32 steps of the identical model: host time per op, launches/step.
+eval-tf32    batched validation of a 2-epoch ptb-small model, cuDNN TF32 on/off, the exactness check's
+             tolerance fp32's or state_tolerance's: time, tokens re-run, perplexity against batch 1.
+graph-memory peak GPU memory of 40 steps at ptb-word-medium's shapes, CUDA graphs off and on.
 
 Options: --data DIR (holding ptb/), --out DIR (run directories and results.json), --seconds S
 (training seconds per throughput run), --medium-time S, --precision P (ptb-small/ptb-medium).
@@ -128,7 +131,71 @@ def profile(args, out: Path) -> dict:
     return {"launches_per_step": launches / steps}
 
 
-TARGETS = {"throughput": throughput, "ptb-small": ptb_small, "ptb-medium": ptb_medium, "profile": profile}
+def eval_tf32(args, out: Path) -> dict:
+    """Batched validation (batch 16) of a 2-epoch ptb-word-small model with cuDNN's TF32 on and off,
+    the exactness check at fp32's tolerance and at the one `state_tolerance` picks, against batch 1."""
+    import numpy as np
+    import torch
+
+    import rnnlm.evaluate as ev
+    from rnnlm.checkpoint import load_model
+    from rnnlm.config import build_config
+    from rnnlm.train import Trainer
+    ptb = find_data("ptb", args.data)
+    cfg = build_config(ROOT / "configs" / "ptb-word-small.yaml",
+                       [f"data.path={ptb}", "train.epochs=2", f"train.device={args.device}"])
+    Trainer(cfg, out / "eval-tf32", progress=False).fit()
+    lm = load_model(out / "eval-tf32" / "best.pt", args.device)
+    ids = ev.text_ids((ptb / "valid.txt").read_text(), lm.tokenizer, lm.vocab)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    chosen, old, rows = ev.state_tolerance, torch.backends.cudnn.allow_tf32, []
+    try:
+        for tf32 in (True, False):
+            torch.backends.cudnn.allow_tf32 = tf32
+            for label, batch, tol in (("fp32's 1e-4", 16, lambda d, a: ev.TOL_FP32), ("state_tolerance", 16, chosen),
+                                      ("batch 1", 1, chosen)):
+                ev.state_tolerance = tol
+                info: dict = {}
+                sync()
+                t = time.perf_counter()
+                nll = ev.stream_nll(lm.model, ids, batch_size=batch, device=args.device, info=info)
+                sync()
+                row = {"tf32": tf32, "check": label, "seconds": round(time.perf_counter() - t, 3),
+                       "rerun_tokens": info["rerun_tokens"], "ppl": float(np.exp(nll / len(ids)))}
+                rows.append(row)
+                print(f"cudnn.allow_tf32={tf32}, {label}: {row['seconds']:.2f} s, {row['rerun_tokens']:,} of "
+                      f"{len(ids):,} tokens re-run, ppl {row['ppl']:.6f}", flush=True)
+    finally:
+        ev.state_tolerance, torch.backends.cudnn.allow_tf32 = chosen, old
+    return {"tokens": len(ids), "rows": rows}
+
+
+def graph_memory(args, out: Path) -> dict:
+    """Peak GPU memory of 40 training steps at ptb-word-medium's shapes, CUDA graphs off and on."""
+    import torch
+
+    from rnnlm.config import build_config
+    from rnnlm.train import Trainer
+    ptb = find_data("ptb", args.data)
+    res = {}
+    for graphs in ("false", "true"):
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        cfg = build_config(ROOT / "configs" / "ptb-word-medium.yaml",
+                           [f"data.path={ptb}", "train.max_steps=40", f"train.device={args.device}",
+                            f"train.cuda_graphs={graphs}", "train.eval_every=null", "train.eval_max_tokens=2000"])
+        Trainer(cfg, out / f"graph-memory-{graphs}", progress=False).fit()
+        mib = (torch.cuda.max_memory_allocated() / 2**20, torch.cuda.max_memory_reserved() / 2**20) \
+            if args.device == "cuda" else (0.0, 0.0)
+        res[f"cuda_graphs={graphs}"] = {"peak_allocated_mib": round(mib[0]), "peak_reserved_mib": round(mib[1])}
+        print(f"ptb-word-medium shapes, cuda_graphs={graphs}: peak allocated {mib[0]:,.0f} MiB, "
+              f"peak reserved {mib[1]:,.0f} MiB", flush=True)
+    return res
+
+
+TARGETS = {"throughput": throughput, "ptb-small": ptb_small, "ptb-medium": ptb_medium, "profile": profile,
+           "eval-tf32": eval_tf32, "graph-memory": graph_memory}
 
 
 def main() -> None:

@@ -105,10 +105,7 @@ def test_ratio_summary_takes_median_and_range():
     assert (s["ratio_fp32_min"], s["ratio_fp32_max"]) == (1.0, 1.2)
 
 
-def test_bench_gpu_dry_runs_on_the_cpu(tmp_path):
-    """scripts/bench_gpu.py end to end with the CPU in the GPU's place (--device cpu): the
-    reference and rnnlm runs, the ratios and results.json, and the profile (CUDA itself is
-    covered by tests/test_cuda.py on a GPU)."""
+def _fake_ptb(tmp_path) -> None:
     ptb = tmp_path / "data" / "ptb"
     ptb.mkdir(parents=True)
     g = torch.Generator().manual_seed(1)
@@ -116,6 +113,13 @@ def test_bench_gpu_dry_runs_on_the_cpu(tmp_path):
     for split, n in (("train", 3000), ("valid", 200), ("test", 200)):
         ids = torch.randint(len(words), (n, 8), generator=g).tolist()
         (ptb / f"{split}.txt").write_text("".join(" ".join(words[i] for i in row) + "\n" for row in ids))
+
+
+def test_bench_gpu_dry_runs_on_the_cpu(tmp_path):
+    """scripts/bench_gpu.py end to end with the CPU in the GPU's place (--device cpu): the
+    reference and rnnlm runs, the ratios and results.json, and the profile (CUDA itself is
+    covered by tests/test_cuda.py on a GPU)."""
+    _fake_ptb(tmp_path)
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "throughput", "profile", "--device", "cpu",
            "--seconds", "2", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
     # one thread each: on a busy machine two spinning OpenMP threads per process can slow a step a
@@ -129,3 +133,21 @@ def test_bench_gpu_dry_runs_on_the_cpu(tmp_path):
     assert all(tp[k] > 0 for k in ("ref_fp32", "ref_fp32_again", "rnnlm_fp32", "rnnlm_bf16"))
     assert tp["ratio_fp32"] == pytest.approx(tp["rnnlm_fp32"] / ((tp["ref_fp32"] + tp["ref_fp32_again"]) / 2))
     assert "rnnlm_fp16" not in tp  # fp16 is CUDA's
+
+
+def test_bench_gpu_eval_and_memory_checks_dry_run(tmp_path):
+    """bench_gpu.py eval-tf32 and graph-memory with the CPU in the GPU's place: every batched
+    evaluation gives the batch-1 perplexity, whatever tolerance the check used."""
+    _fake_ptb(tmp_path)
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "eval-tf32", "graph-memory", "--device", "cpu",
+           "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "RNNLM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(next((tmp_path / "out").glob("*/results.json")).read_text())
+    rows = results["eval-tf32"]["rows"]
+    assert [(x["tf32"], x["check"]) for x in rows] == [
+        (tf32, check) for tf32 in (True, False) for check in ("fp32's 1e-4", "state_tolerance", "batch 1")]
+    one = rows[2]["ppl"]
+    assert 1 < one < 50 and all(x["ppl"] == pytest.approx(one, rel=1e-6) for x in rows)
+    assert set(results["graph-memory"]) == {"cuda_graphs=false", "cuda_graphs=true"}

@@ -231,6 +231,23 @@ def test_checkpoint_trained_on_device_evaluates_alike_on_cpu(corpus, tmp_path):
     assert r_dev["ppl"] == pytest.approx(r_cpu["ppl"], rel=1e-5)
 
 
+def test_batched_evaluation_in_tf32_gives_the_batch_one_number(corpus, tmp_path):
+    """PyTorch's default lets cuDNN's LSTM run fp32 in TF32: the exactness check of a batched
+    evaluation then compares states at TF32's tolerance (held to fp32's, every piece re-ran to
+    its end, sequentially), and the batched number is still the batch-1 number."""
+    from rnnlm.evaluate import stream_nll, text_ids
+    _fit(corpus, tmp_path / "run", DEV, "train.max_steps=40")
+    loaded = load_model(tmp_path / "run" / "best.pt", DEV)
+    ids = text_ids(corpus.read_text(), loaded.tokenizer, loaded.vocab)
+    torch.backends.cudnn.allow_tf32 = True
+    one = stream_nll(loaded.model, ids, batch_size=1, device=DEV)
+    info: dict = {}
+    many = stream_nll(loaded.model, ids, batch_size=16, device=DEV, burn_in=64, info=info)
+    assert info["pieces"] == 16
+    assert many == pytest.approx(one, rel=1e-4)
+    print(f"tf32: {info['rerun_tokens']} of {len(ids)} tokens re-run")
+
+
 def test_scores_on_device_equal_the_cpus(corpus, tmp_path):
     from rnnlm.evaluate import score_sentences
     _fit(corpus, tmp_path / "run", DEV, "train.max_steps=20")

@@ -146,6 +146,35 @@ def test_state_comparison_of_the_exactness_check():
     assert _close(h, h + 1e-6, 1e-4) and not _close(h, h + 1e-2, 1e-4)      # GRU / RNN states
 
 
+@pytest.fixture()
+def _tf32_flags():
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def test_exactness_tolerance_follows_the_arithmetic(_tf32_flags):
+    from rnnlm.evaluate import TOL_16BIT, TOL_FP32, TOL_TF32, _close, state_tolerance
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False  # PyTorch's defaults
+    assert state_tolerance("cpu", None) == TOL_FP32 == 1e-4                 # TF32 is a GPU's
+    assert state_tolerance(torch.device("cuda"), None) == TOL_TF32          # cuDNN's RNNs in TF32
+    assert state_tolerance("cuda:1", torch.bfloat16) == state_tolerance("cpu", torch.float16) == TOL_16BIT
+    torch.backends.cudnn.allow_tf32 = False
+    assert state_tolerance("cuda", None) == TOL_FP32                        # true fp32 asked for
+    torch.backends.cuda.matmul.allow_tf32 = True
+    assert state_tolerance("cuda", None) == TOL_TF32
+    # The scale: two batchings of a TF32 computation differ by a few units of its rounding
+    # (2^-11); they must count as the same state, a real difference must not.
+    h = torch.rand(2, 1, 64) * 2 - 1
+    c = torch.randn(2, 1, 64) * 3
+    noise = 4 * 2.0 ** -11
+    rounded = (h * (1 + noise), c * (1 - noise))
+    assert not _close((h, c), rounded, TOL_FP32)
+    assert _close((h, c), rounded, TOL_TF32)
+    assert not _close((h, c), (h + 0.05, c), TOL_TF32)
+    assert TOL_FP32 < TOL_TF32 < TOL_16BIT
+
+
 def test_batching_a_short_memory_model_needs_no_rerun(tmp_path):
     vocab, tok = char_setup()
     model = random_model(len(vocab), seed=3, num_layers=2)
