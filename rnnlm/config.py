@@ -104,7 +104,7 @@ class TrainConfig:
     epochs: int = _f(3, "passes over the training split", min=1)
     max_steps: int | None = _f(1500, "stop after this many optimizer steps (null = no limit)", min=1)
     max_time: float | None = _f(None, "stop after this many seconds of training wall time (null = no limit); "
-                                         "a cosine schedule then anneals to 0 by that time", gt=0)
+                                         "a cosine schedule then anneals to min_lr by that time", gt=0)
     optimizer: str = _f("adam", "optimizer", choices=("sgd", "adam", "adamw"))
     lr: float = _f(0.003, "learning rate", gt=0)
     momentum: float = _f(0.0, "SGD momentum, in [0, 1)", min=0, lt=1)
@@ -112,11 +112,13 @@ class TrainConfig:
     beta2: float = _f(0.999, "adam/adamw second-moment decay β2 (0.99 suits short runs on small data)", min=0, lt=1)
     lr_schedule: str = _f("plateau", "plateau: divide by lr_decay when validation stops improving; "
                                      "step: multiply by lr_decay every epoch after lr_decay_start; "
-                                     "cosine: linear warmup then cosine to 0 at max_steps (or epochs, or max_time, "
+                                     "cosine: linear warmup then cosine to min_lr at max_steps (or epochs, or max_time, "
                                      "whichever ends first); constant",
                           choices=("plateau", "step", "cosine", "constant"))
     lr_decay: float = _f(4.0, "plateau: divisor; step: multiplier per epoch", gt=0)
     lr_decay_start: int = _f(4, "step schedule: first epoch after which the lr decays", min=0)
+    min_lr: float = _f(0.0, "floor of the learning rate: plateau and step decay stop there, cosine anneals to it "
+                            "(below train.lr)", min=0)
     warmup_steps: int = _f(0, "linear warmup steps (cosine schedule)", min=0)
     clip_grad_norm: float | None = _f(5.0, "clip gradients to this global L2 norm (null = off)", gt=0)
     early_stopping_patience: int | None = _f(None, "stop after this many evaluations without improvement", min=1)
@@ -329,6 +331,9 @@ def _validate_whole(cfg: Config) -> None:
         if not c or any(a >= b for a, b in zip(c, c[1:])) or c[0] < 1:
             raise UsageError(f"config key 'model.adaptive_cutoffs' must be a strictly increasing list of positive "
                              f"integers, got {_show(c)}")
+    if cfg.train.min_lr >= cfg.train.lr:
+        raise UsageError(f"train.min_lr={cfg.train.min_lr:g} must be below train.lr={cfg.train.lr:g} (it is the "
+                         f"floor the schedule decays to)")
     if cfg.train.precision == "fp16" and cfg.train.device == "cpu":
         raise UsageError("train.precision=fp16 needs a CUDA device; on CPU use train.precision=bf16")
 

@@ -130,10 +130,11 @@ class LRSchedule:
     """Learning-rate policy; its whole state is a small dict saved in ``last.pt``.
 
     * plateau  -- lr /= lr_decay whenever a validation loss is not better than the best so far
-                  (the PyTorch word-language-model example's /4);
+                  (the PyTorch word-language-model example's /4), down to ``min_lr``;
     * step     -- lr *= lr_decay at the end of every epoch after ``lr_decay_start``
-                  (Zaremba et al. 2014: x0.5 after epoch 4);
-    * cosine   -- linear warmup for ``warmup_steps``, then cosine from lr to 0 over ``total_steps``;
+                  (Zaremba et al. 2014: x0.5 after epoch 4), down to ``min_lr``;
+    * cosine   -- linear warmup for ``warmup_steps``, then cosine from lr to ``min_lr`` (default 0) over
+                  ``total_steps``;
                   with ``train.max_time`` the horizon is also capped by the step count projected to fit
                   in that time (:meth:`set_horizon`, re-estimated at each log step), so a run told
                   "80 seconds" anneals to 0 as its time runs out;
@@ -149,6 +150,7 @@ class LRSchedule:
         self.total = total_steps
         self.horizon: int | None = None  # steps projected to fit in train.max_time (None: not time-bound)
         self.lr = tc.lr
+        self.min_lr = tc.min_lr
 
     def state_dict(self) -> dict:
         return {"lr": self.lr, "horizon": self.horizon}
@@ -173,17 +175,17 @@ class LRSchedule:
                 self.lr = self.base_lr * (step + 1) / self.warmup
             elif total := self.total_steps():
                 frac = min(1.0, (step - self.warmup) / max(1, total - self.warmup))
-                self.lr = 0.5 * self.base_lr * (1 + math.cos(math.pi * frac))
+                self.lr = self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * frac))
         return self.lr
 
     def on_eval(self, improved: bool) -> float:
         if self.kind == "plateau" and not improved:
-            self.lr /= self.decay
+            self.lr = max(self.lr / self.decay, self.min_lr)
         return self.lr
 
     def on_epoch_end(self, epochs_done: int) -> float:
         if self.kind == "step" and epochs_done >= self.decay_start:
-            self.lr *= self.decay
+            self.lr = max(self.lr * self.decay, self.min_lr)
         return self.lr
 
 

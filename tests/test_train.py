@@ -203,6 +203,23 @@ def test_lr_schedules():
     assert math.isclose(s.on_step(60), 0.5) and s.on_step(110) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_lr_schedules_stop_at_min_lr():
+    cfg = build_config(None, ["train.lr=1.0", "train.lr_schedule=plateau", "train.lr_decay=4", "train.min_lr=0.05"])
+    s = LRSchedule(cfg.train, 100)
+    assert [s.on_eval(False) for _ in range(4)] == [0.25, 0.0625, 0.05, 0.05]   # floored, then held
+    cfg = build_config(None, ["train.lr=1.0", "train.lr_schedule=step", "train.lr_decay=0.5",
+                              "train.lr_decay_start=0", "train.min_lr=0.2"])
+    s = LRSchedule(cfg.train, 100)
+    assert [s.on_epoch_end(e) for e in (1, 2, 3, 4)] == [0.5, 0.25, 0.2, 0.2]
+    cfg = build_config(None, ["train.lr=1.0", "train.lr_schedule=cosine", "train.min_lr=0.1"])
+    s = LRSchedule(cfg.train, 100)
+    assert s.on_step(0) == 1.0 and math.isclose(s.on_step(50), 0.55) and math.isclose(s.on_step(100), 0.1)
+    assert min(s.on_step(k) for k in range(101)) == pytest.approx(0.1)
+    for bad in ("train.min_lr=1.0", "train.min_lr=3"):   # a floor at or above the lr is a mistake
+        with pytest.raises(UsageError, match="must be below train.lr"):
+            build_config(None, ["train.lr=1.0", bad])
+
+
 def test_cosine_horizon_caps_the_schedule():
     cfg = build_config(None, ["train.lr=1.0", "train.lr_schedule=cosine", "train.warmup_steps=10"])
     s = LRSchedule(cfg.train, 1000)
