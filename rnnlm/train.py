@@ -963,8 +963,10 @@ class Trainer:
         if self.valid is None:
             self.save(LAST)
             return
+        t0 = time.perf_counter()
         res = D.broadcast_object(self.evaluate(self.valid), self.dist)  # every rank takes rank 0's branch
         ev = self._eval_event("valid", res)
+        ev["seconds"] = round(time.perf_counter() - t0, 3)   # what the validation took (not counted as training)
         metrics.write(ev)
         bar.eval(ev)
         loss = res["loss"]

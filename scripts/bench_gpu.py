@@ -16,7 +16,8 @@ ptb-small    configs/ptb-word-small.yaml (Zaremba et al. small, 13 epochs) on th
 ptb-medium   configs/ptb-word-medium.yaml (2x650, 39 epochs; test ppl 82.7 in the paper) with at most
              --medium-time seconds of training; validation ppl per epoch, test ppl of best.pt.
 profile      torch.profiler over 40 fp32 steps of the identical model: host time per op, launches/step.
-eval-tf32    batched validation of a 2-epoch ptb-small model, cuDNN TF32 on/off, the exactness check's
+eval-tf32    batched validation of a ptb-small model (ptb-small's own if it ran first, else 2 epochs),
+             cuDNN TF32 on/off, the exactness check's
              tolerance fp32's or state_tolerance's: time, tokens re-run, perplexity against batch 1.
 graph-memory peak GPU memory of 40 steps at ptb-word-medium's shapes, CUDA graphs off and on.
 
@@ -142,10 +143,16 @@ def eval_tf32(args, out: Path) -> dict:
     from rnnlm.config import build_config
     from rnnlm.train import Trainer
     ptb = find_data("ptb", args.data)
-    cfg = build_config(ROOT / "configs" / "ptb-word-small.yaml",
-                       [f"data.path={ptb}", "train.epochs=2", f"train.device={args.device}"])
-    Trainer(cfg, out / "eval-tf32", progress=False).fit()
-    lm = load_model(out / "eval-tf32" / "best.pt", args.device)
+    run = out / "ptb-small"
+    if (run / "best.pt").exists():   # ptb-small ran first in this invocation: its fully trained model
+        model = "ptb-small, 13 epochs"
+    else:
+        run, model = out / "eval-tf32", "ptb-small, 2 epochs"
+        cfg = build_config(ROOT / "configs" / "ptb-word-small.yaml",
+                           [f"data.path={ptb}", "train.epochs=2", f"train.device={args.device}"])
+        Trainer(cfg, run, progress=False).fit()
+    lm = load_model(run / "best.pt", args.device)
+    print(f"eval-tf32: the model of {model}")
     ids = ev.text_ids((ptb / "valid.txt").read_text(), lm.tokenizer, lm.vocab)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     chosen, old, rows = ev.state_tolerance, torch.backends.cudnn.allow_tf32, []
@@ -167,7 +174,7 @@ def eval_tf32(args, out: Path) -> dict:
                       f"{len(ids):,} tokens re-run, ppl {row['ppl']:.6f}", flush=True)
     finally:
         ev.state_tolerance, torch.backends.cudnn.allow_tf32 = chosen, old
-    return {"tokens": len(ids), "rows": rows}
+    return {"model": model, "tokens": len(ids), "rows": rows}
 
 
 def graph_memory(args, out: Path) -> dict:
