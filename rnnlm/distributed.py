@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from .errors import UsageError
 
 
 @dataclass
@@ -49,12 +52,35 @@ def backend() -> str:
     return str(dist.get_backend()) if dist.is_initialized() else ""
 
 
+TIMEOUT_ENV = "RNNLM_DIST_TIMEOUT"
+
+
+def timeout_from_env() -> timedelta | None:
+    """The process group's timeout from ``RNNLM_DIST_TIMEOUT`` (seconds), or None for PyTorch's
+    default (10 minutes for NCCL, 30 for gloo). A rank waits that long in a collective for the
+    others: raise it when rank 0 gathers and encodes a very large ``data.glob`` folder alone."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise UsageError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds")
+    return timedelta(seconds=seconds)
+
+
 def init(info: DistInfo, device_type: str) -> None:
     if info.enabled and not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend=backend)
+        timeout = timeout_from_env()
+        if timeout is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
 
 
 def shutdown() -> None:

@@ -302,7 +302,8 @@ def test_torchrun_processes_match_single_process(corpus, tmp_path):
     assert "(gloo)" not in single.stdout + single.stderr  # not under torchrun: no process group
     a, va = _events(tmp_path / "s", "train"), _events(tmp_path / "s", "eval")
     for n in (2, 1):
-        ddp = _torchrun(tmp_path, f"d{n}", args, n, RNNLM_FORCE_DDP="1")
+        ddp = _torchrun(tmp_path, f"d{n}", args, n, RNNLM_FORCE_DDP="1",
+                        **({"RNNLM_DIST_TIMEOUT": "900"} if n == 2 else {}))
         assert ddp.returncode == 0, ddp.stderr[-3000:]
         said = " ".join((ddp.stdout + ddp.stderr).split())  # rich may wrap the start-up line
         assert f"{n} process{'es' if n > 1 else ''} (gloo)" in said
@@ -315,6 +316,27 @@ def test_torchrun_processes_match_single_process(corpus, tmp_path):
         # rank 0 alone writes: one metrics file with one end event, one "run directory" line
         assert len(_events(tmp_path / f"d{n}", "end")) == 1
         assert ddp.stdout.count("run directory:") == 1
+
+
+def test_process_group_timeout_from_the_environment(monkeypatch):
+    import datetime
+
+    from rnnlm import distributed as D
+    seen = []
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(D.dist, "init_process_group", lambda **kw: seen.append(kw))
+    two = D.DistInfo(rank=0, world_size=2)
+    monkeypatch.delenv("RNNLM_DIST_TIMEOUT", raising=False)
+    D.init(two, "cpu")
+    monkeypatch.setenv("RNNLM_DIST_TIMEOUT", "3600")
+    D.init(two, "cpu")
+    assert seen == [{"backend": "gloo"}, {"backend": "gloo", "timeout": datetime.timedelta(hours=1)}]
+    for bad in ("soon", "0", "-5", "inf", "nan"):
+        monkeypatch.setenv("RNNLM_DIST_TIMEOUT", bad)
+        with pytest.raises(UsageError, match="RNNLM_DIST_TIMEOUT"):
+            D.init(two, "cpu")
+    D.init(D.DistInfo(), "cpu")                       # one plain process: no process group, no check
+    assert len(seen) == 2
 
 
 def test_tensorboard_event_files(corpus, tmp_path):
