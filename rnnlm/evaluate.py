@@ -12,10 +12,10 @@ of the file starts from a zero state, so it is first *warmed up* on the ``burn_i
 before it (fed, not scored). The warmed-up state is then checked against the exact one -- the
 state the previous piece ends in, itself exact by induction -- and where they differ by more
 than a float tolerance (a few units of rounding of the arithmetic used: `state_tolerance`), the
-piece is re-run from the exact state, window by window, until its state meets the parallel run's (from there on both runs are the same computation). So every
-batch size gives the batch-1 number up to float rounding; batching is only faster, the more
-so the shorter the model's memory (a model whose state never forgets pays one extra
-sequential pass at worst). One allowance keeps trained LSTMs from paying that: memory cells
+piece is re-run from the exact state, window by window, until its state meets the parallel run's
+(from there on both runs are the same computation). So every batch size gives the batch-1 number
+up to float rounding; batching is only faster, the more so the shorter the model's memory (a
+model whose state never forgets pays one extra sequential pass at worst). One allowance keeps trained LSTMs from paying that: memory cells
 that sit deep in saturation on the same side in both states count as equal (see `_close`).
 ``exact=False`` skips the check (the warm-up alone, accurate to about 1e-6 on trained models,
 but several percent off for a model that remembers further back than ``burn_in``).
@@ -86,7 +86,7 @@ def _close(a, b, tol: float) -> bool:
 # made them: a batch of B and a batch of 1 round differently, so this is a few units of rounding.
 TOL_FP32 = 1e-4
 TOL_TF32 = 5e-3    # TF32 keeps 10 mantissa bits (unit roundoff 2^-11 ~ 4.9e-4)
-TOL_16BIT = 2e-2   # bf16 keeps 7 (2^-8 ~ 3.9e-3 for bf16; fp16's 10 bits sit inside it)
+TOL_16BIT = 2e-2   # bf16 keeps 7 (unit roundoff 2^-8 ~ 3.9e-3); fp16, with 10, is covered too
 
 
 def state_tolerance(device: torch.device | str, autocast_dtype: torch.dtype | None) -> float:
