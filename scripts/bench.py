@@ -109,6 +109,23 @@ def ratio_summary(reps: list[dict]) -> dict:
     return out
 
 
+def host_speed(reps: int = 15) -> dict:
+    """What the shared host gives right now, for reading a ratio: GFLOP/s of the two products that
+    dominate the two sides, the decoder's in bf16 (rnnlm bf16: 700x208 . 208x10,000) and the
+    reference's in fp32 (PyTorch's default CPU matmul: 700x200 . 200x10,000), medians of `reps`."""
+    import torch
+    out = {}
+    for name, dtype, k in (("bf16", torch.bfloat16, 208), ("fp32", torch.float32, 200)):
+        a, b = torch.randn(700, k).to(dtype), torch.randn(k, 10_000).to(dtype)
+        times = []
+        for _ in range(reps + 3):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t)
+        out[f"host_{name}_gflops"] = 2 * 700 * k * 10_000 / statistics.median(times[3:]) / 1e9
+    return out
+
+
 def throughput(args, out: Path, steps: int) -> dict:
     """Target 1. Each repeat runs reference fp32, rnnlm fp32, rnnlm bf16, reference fp32 again, and
     takes its ratios against the mean of its own two reference runs; with --repeats N the median and
@@ -118,7 +135,8 @@ def throughput(args, out: Path, steps: int) -> dict:
     reps = []
     ref_bf16 = None
     for rep in range(args.repeats):
-        res = {"ref_fp32": run_ref(args.ref, ptb / "train.txt", steps)["tokens_per_sec"]}
+        res = host_speed()
+        res["ref_fp32"] = run_ref(args.ref, ptb / "train.txt", steps)["tokens_per_sec"]
         for prec in ("fp32", "bf16"):
             r = run_rnnlm(out / f"tp-{prec}-{rep}", ptb, IDENTICAL + [
                 f"train.precision={prec}", f"train.max_steps={warm + steps}", f"train.log_every={warm}",
@@ -138,6 +156,8 @@ def throughput(args, out: Path, steps: int) -> dict:
         print(f"  reference bf16   {res['ref_bf16']:>9,.0f} tok/s")
         print(f"  rnnlm fp32       {res['rnnlm_fp32']:>9,.0f} tok/s  = {res['ratio_fp32']:.2f}x reference fp32")
         print(f"  rnnlm bf16       {res['rnnlm_bf16']:>9,.0f} tok/s  = {res['ratio_bf16']:.2f}x reference fp32")
+        print(f"  (the host before this repeat: bf16 matmul {res['host_bf16_gflops']:,.0f} GFLOP/s, "
+              f"fp32 matmul {res['host_fp32_gflops']:,.0f} GFLOP/s)")
         sys.stdout.flush()
     if len(reps) == 1:
         return reps[0]

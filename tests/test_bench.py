@@ -95,6 +95,12 @@ def test_bench_arithmetic():
     assert bench.first_valid_at_most(events, 100) is None
 
 
+def test_host_speed_probe_reports_both_products():
+    speed = load_script("bench").host_speed(reps=2)
+    assert set(speed) == {"host_bf16_gflops", "host_fp32_gflops"}
+    assert all(1 < v < 1e5 for v in speed.values())   # GFLOP/s of a real product on a real CPU
+
+
 def test_ratio_summary_takes_median_and_range():
     bench = load_script("bench")
     reps = [{"ratio_fp32": 1.1, "ratio_bf16": 2.9}, {"ratio_fp32": 1.2, "ratio_bf16": 2.4},
