@@ -84,10 +84,22 @@ def default_corpus_path(cache_dir: str | None = None, max_bytes: int = 3_000_000
         size += len(text.encode("utf-8"))
         if size >= max_bytes:
             break
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _unique_tmp(out.with_name(f".{out.name}"))
-    tmp.write_text("".join(parts), encoding="utf-8")
-    os.replace(tmp, out)
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _unique_tmp(out.with_name(f".{out.name}"))
+        tmp.write_text("".join(parts), encoding="utf-8")
+        os.replace(tmp, out)
+        tmp = None
+    except OSError as e:
+        raise UsageError(f"cannot write the default corpus to {out.parent}: {e.strerror or e}; set data.cache_dir "
+                         f"(or $RNNLM_CACHE) to a writable folder, or pass --data PATH") from None
+    finally:
+        if tmp is not None:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
     return out
 
 

@@ -133,8 +133,9 @@ def profile(args, out: Path) -> dict:
 
 
 def eval_tf32(args, out: Path) -> dict:
-    """Batched validation (batch 16) of a 2-epoch ptb-word-small model with cuDNN's TF32 on and off,
-    the exactness check at fp32's tolerance and at the one `state_tolerance` picks, against batch 1."""
+    """Batched validation (batch 16) of a ptb-word-small model (the one `ptb-small` trained earlier in
+    this invocation, else one trained 2 epochs here) with cuDNN's TF32 on and off, the exactness check
+    at fp32's tolerance and at the one `state_tolerance` picks, against batch 1."""
     import numpy as np
     import torch
 
@@ -145,7 +146,7 @@ def eval_tf32(args, out: Path) -> dict:
     ptb = find_data("ptb", args.data)
     run = out / "ptb-small"
     if (run / "best.pt").exists():   # ptb-small ran first in this invocation: its fully trained model
-        model = "ptb-small, 13 epochs"
+        model = "ptb-small (as trained above)"
     else:
         run, model = out / "eval-tf32", "ptb-small, 2 epochs"
         cfg = build_config(ROOT / "configs" / "ptb-word-small.yaml",

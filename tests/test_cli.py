@@ -606,11 +606,22 @@ def test_bad_data(work, bad, case, needles):
     (["train.precision=fp8"], ["train.precision", "bf16"]),
     (["hidden_size=3"], ["hidden_size", "model.hidden_size"]),
     (["model.hidden_size"], ["KEY=VALUE"]),
+    (["train.min_lr=1"], ["train.min_lr", "below train.lr"]),
 ])
 def test_bad_config(work, bad, args, needles):
     cmd = ["train", "--data", work / "word.txt", "--out", work / "never"]
     cmd += [bad / a if a.endswith(".yaml") else a for a in args]
     assert_usage_error(invoke(cmd), *needles)
+    assert not (work / "never").exists()
+
+
+def test_default_corpus_with_an_unwritable_cache(work):
+    """The offline quickstart corpus is written into the cache: a cache that cannot be written is
+    the user's to fix (exit 2, naming the folder and the settings), not a traceback."""
+    blocked = work / "word.txt" / "cache"                      # a "folder" under a file
+    err = assert_usage_error(invoke(["train", "--out", work / "never", f"data.cache_dir={blocked}"]),
+                             "cannot write the default corpus", "data.cache_dir", "--data")
+    assert str(blocked) in " ".join(err.split()) or "word.txt" in err
     assert not (work / "never").exists()
 
 
