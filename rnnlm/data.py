@@ -40,6 +40,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write_text
 from .errors import UsageError
 from .text import EOS, EOS_CODE, EOS_ID, UNK, UNK_ID, Encoder, Tokenizer, Vocab, id_dtype
 
@@ -84,22 +85,12 @@ def default_corpus_path(cache_dir: str | None = None, max_bytes: int = 3_000_000
         size += len(text.encode("utf-8"))
         if size >= max_bytes:
             break
-    tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _unique_tmp(out.with_name(f".{out.name}"))
-        tmp.write_text("".join(parts), encoding="utf-8")
-        os.replace(tmp, out)
-        tmp = None
+        atomic_write_text(out, "".join(parts))
     except OSError as e:
         raise UsageError(f"cannot write the default corpus to {out.parent}: {e.strerror or e}; set data.cache_dir "
                          f"(or $RNNLM_CACHE) to a writable folder, or pass --data PATH") from None
-    finally:
-        if tmp is not None:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
     return out
 
 

@@ -77,10 +77,7 @@ def init(info: DistInfo, device_type: str) -> None:
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
         timeout = timeout_from_env()
-        if timeout is None:
-            dist.init_process_group(backend=backend)
-        else:
-            dist.init_process_group(backend=backend, timeout=timeout)
+        dist.init_process_group(backend=backend, **({} if timeout is None else {"timeout": timeout}))
 
 
 def shutdown() -> None:
