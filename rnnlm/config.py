@@ -76,7 +76,22 @@ class ModelConfig:
     embedding_size: int = _f(128, "token embedding size", min=1, max=COUNT_MAX)
     hidden_size: int = _f(256, "recurrent state size a<t> (and c<t>)", min=1, max=COUNT_MAX)
     num_layers: int = _f(2, "stacked recurrent layers", min=1, max=LAYERS_MAX)
-    dropout: float = _f(0.0, "dropout on embeddings, between layers and before the softmax", prob=True)
+    dropout: float = _f(0.0, "dropout on embeddings, between layers and before the softmax (each site's own "
+                             "key below, when set, overrides it there)", prob=True)
+    dropout_input: float | None = _f(None, "dropout on the embedding outputs fed to the first layer; null = "
+                                           "model.dropout (AWD-LSTM's dropouti)", prob=True)
+    dropout_hidden: float | None = _f(None, "dropout between recurrent layers; null = model.dropout (AWD-LSTM's "
+                                            "dropouth)", prob=True)
+    dropout_output: float | None = _f(None, "dropout on the features fed to the softmax; null = model.dropout",
+                                      prob=True)
+    dropout_embedding: float = _f(0.0, "embedding dropout: in each training window, drop whole word types (every "
+                                       "occurrence of a token at once) with this probability (Gal & Ghahramani "
+                                       "2016; AWD-LSTM's dropoute)", prob=True)
+    locked_dropout: bool = _f(False, "variational dropout: one mask per sequence, shared by all time steps of a "
+                                     "window, at the input, hidden and output sites (Gal & Ghahramani 2016)")
+    weight_drop: float = _f(0.0, "DropConnect on the recurrent (hidden-to-hidden) weights: in each training "
+                                 "window, drop this fraction of their entries (Wan et al. 2013; AWD-LSTM's wdrop)",
+                            prob=True)
     tie_weights: bool = _f(False, "share the embedding matrix with the output layer (a projection is added when "
                                   "hidden_size != embedding_size)")
     bidirectional: bool = _f(False, "two stacks (forward, and backward over reversed text), ELMo-style; "
@@ -120,6 +135,17 @@ class TrainConfig:
     min_lr: float = _f(0.0, "floor of the learning rate: plateau and step decay stop there, cosine anneals to it "
                             "(below train.lr)", min=0)
     warmup_steps: int = _f(0, "linear warmup steps (cosine schedule)", min=0)
+    averaging: str = _f("none", "weight averaging. nt: non-monotonically triggered averaging (NT-ASGD, Merity et "
+                                "al. 2018): once a validation loss is worse than the best of those more than "
+                                "averaging_patience evaluations back, keep the running mean of the weights after "
+                                "every step from then on; validation, best.pt, sampling and evaluation use the "
+                                "mean (last.pt keeps the raw weights to train on). none: off",
+                        choices=("none", "nt"))
+    averaging_patience: int = _f(5, "NT-ASGD's non-monotone interval n, in evaluations (AWD-LSTM's nonmono)", min=1)
+    ar: float = _f(0.0, "activation regularisation: add ar x mean(h^2) of the features fed to the softmax to the "
+                        "training loss (Merity et al. 2017; AWD-LSTM's alpha, 2)", min=0)
+    tar: float = _f(0.0, "temporal activation regularisation: add tar x mean((h<t+1> - h<t>)^2) of the top "
+                         "recurrent layer's outputs before dropout (AWD-LSTM's beta, 1)", min=0)
     clip_grad_norm: float | None = _f(5.0, "clip gradients to this global L2 norm (null = off)", gt=0)
     early_stopping_patience: int | None = _f(None, "stop after this many evaluations without improvement", min=1)
     seed: int = _f(1234, "random seed (weights, dropout)", min=SEED_MIN, max=SEED_MAX)
@@ -193,7 +219,10 @@ _OTHER_NAMES = {
     "grad_clip": "train.clip_grad_norm", "seq_len": "train.bptt", "block_size": "train.bptt",
     "steps": "train.max_steps", "max_iters": "train.max_steps", "batch": "train.batch_size",
     "patience": "train.early_stopping_patience", "data": "data.path", "dataset": "data.path",
-    "vocab_size": "data.max_vocab", "temp": "sample.temperature", "length": "sample.max_length",
+    "vocab_size": "data.max_vocab", "dropouti": "model.dropout_input", "dropouth": "model.dropout_hidden",
+    "dropoute": "model.dropout_embedding", "wdrop": "model.weight_drop",
+    "nonmono": "train.averaging_patience", "asgd": "train.averaging",
+    "temp": "sample.temperature", "length": "sample.max_length",
 }
 
 

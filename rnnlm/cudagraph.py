@@ -132,8 +132,8 @@ class GraphedStep:
         if xyb is not None:
             xb, yb = xyb[:-1], xyb[1:]
         with self.autocast():
-            loss, state, state_b = self.step_module(x, y, state, xb, yb, state_b)
-        loss.backward()
+            obj, loss, state, state_b = self.step_module(x, y, state, xb, yb, state_b)
+        obj.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         return loss.detach(), gnorm, detach_state(state), detach_state(state_b)
 

@@ -23,6 +23,7 @@ feeding next-token prediction would leak it).
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import nullcontext
 from typing import Any
@@ -72,9 +73,10 @@ class Dropout(nn.Module):
     of the checkpointed RNG state, MPS's is not, so a resumed MPS run draws other masks).
     """
 
-    def __init__(self, p: float):
+    def __init__(self, p: float, locked: bool = False):
         super().__init__()
         self.p = p
+        self.locked = locked  # one mask per sequence for a whole (T, B, D) window: dims 1.. only
 
     @property
     def p(self) -> float:
@@ -90,27 +92,41 @@ class Dropout(nn.Module):
             return x
         if self.p >= 1:
             return x * 0
+        if self.locked and x.dim() == 3:
+            return x * self.mask((1, *x.shape[1:]), x)      # broadcast over the T steps
         if _sliced_draws(x.device):
-            n = x.numel()
-            words = torch.empty(-(-n // (64 // self.bits)), dtype=torch.int64, device=x.device)
-            words.random_(-2 ** 63, None)                   # full 64-bit draws
-            r = words.view(torch.int16 if self.bits == 16 else torch.int32)[:n].view(x.shape)
-            keep = r >= self.threshold
-            return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.rate))
+            return x * self.mask(x.shape, x)
         return F.dropout(x, self.p, training=True)  # elsewhere PyTorch's fused kernel (one launch on CUDA)
 
+    def mask(self, shape, like: torch.Tensor) -> torch.Tensor:
+        """A fresh mask of `shape` in `like`'s dtype and device: 0 where dropped, 1 / (1 - rate) where kept."""
+        if self.p >= 1:
+            return like.new_zeros(shape)
+        if _sliced_draws(like.device):
+            n = math.prod(shape)
+            words = torch.empty(-(-n // (64 // self.bits)), dtype=torch.int64, device=like.device)
+            words.random_(-2 ** 63, None)                   # full 64-bit draws
+            r = words.view(torch.int16 if self.bits == 16 else torch.int32)[:n].view(shape)
+            keep = r >= self.threshold
+            return keep.to(like.dtype).mul_(1.0 / (1.0 - self.rate))
+        return F.dropout(like.new_ones(shape), self.p, training=True)
+
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}" + (", locked" if self.locked else "")
 
 
 _LAYER_FNS = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu}
 
 
-def run_layerwise(rnn: nn.RNNBase, x: torch.Tensor, state, drop: Dropout):
+def run_layerwise(rnn: nn.RNNBase, x: torch.Tensor, state, drop: Dropout, weight_drop: Dropout | None = None):
     """``rnn(x, state)`` for a unidirectional multi-layer ``nn.LSTM``/``GRU``/``RNN`` in training, one
     layer per call with `drop` between layers instead of the module's own ``bernoulli_`` dropout
     (twice as slow on CPU; on CUDA, cuDNN's dropout keeps a random state of its own that a
     checkpoint cannot restore). The same weights, the same fused kernels, the same dropout rate.
+
+    `weight_drop` (DropConnect, AWD-LSTM's weight drop) masks each layer's hidden-to-hidden weight
+    ``weight_hh_l{k}`` for this call: the masked copy goes to the same fused kernel, and the
+    gradient reaches the kept entries of the parameter, scaled like the forward.
 
     On CUDA, cuDNN wants each call's weights to start a storage, which in the module's flattened
     buffer only layer 0 does: the layers above are copied into a fresh buffer on each call (a few
@@ -128,6 +144,8 @@ def run_layerwise(rnn: nn.RNNBase, x: torch.Tensor, state, drop: Dropout):
             warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous chunk")
         for k in range(L):
             w = [getattr(rnn, n.format(k)) for n in names]
+            if weight_drop is not None:
+                w[1] = weight_drop(w[1])
             if lstm:
                 x, h, c = fn(x, (state[0][k:k + 1], state[1][k:k + 1]), w, rnn.bias, 1, 0.0, True, False, False)
                 cs.append(c)
@@ -193,11 +211,23 @@ class RNNLM(nn.Module):
         self.num_layers = cfg.num_layers
         self.num_directions = 2 if cfg.bidirectional else 1
         E, H = cfg.embedding_size, cfg.hidden_size
-        self.drop = Dropout(cfg.dropout)
+        # Regularisation in training (all of it off in eval): dropout at three sites, each with its
+        # own rate or model.dropout's; optionally locked (one mask per sequence and window); embedding
+        # dropout of whole word types; DropConnect on the recurrent weights (Merity et al. 2018).
+        site = lambda key: cfg.dropout if getattr(cfg, key, None) is None else getattr(cfg, key)  # noqa: E731
+        locked = bool(getattr(cfg, "locked_dropout", False))
+        self.drop_in = Dropout(site("dropout_input"), locked)
+        self.drop_hid = Dropout(site("dropout_hidden"), locked)
+        self.drop_out = Dropout(site("dropout_output"), locked)
+        self.drop_emb = Dropout(getattr(cfg, "dropout_embedding", 0.0))
+        self.drop_w = Dropout(getattr(cfg, "weight_drop", 0.0))
         self.embedding = nn.Embedding(vocab_size, E)
         # One stack per direction; rnns[0] reads left to right, rnns[1] (if any) right to left.
         self.rnns = nn.ModuleList(
-            make_rnn(cfg.cell, E, H, cfg.num_layers, cfg.dropout) for _ in range(self.num_directions))
+            make_rnn(cfg.cell, E, H, cfg.num_layers, self.drop_hid.p) for _ in range(self.num_directions))
+        if cfg.cell == "lstm_peephole":  # its own layer loop takes the same dropouts
+            for rnn in self.rnns:
+                rnn.inter_drop, rnn.weight_drop = self.drop_hid, self.drop_w
         # Deep output: non-recurrent layers on top of a⟨t⟩, no horizontal connections.
         self.head = nn.Sequential(*[m for _ in range(cfg.head_layers) for m in (nn.Linear(H, H), nn.Tanh())])
         out_dim = H
@@ -248,16 +278,33 @@ class RNNLM(nn.Module):
 
         `direction` 1 is the backward stack; its input is the reversed text.
         """
-        emb = self.drop(self.embedding(x))            # (T, B, E)
+        h, _, state = self.features(x, state, direction)
+        return h, state
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedding lookup; in training with model.dropout_embedding, whole word types are dropped:
+        one keep/drop draw per vocabulary row, so every occurrence of a dropped token in the window
+        reads zeros and the kept ones are scaled by 1 / (1 - rate)."""
+        emb = self.embedding(x)
+        if self.training and self.drop_emb.p > 0:
+            emb = emb * self.drop_emb.mask((self.vocab_size, 1), emb)[x]
+        return emb
+
+    def features(self, x: torch.Tensor, state: State = None, direction: int = 0):
+        """Like :meth:`forward`, and also the top recurrent layer's outputs before the head and the
+        output dropout (what temporal activation regularisation looks at): (h, raw, state)."""
+        emb = self.drop_in(self.embed(x))              # (T, B, E)
         rnn = self.rnns[direction]
-        if self.training and self.drop.p > 0 and self.num_layers > 1 and type(rnn) in (nn.LSTM, nn.GRU, nn.RNN):
-            out, state = run_layerwise(rnn, emb, state, self.drop)
+        if (self.training and type(rnn) in (nn.LSTM, nn.GRU, nn.RNN)
+                and (self.drop_w.p > 0 or (self.num_layers > 1 and self.drop_hid.p > 0))):
+            out, state = run_layerwise(rnn, emb, state, self.drop_hid, self.drop_w if self.drop_w.p > 0 else None)
         else:
             out, state = rnn(emb, state)               # (T, B, H)
+        raw = out
         out = self.head(out)
         if self.proj is not None:
             out = self.proj(out)                       # (T, B, E)
-        return self.drop(out), state
+        return self.drop_out(out), raw, state
 
     # -- output layer ----------------------------------------------------------------------
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -155,6 +155,9 @@ class PeepholeLSTM(nn.Module):
         training mode only (as nn.LSTM).
       bias: whether to have ``bias_ih_l{k}`` / ``bias_hh_l{k}``.
 
+    Attributes ``inter_drop`` and ``weight_drop`` (None by default) take modules that replace the
+    dropout between layers and mask each ``weight_hh_l{k}`` in training (DropConnect).
+
     Parameters of layer k, named as in nn.LSTM (gate row blocks i, f, g, o):
       ``weight_ih_l{k}`` (4H, I or H), ``weight_hh_l{k}`` (4H, H),
       ``bias_ih_l{k}``, ``bias_hh_l{k}`` (4H), and the peephole diagonals
@@ -195,6 +198,11 @@ class PeepholeLSTM(nn.Module):
         self.num_layers = num_layers
         self.dropout = float(dropout)
         self.bias = bias
+        # Set by the language model for its regularisers (training only): a module applied between
+        # layers in place of F.dropout (e.g. locked dropout), and one applied to each weight_hh_l{k}
+        # per call (DropConnect, AWD-LSTM's weight drop).
+        self.inter_drop: nn.Module | None = None
+        self.weight_drop: nn.Module | None = None
         H = hidden_size
         for k in range(num_layers):
             n_in = input_size if k == 0 else H
@@ -258,10 +266,15 @@ class PeepholeLSTM(nn.Module):
                 c0 = xp.new_zeros(B, H)
             else:
                 h0, c0 = state[0][k].to(dt), state[1][k].to(dt)
+            if self.weight_drop is not None and self.training:
+                w_hh = self.weight_drop(w_hh)  # DropConnect on the recurrent weights, one mask per call
             out, h, c = _PeepholeLayer.apply(xp, h0, c0, w_hh.to(dt), p_i.to(dt), p_f.to(dt), p_o.to(dt))
             h_n.append(h)
             c_n.append(c)
-            if k < L - 1 and self.dropout > 0 and self.training:
-                out = F.dropout(out, self.dropout, training=True)
+            if k < L - 1 and self.training:
+                if self.inter_drop is not None:
+                    out = self.inter_drop(out)
+                elif self.dropout > 0:
+                    out = F.dropout(out, self.dropout, training=True)
             inp = out
         return inp, (torch.stack(h_n), torch.stack(c_n))

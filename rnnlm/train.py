@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -496,7 +496,7 @@ class Trainer:
         self.schedule = LRSchedule(tc, total)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        self.step_module: nn.Module = _StepModule(self.model)
+        self.step_module: nn.Module = _StepModule(self.model, tc.ar, tc.tar)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
             # An adaptive softmax leaves a tail cluster out of a step whose window has no target in
@@ -542,6 +542,13 @@ class Trainer:
         self.state = None
         self.state_rev = None
         self.last_eval_step = -1
+        # Weight averaging (train.averaging=nt): the validation losses before it starts, and once it
+        # has, the running mean of every parameter over the steps since (fp32, on the device).
+        self.avg_params = list(self.model.parameters())
+        self.val_history: list[float] = []
+        self.avg: list[torch.Tensor] | None = None
+        self.avg_count = 0
+        self.avg_start: int | None = None
         if ckpt is not None:
             self._restore(ckpt)
 
@@ -592,6 +599,9 @@ class Trainer:
                 "clipped": self.clipped, "last_eval_step": self.last_eval_step,
                 "state": _cat_states(states), "state_rev": _cat_states(states_rev),
                 "train_fingerprint": self.train_fingerprint,
+                "averaging": {"history": list(self.val_history), "start_step": self.avg_start,
+                              "count": self.avg_count,
+                              "mean": None if self.avg is None else [a.detach().cpu() for a in self.avg]},
             }
         return d
 
@@ -621,6 +631,14 @@ class Trainer:
         self.last_eval_step = t["last_eval_step"]
         self.state = state_from_list(self._my_state_columns(t["state"]), self.cfg.model.cell, self.device)
         self.state_rev = state_from_list(self._my_state_columns(t["state_rev"]), self.cfg.model.cell, self.device)
+        av = t.get("averaging") or {}
+        self.val_history = list(av.get("history") or [])
+        if av.get("mean") is not None and self.cfg.train.averaging == "nt":
+            mean = av["mean"]
+            if len(mean) != len(self.avg_params) or any(m.shape != p.shape for m, p in zip(mean, self.avg_params)):
+                raise UsageError(f"cannot resume: the weight average in {LAST} does not match the model")
+            self.avg = [m.to(self.device, torch.float32) for m in mean]
+            self.avg_count, self.avg_start = av["count"], av["start_step"]
         ranks = t.get("rng_ranks") or [t["rng"]]
         set_rng_state(ranks[self.dist.rank] if len(ranks) == self.dist.world_size else t["rng"])
 
@@ -778,9 +796,9 @@ class Trainer:
                             xb, yb = get_window(self.train_data_rev, i, tc.bptt)
                             xb, yb = xb.to(self.device), yb.to(self.device)
                         with self._autocast():
-                            loss, self.state, self.state_rev = self.step_module(
+                            obj, loss, self.state, self.state_rev = self.step_module(
                                 x, y, self._carry(self.state), xb, yb, self._carry(self.state_rev))
-                        self.scaler.scale(loss).backward()
+                        self.scaler.scale(obj).backward()
                         if self.fused_sgd:  # clip + SGD in one pass (and sparse embedding rows)
                             gnorm = clipped_sgd_step(params, lr, clip)
                         else:
@@ -790,6 +808,8 @@ class Trainer:
                             self.scaler.update()
                         n_x = x.numel()
                     self.step += 1
+                    if self.avg is not None:
+                        self._average_step()
                     stats.add(self.step, loss, gnorm)  # no host sync until the next log line
                     self.window = i + 1
                     n_tok = n_x * self.dist.world_size  # global tokens (all ranks)
@@ -857,7 +877,8 @@ class Trainer:
                 self._validate(metrics, bar)
             self.save(LAST)
             if self.valid is None or not (self.run_dir / BEST).exists():
-                self.save(BEST)  # without validation data the final weights are the best we know
+                with self._averaged():
+                    self.save(BEST)  # without validation data the final weights are the best we know
         except BaseException:
             metrics.close()
             raise
@@ -871,6 +892,8 @@ class Trainer:
                "train_tokens_per_sec": self.tokens_per_sec_overall(),
                "clipped_fraction": self.clipped / max(1, self.step), "stop_reason": self.stop_reason,
                "epochs_completed": self.epoch}
+        if self.cfg.train.averaging != "none":
+            end["averaging_from_step"] = self.avg_start
         if self.tokenizer.level == "char" and end["best_valid_loss"] is not None:
             end["best_valid_bpc"] = end["best_valid_loss"] / math.log(2)
         metrics.write(end)
@@ -957,28 +980,73 @@ class Trainer:
             self._stop_signal = reason
         return reason
 
+    # -- weight averaging (NT-ASGD) --------------------------------------------------------------
+    def _average_step(self) -> None:
+        """Fold the weights after this optimizer step into the running mean."""
+        self.avg_count += 1
+        with torch.no_grad():
+            torch._foreach_lerp_(self.avg, [p.detach() for p in self.avg_params], 1.0 / self.avg_count)
+
+    def _maybe_start_averaging(self, loss: float) -> None:
+        """NT-ASGD's trigger (Merity et al. 2018): start averaging when this validation loss is worse
+        than the best of those more than train.averaging_patience evaluations back."""
+        if self.avg is not None:
+            return
+        n = self.cfg.train.averaging_patience
+        if len(self.val_history) > n and loss > min(self.val_history[:-n]):
+            self.avg = [p.detach().float().clone() for p in self.avg_params]
+            self.avg_count, self.avg_start = 1, self.step
+            self._log(f"step {self.step}: validation loss {loss:.4f} is worse than the best of the evaluations more "
+                      f"than {n} back ({min(self.val_history[:-n]):.4f}): averaging the weights from here on "
+                      f"(NT-ASGD); validation and {BEST} use the average")
+        self.val_history.append(loss)
+
+    @contextmanager
+    def _averaged(self):
+        """The running mean of the weights in the model's parameters for the duration (in place, so
+        a CUDA graph's captured addresses stay valid); the raw weights back afterwards."""
+        if self.avg is None:
+            yield
+            return
+        with torch.no_grad():
+            params = [p.detach() for p in self.avg_params]
+            raw = [p.clone() for p in params]
+            torch._foreach_copy_(params, self.avg)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, raw)
+
     def _validate(self, metrics: MetricsLog, bar: "_Progress") -> None:
-        """Evaluate on the validation split, adjust the lr, save best/last."""
+        """Evaluate on the validation split (the weights' running mean once averaging has started),
+        adjust the lr, save best/last."""
         self.last_eval_step = self.step
         if self.valid is None:
             self.save(LAST)
             return
-        t0 = time.perf_counter()
-        res = D.broadcast_object(self.evaluate(self.valid), self.dist)  # every rank takes rank 0's branch
-        ev = self._eval_event("valid", res)
-        ev["seconds"] = round(time.perf_counter() - t0, 3)   # what the validation took (not counted as training)
-        metrics.write(ev)
-        bar.eval(ev)
-        loss = res["loss"]
-        if not math.isfinite(loss):
-            raise RunError(f"the validation loss is {loss} at step {self.step}; stopped without saving. Try a lower "
-                           f"train.lr or a smaller train.clip_grad_norm")
-        improved = loss < self.best_loss
-        if improved:
-            self.best_loss, self.best_step, self.bad_evals = loss, self.step, 0
-            self.save(BEST)
-        else:
-            self.bad_evals += 1
+        averaged = self.avg is not None
+        with self._averaged():
+            t0 = time.perf_counter()
+            res = D.broadcast_object(self.evaluate(self.valid), self.dist)  # every rank takes rank 0's branch
+            ev = self._eval_event("valid", res)
+            ev["seconds"] = round(time.perf_counter() - t0, 3)   # what the validation took (not counted as training)
+            if averaged:
+                ev["averaged"] = True
+            metrics.write(ev)
+            bar.eval(ev)
+            loss = res["loss"]
+            if not math.isfinite(loss):
+                raise RunError(f"the validation loss is {loss} at step {self.step}; stopped without saving. Try a "
+                               f"lower train.lr or a smaller train.clip_grad_norm")
+            improved = loss < self.best_loss
+            if improved:
+                self.best_loss, self.best_step, self.bad_evals = loss, self.step, 0
+                self.save(BEST)
+            else:
+                self.bad_evals += 1
+        if self.cfg.train.averaging == "nt":
+            self._maybe_start_averaging(loss)
         set_lr(self.optimizer, self.schedule.on_eval(improved))
         self.save(LAST)
 
@@ -1083,17 +1151,36 @@ class _StepModule(nn.Module):
     single forward call per step.
     """
 
-    def __init__(self, model: RNNLM):
+    def __init__(self, model: RNNLM, ar: float = 0.0, tar: float = 0.0):
         super().__init__()
         self.model = model
+        self.ar, self.tar = ar, tar
+
+    def _one(self, x, y, state, direction: int):
+        """(objective, cross-entropy, state) of one direction's window."""
+        if not (self.ar or self.tar):
+            h, state = self.model(x, state, direction)     # (T, B, D)
+            loss = self.model.nll(h, y)
+            return loss, loss, state
+        h, raw, state = self.model.features(x, state, direction)
+        loss = self.model.nll(h, y)
+        obj = loss
+        if self.ar:   # activation regularisation on the (dropped) features the softmax reads
+            obj = obj + self.ar * h.float().pow(2).mean()
+        if self.tar and raw.size(0) > 1:  # temporal: steps of the top layer's raw outputs
+            obj = obj + self.tar * (raw[1:] - raw[:-1]).float().pow(2).mean()
+        return obj, loss, state
 
     def forward(self, x, y, state, xb=None, yb=None, state_b=None):
-        h, state = self.model(x, state, 0)                 # (T, B, D)
-        loss = self.model.nll(h, y)
+        """-> (objective to backpropagate, cross-entropy, state, state_b); the two are one tensor
+        unless train.ar / train.tar add their penalties to the objective."""
+        obj, loss, state = self._one(x, y, state, 0)
         if xb is not None:                                   # backward stack over the reversed text
-            hb, state_b = self.model(xb, state_b, 1)
-            loss = 0.5 * (loss + self.model.nll(hb, yb))
-        return loss, state, state_b
+            obj_b, loss_b, state_b = self._one(xb, yb, state_b, 1)
+            penalised = obj is not loss
+            loss = 0.5 * (loss + loss_b)
+            obj = 0.5 * (obj + obj_b) if penalised else loss
+        return obj, loss, state, state_b
 
 
 def _cat_states(per_rank: list):

@@ -1,0 +1,323 @@
+"""AWD-LSTM's regularisers (Merity, Keskar & Socher 2018): locked (variational) dropout, embedding
+dropout, DropConnect on the recurrent weights, per-site dropout rates, and the AR / TAR penalties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rnnlm.config import ModelConfig, build_config
+from rnnlm.errors import UsageError
+from rnnlm.models import RNNLM, Dropout, make_rnn, run_layerwise
+from rnnlm.train import Trainer, _StepModule
+
+V = 31
+
+
+def _model(**kw) -> RNNLM:
+    torch.manual_seed(0)
+    args = dict(embedding_size=8, hidden_size=12, num_layers=2)
+    args.update(kw)
+    return RNNLM(V, ModelConfig(**args))
+
+
+# -- locked dropout ----------------------------------------------------------------------------
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_locked_dropout_shares_one_mask_across_time(p):
+    d = Dropout(p, locked=True)
+    torch.manual_seed(1)
+    y = d(torch.ones(30, 16, 50))
+    assert all(torch.equal(y[t], y[0]) for t in range(30))     # the same mask at every step
+    dropped = (y[0] == 0).double().mean().item()
+    assert abs(dropped - p) < 0.06                              # 800 draws: ~4 sd
+    kept = y[0][y[0] != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - d.rate)))
+    d.eval()
+    x = torch.randn(3, 2, 4)
+    assert d(x) is x
+
+
+def test_unlocked_dropout_draws_each_step_anew():
+    torch.manual_seed(1)
+    y = Dropout(0.5)(torch.ones(30, 16, 50))
+    assert not torch.equal(y[1], y[0])
+
+
+def test_locked_dropout_off_cpu_uses_pytorchs_dropout_for_the_mask(monkeypatch):
+    import rnnlm.models as M
+    monkeypatch.setattr(M, "_sliced_draws", lambda device: False)
+    torch.manual_seed(4)
+    y = M.Dropout(0.3, locked=True)(torch.ones(5, 400, 100))
+    assert all(torch.equal(y[t], y[0]) for t in range(5))
+    assert abs((y[0] == 0).double().mean().item() - 0.3) < 0.01
+
+
+# -- per-site rates --------------------------------------------------------------------------------
+def test_site_rates_default_to_model_dropout_and_override_it():
+    m = _model(dropout=0.3)
+    assert (m.drop_in.p, m.drop_hid.p, m.drop_out.p) == (0.3, 0.3, 0.3)
+    m = _model(dropout=0.3, dropout_input=0.65, dropout_hidden=0.0, dropout_output=0.4, locked_dropout=True)
+    assert (m.drop_in.p, m.drop_hid.p, m.drop_out.p) == (0.65, 0.0, 0.4)
+    assert m.drop_in.locked and m.drop_hid.locked and m.drop_out.locked
+    assert m.rnns[0].dropout == 0.0                             # the module's own rate follows the hidden site
+
+
+def test_only_the_input_site_drops_when_it_alone_is_set():
+    """dropout_input=1 zeroes the first layer's input: the model's features are those of zero embeddings."""
+    m = _model(dropout_input=1.0)
+    x = torch.randint(0, V, (6, 3))
+    m.train()
+    h, _ = m(x)
+    with torch.no_grad():
+        m.embedding.weight.zero_()
+    m.eval()
+    h0, _ = m(x)
+    assert torch.allclose(h, h0, atol=1e-6)
+
+
+# -- embedding dropout -----------------------------------------------------------------------------
+def test_embedding_dropout_drops_word_types_not_positions():
+    m = _model(dropout_embedding=0.5)
+    m.train()
+    x = torch.randint(0, 6, (40, 8))                            # 6 types, each seen many times
+    torch.manual_seed(3)
+    e = m.embed(x)
+    full = m.embedding(x)
+    for tok in range(6):
+        rows = e[x == tok]
+        dropped = (rows == 0).all(dim=1)
+        assert dropped.all() or not dropped.any()               # all occurrences alike
+        if not dropped.any():
+            assert torch.allclose(rows, 2 * full[x == tok])     # kept ones scaled by 1 / (1 - 0.5)
+    # over many windows, about half the types are dropped
+    counts = []
+    x = torch.arange(V).view(V, 1)
+    for _ in range(200):
+        counts.append((m.embed(x).abs().sum(-1) == 0).double().mean().item())
+    assert abs(sum(counts) / len(counts) - 0.5) < 0.03
+    m.eval()
+    assert torch.equal(m.embed(x), m.embedding(x))
+
+
+def test_embedding_dropout_leaves_the_tied_output_layer_alone():
+    """With tied weights only the lookup is masked; the softmax scores every word with its full row."""
+    m = _model(dropout_embedding=1.0, tie_weights=True, hidden_size=8)
+    m.train()
+    x = torch.randint(0, V, (5, 2))
+    assert m.embed(x).abs().sum() == 0
+    h = torch.randn(5, 2, 8)
+    assert torch.allclose(m.logits(h), h @ m.embedding.weight.T + m.decoder.bias, atol=1e-5)
+
+
+# -- weight drop (DropConnect) ------------------------------------------------------------------------
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_weight_drop_is_the_stack_run_on_masked_recurrent_weights(cell):
+    torch.manual_seed(0)
+    rnn = make_rnn(cell, 6, 5, 2, 0.0)
+    x = torch.randn(7, 4, 6)
+    wd = Dropout(0.4)
+    torch.manual_seed(9)
+    got, _ = run_layerwise(rnn, x, None, Dropout(0.0), wd)
+    got.sum().backward()
+    # the same masks, drawn in the same order, applied by hand to a copy of the stack
+    torch.manual_seed(9)
+    masks = [wd.mask(getattr(rnn, f"weight_hh_l{k}").shape, x) for k in range(2)]
+    ref = make_rnn(cell, 6, 5, 2, 0.0)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            src = getattr(rnn, name)
+            p.copy_(src * masks[int(name[-1])] if name.startswith("weight_hh") else src)
+    want, _ = ref(x)
+    assert torch.allclose(got, want, atol=1e-6)
+    want.sum().backward()
+    for k in range(2):   # the parameter's gradient: the masked copy's, through the same mask
+        g, g_ref = getattr(rnn, f"weight_hh_l{k}").grad, getattr(ref, f"weight_hh_l{k}").grad
+        assert torch.allclose(g, g_ref * masks[k], atol=1e-6)
+        assert (g[masks[k] == 0] == 0).all() and (g[masks[k] != 0] != 0).any()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "lstm_peephole", "gru", "rnn_relu"])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_full_weight_drop_cuts_the_recurrence(cell, layers):
+    """weight_drop=1 zeroes every W_hh in training: each step then sees only its input (and, for an
+    LSTM, its own cell), as a model whose recurrent weights are zero does; eval keeps them."""
+    m = _model(cell=cell, num_layers=layers, weight_drop=1.0)
+    x = torch.randint(0, V, (6, 3))
+    m.train()
+    h, _ = m(x)
+    ref = _model(cell=cell, num_layers=layers)
+    ref.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "weight_hh" in name:
+                p.zero_()
+    ref.eval()
+    assert torch.allclose(h, ref(x)[0], atol=1e-5)
+    m.eval()
+    assert not torch.allclose(m(x)[0], ref(x)[0], atol=1e-3)
+
+
+def test_weight_drop_leaves_the_parameters_untouched():
+    m = _model(weight_drop=0.5)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m.train()
+    m(torch.randint(0, V, (4, 2)))
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+# -- AR / TAR -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_ar_and_tar_add_their_known_penalties_and_the_logged_loss_is_the_cross_entropy(bidirectional):
+    m = _model(bidirectional=bidirectional, hidden_size=8, embedding_size=8, head_layers=1)
+    m.train()   # no dropout configured: a deterministic forward
+    x, y = torch.randint(0, V, (9, 3)), torch.randint(0, V, (9, 3))
+    xb, yb = (x.flip(0), y.flip(0)) if bidirectional else (None, None)
+    plain_obj, plain_loss, _, _ = _StepModule(m)(x, y, None, xb, yb, None)
+    assert plain_obj is plain_loss
+    obj, loss, _, _ = _StepModule(m, ar=2.0, tar=1.0)(x, y, None, xb, yb, None)
+    assert torch.allclose(loss, plain_loss)
+
+    def penalty(ids, d):
+        h, raw, _ = m.features(ids, None, d)
+        assert not torch.allclose(h, raw)            # the head sits between them
+        return 2.0 * h.pow(2).mean() + 1.0 * (raw[1:] - raw[:-1]).pow(2).mean()
+    want = penalty(x, 0) if not bidirectional else 0.5 * (penalty(x, 0) + penalty(xb, 1))
+    assert torch.allclose(obj - loss, want, rtol=1e-5)
+    assert want > 0
+
+
+def test_tar_needs_two_steps():
+    m = _model()
+    m.train()
+    x = torch.randint(0, V, (1, 3))
+    obj, loss, _, _ = _StepModule(m, tar=1.0)(x, x, None)
+    assert torch.equal(obj, loss)
+
+
+# -- config and training ----------------------------------------------------------------------------------
+def test_awd_names_are_suggested_for_unknown_keys():
+    for other, ours in [("model.dropouti", "model.dropout_input"), ("model.dropouth", "model.dropout_hidden"),
+                        ("model.dropoute", "model.dropout_embedding"), ("model.wdrop", "model.weight_drop")]:
+        with pytest.raises(UsageError, match=f"did you mean '{ours}'"):
+            build_config(None, [f"{other}=0.1"])
+    for bad in ["model.weight_drop=1.5", "model.dropout_input=-0.1", "train.ar=-1", "model.locked_dropout=3"]:
+        with pytest.raises(UsageError, match=bad.split("=")[0]):
+            build_config(None, [bad])
+
+
+AWD = ("model.dropout=0.3", "model.dropout_input=0.4", "model.dropout_embedding=0.1", "model.locked_dropout=true",
+       "model.weight_drop=0.3", "train.ar=2", "train.tar=1")
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_training_with_every_regulariser_resumes_exactly(word_corpus, tmp_path, opt):
+    """All of AWD-LSTM's regularisers at once, through the trainer (layer-by-layer stack, fused SGD or
+    Adam): the loss falls, and a run interrupted and resumed ends bit-identical (the masks come
+    from the checkpointed random state)."""
+    from test_train import _check_exact_resume, _events
+    lr = "train.lr=2" if opt == "sgd" else "train.lr=0.01"
+    full = _check_exact_resume(word_corpus, tmp_path, *AWD, f"train.optimizer={opt}", lr)
+    losses = [e["loss"] for e in _events(tmp_path / "full", "train")]
+    assert losses[-1] < losses[0]
+    cfg = full.cfg.model
+    assert (cfg.weight_drop, cfg.locked_dropout, full.cfg.train.ar) == (0.3, True, 2.0)
+
+
+def test_regularised_checkpoint_loads_and_evaluates_without_dropout(word_corpus, tmp_path):
+    from rnnlm.checkpoint import load_model
+    from test_train import _cfg
+    Trainer(_cfg(word_corpus, "train.max_steps=12", *AWD), tmp_path / "r", progress=False).fit()
+    model = load_model(tmp_path / "r").model
+    assert not model.training
+    x = torch.randint(0, model.vocab_size, (5, 2))
+    assert torch.equal(model(x)[0], model(x)[0])            # deterministic: every regulariser is off
+    assert model.drop_w.p == 0.3 and model.drop_in.locked
+
+
+def test_a_config_from_before_the_regularisers_loads_with_them_off():
+    from rnnlm.config import Config, config_from_dict
+    d = Config().to_dict()
+    for key in ("dropout_input", "dropout_hidden", "dropout_output", "dropout_embedding", "locked_dropout",
+                "weight_drop"):
+        del d["model"][key]
+    del d["train"]["ar"], d["train"]["tar"]
+    cfg = config_from_dict(d)
+    m = RNNLM(V, cfg.model)
+    assert (m.drop_emb.p, m.drop_w.p, m.drop_in.locked, cfg.train.ar, cfg.train.tar) == (0.0, 0.0, False, 0.0, 0.0)
+
+
+# -- NT-ASGD: non-monotonically triggered weight averaging ---------------------------------------------
+def _trainer(word_corpus, tmp_path, *extra):
+    from test_train import _cfg
+    return Trainer(_cfg(word_corpus, "train.averaging=nt", *extra), tmp_path / "r", progress=False)
+
+
+def test_nt_trigger_is_awd_lstms_rule(word_corpus, tmp_path):
+    """Averaging starts at the first validation loss worse than the best of those more than n back."""
+    t = _trainer(word_corpus, tmp_path, "train.averaging_patience=2")
+    for loss in [5.0, 4.0, 3.0, 3.5, 2.0, 2.5]:   # 3.5 > min(5)? 2.0 > min(5, 4)? 2.5 > min(5, 4, 3)? no
+        t._maybe_start_averaging(loss)
+    assert t.avg is None
+    t._maybe_start_averaging(3.2)                  # > min(5, 4, 3, 3.5) = 3.0
+    assert t.avg is not None and t.avg_count == 1 and t.avg_start == t.step
+    assert all(torch.equal(a, p.detach()) for a, p in zip(t.avg, t.model.parameters()))
+
+
+def test_averaging_evaluates_and_keeps_the_running_mean(word_corpus, tmp_path, monkeypatch):
+    """Scripted validation losses trigger averaging at step 15 (3.5 > 3.0, the best before the last). From then on each validation sees the
+    mean of the weights after every step since, best.pt holds it, and last.pt keeps the raw weights
+    (and the mean, to resume with)."""
+    from rnnlm.checkpoint import load_checkpoint
+    from test_train import _events
+    script = {5: 3.0, 10: 2.0, 15: 3.5, 20: 1.5, 25: 1.7, 30: 1.4}
+    seen, raw = {}, {}
+    orig_step = Trainer._average_step
+
+    def evaluate(self, ids):
+        seen[self.step] = [p.detach().clone() for p in self.model.parameters()]
+        loss = script[self.step]
+        return {"loss": loss, "ppl": 2.718281828 ** loss, "tokens": 1, "oov": 0, "bits_per_token": loss}
+
+    def average_step(self):
+        raw[self.step] = [p.detach().clone() for p in self.model.parameters()]
+        orig_step(self)
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    monkeypatch.setattr(Trainer, "_average_step", average_step)
+    t = _trainer(word_corpus, tmp_path, "train.averaging_patience=1", "train.eval_every=5", "train.max_steps=30",
+                 "train.optimizer=sgd", "train.lr=1")
+    end = t.fit()
+    assert t.avg_start == 15 and end["averaging_from_step"] == 15
+    assert sorted(raw) == list(range(16, 31))
+    for step in (20, 25, 30):      # the mean of the weights after steps 15 (the trigger) .. step
+        params = [seen[15]] + [raw[s] for s in range(16, step + 1)]
+        want = [torch.stack(ps).mean(0) for ps in zip(*params)]
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(seen[step], want)), step
+    events = _events(tmp_path / "r", "eval")
+    assert [e["step"] for e in events if e.get("averaged")] == [20, 25, 30]
+    names = [n for n, _ in t.model.named_parameters()]
+    best = load_checkpoint(tmp_path / "r" / "best.pt")
+    assert best["step"] == 30 and all(torch.equal(best["model"][n], w) for n, w in zip(names, seen[30]))
+    last = load_checkpoint(tmp_path / "r" / "last.pt")
+    assert all(torch.equal(last["model"][n], w) for n, w in zip(names, raw[30]))
+    assert not all(torch.equal(last["model"][n], w) for n, w in zip(names, seen[30]))
+    av = last["trainer"]["averaging"]
+    assert av["start_step"] == 15 and av["count"] == 16 and av["history"] == [3.0, 2.0, 3.5]
+    assert all(torch.allclose(m, w) for m, w in zip(av["mean"], seen[30]))
+
+
+def test_averaging_resumes_exactly(word_corpus, tmp_path, monkeypatch):
+    """Interrupted after averaging has started and resumed: the same mean, bit for bit."""
+    from rnnlm.checkpoint import load_checkpoint
+    from test_train import _cfg
+
+    def evaluate(self, ids):
+        loss = {5: 3.0, 10: 2.0, 15: 3.5}.get(self.step, 1.0 + 1.0 / self.step)
+        return {"loss": loss, "ppl": 2.718281828 ** loss, "tokens": 1, "oov": 0, "bits_per_token": loss}
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    common = ("train.averaging=nt", "train.averaging_patience=1", "train.eval_every=5", "model.dropout=0.2")
+    Trainer(_cfg(word_corpus, "train.max_steps=40", *common), tmp_path / "full", progress=False).fit()
+    Trainer(_cfg(word_corpus, "train.max_steps=20", *common), tmp_path / "part", progress=False).fit()
+    Trainer(build_config(None, ["train.max_steps=40"]), tmp_path / "part", resume=True, progress=False).fit()
+    a, b = (load_checkpoint(tmp_path / r / "last.pt")["trainer"]["averaging"] for r in ("full", "part"))
+    assert a["start_step"] == b["start_step"] == 15 and a["count"] == b["count"] == 26
+    assert all(torch.equal(x, y) for x, y in zip(a["mean"], b["mean"]))
