@@ -138,8 +138,8 @@ class TrainConfig:
     averaging: str = _f("none", "weight averaging. nt: non-monotonically triggered averaging (NT-ASGD, Merity et "
                                 "al. 2018): once a validation loss is worse than the best of those more than "
                                 "averaging_patience evaluations back, keep the running mean of the weights after "
-                                "every step from then on; validation, best.pt, sampling and evaluation use the "
-                                "mean (last.pt keeps the raw weights to train on). none: off",
+                                "every step from then on; validations use the mean, and best.pt holds it once one "
+                                "beats the best so far (last.pt keeps the raw weights to train on). none: off",
                         choices=("none", "nt"))
     averaging_patience: int = _f(5, "NT-ASGD's non-monotone interval n, in evaluations (AWD-LSTM's nonmono)", min=1)
     ar: float = _f(0.0, "activation regularisation: add ar x mean(h^2) of the features fed to the softmax to the "
@@ -228,7 +228,7 @@ _OTHER_NAMES = {
 
 def _closest(word: str, options: list[str]) -> str:
     name = word.rsplit(".", 1)[-1].lower()
-    if "." in word and name in _OTHER_NAMES and _OTHER_NAMES[name] in options:
+    if name in _OTHER_NAMES and _OTHER_NAMES[name] in options:
         return f" (did you mean '{_OTHER_NAMES[name]}'?)"
     match = difflib.get_close_matches(word, options, n=1, cutoff=0.4)
     return f" (did you mean '{match[0]}'?)" if match else ""

@@ -357,7 +357,8 @@ class MetricsLog:
         if self._tb is not None and event["event"] in ("train", "eval"):
             prefix = "train" if event["event"] == "train" else event.get("split", "eval")
             for k, v in event.items():
-                if k not in ("event", "step", "tokens", "time", "split", "epoch") and isinstance(v, (int, float)):
+                if (k not in ("event", "step", "tokens", "time", "split", "epoch") and isinstance(v, (int, float))
+                        and not isinstance(v, bool)):
                     self._tb.add_scalar(f"{prefix}/{k}", v, event["step"])
             self._tb.flush()
 
@@ -761,6 +762,11 @@ class Trainer:
                 except OSError as e:  # the checkpoints carry the config too; a failing disk stops at the next save
                     self._log(f"[yellow]warning:[/] could not update config.yaml: {escape(e.strerror or str(e))}")
 
+        if tc.averaging == "nt" and (self.valid is None or tc.eval_every == 0):
+            why = ("has no validation split" if self.valid is None else
+                   "validates only at its end (train.eval_every=0)")
+            self._log(f"[yellow]warning:[/] train.averaging=nt starts from validation losses, and this run {why}: "
+                      f"its weights will not be averaged")
         self._t0 = time.perf_counter()
         self._step0 = self.step
         old_handlers = self._install_signal_handlers()
@@ -778,6 +784,7 @@ class Trainer:
                     self.state = self.state_rev = None  # a⁰ = 0 at the start of every epoch
                 for i in range(self.window, self.n_windows):
                     t_step = time.perf_counter()
+                    skipped = False
                     lr = self.schedule.on_step(self.step)
                     set_lr(self.optimizer, lr)
                     if self.graphed is not None:  # forward, backward and clipping replayed from a CUDA graph
@@ -804,11 +811,15 @@ class Trainer:
                         else:
                             self.scaler.unscale_(self.optimizer)
                             gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
+                            scale = self.scaler.get_scale() if self.avg is not None and self.scaler.is_enabled() else 0
                             self.scaler.step(self.optimizer)
                             self.scaler.update()
+                            # fp16: a step GradScaler skipped (inf/NaN gradients; it lowers the scale)
+                            # left the weights as they were, and is not averaged in twice
+                            skipped = self.scaler.get_scale() < scale if scale else False
                         n_x = x.numel()
                     self.step += 1
-                    if self.avg is not None:
+                    if self.avg is not None and not skipped:
                         self._average_step()
                     stats.add(self.step, loss, gnorm)  # no host sync until the next log line
                     self.window = i + 1
@@ -1008,11 +1019,12 @@ class Trainer:
         if self.avg is None:
             yield
             return
+        params = [p.detach() for p in self.avg_params]
         with torch.no_grad():
-            params = [p.detach() for p in self.avg_params]
             raw = [p.clone() for p in params]
-            torch._foreach_copy_(params, self.avg)
         try:
+            with torch.no_grad():
+                torch._foreach_copy_(params, self.avg)
             yield
         finally:
             with torch.no_grad():
@@ -1302,7 +1314,7 @@ class _Progress:
             self.t._log(f"step {ev['step']}/{total} {info} |g| {ev['grad_norm']:.2f}")
 
     def eval(self, ev: dict) -> None:
-        extra = f" bpc {ev['bpc']:.3f}" if "bpc" in ev else ""
+        extra = (f" bpc {ev['bpc']:.3f}" if "bpc" in ev else "") + (" (weight average)" if ev.get("averaged") else "")
         msg = f"step {ev['step']}: valid loss {ev['loss']:.4f} ppl {_ppl_text(ev['loss'])}{extra}"
         if self.rich is not None:
             self.rich.console.print(msg, highlight=False)

@@ -306,6 +306,9 @@ GRAPHED = {
     "peephole-resets": ("model.cell=lstm_peephole", "model.dropout=0.2", "train.state_resets=true"),
     "tied-head-1layer": ("model.num_layers=1", "model.tie_weights=true", "model.head_layers=1",
                          "train.clip_grad_norm=null"),
+    "awd-regularisers": ("model.locked_dropout=true", "model.dropout=0.3", "model.dropout_input=0.4",
+                         "model.dropout_embedding=0.1", "model.weight_drop=0.5", "train.ar=2", "train.tar=1",
+                         "train.optimizer=sgd", "train.lr=1.0"),
 }
 
 

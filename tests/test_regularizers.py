@@ -200,6 +200,8 @@ def test_awd_names_are_suggested_for_unknown_keys():
                         ("model.dropoute", "model.dropout_embedding"), ("model.wdrop", "model.weight_drop")]:
         with pytest.raises(UsageError, match=f"did you mean '{ours}'"):
             build_config(None, [f"{other}=0.1"])
+        with pytest.raises(UsageError, match=f"did you mean '{ours}'"):
+            build_config(None, [f"{other.split('.')[1]}=0.1"])   # typed bare
     for bad in ["model.weight_drop=1.5", "model.dropout_input=-0.1", "train.ar=-1", "model.locked_dropout=3"]:
         with pytest.raises(UsageError, match=bad.split("=")[0]):
             build_config(None, [bad])
@@ -321,3 +323,38 @@ def test_averaging_resumes_exactly(word_corpus, tmp_path, monkeypatch):
     a, b = (load_checkpoint(tmp_path / r / "last.pt")["trainer"]["averaging"] for r in ("full", "part"))
     assert a["start_step"] == b["start_step"] == 15 and a["count"] == b["count"] == 26
     assert all(torch.equal(x, y) for x, y in zip(a["mean"], b["mean"]))
+
+
+def test_averaging_without_validations_to_trigger_it_says_so(word_corpus, tmp_path, capsys):
+    from test_train import _cfg
+    Trainer(_cfg(word_corpus, "train.averaging=nt", "train.eval_every=0", "train.max_steps=4"), tmp_path / "r",
+            progress=False).fit()
+    assert "will not be averaged" in capsys.readouterr().err
+
+
+def test_a_step_gradscaler_skipped_is_not_averaged(word_corpus, tmp_path, monkeypatch):
+    """fp16: GradScaler skips the update of a step with inf/NaN gradients (and lowers its scale);
+    the unchanged weights must not enter the mean a second time. A stand-in scaler skips step 20."""
+    class Scaler:
+        s = 1024.0
+        def scale(self, t): return t                      # noqa: E301,E704
+        def unscale_(self, opt): pass                     # noqa: E301,E704
+        def is_enabled(self): return True                 # noqa: E301,E704
+        def get_scale(self): return self.s                # noqa: E301,E704
+        def state_dict(self): return {}                   # noqa: E301,E704
+        def step(self, opt):                              # noqa: E301
+            self.skip = t.step + 1 == 20
+            if not self.skip:
+                opt.step()
+        def update(self):                                 # noqa: E301
+            self.s = self.s / 2 if self.skip else self.s
+
+    def evaluate(self, ids):
+        loss = {5: 3.0, 10: 2.0, 15: 3.5}.get(self.step, 1.0)
+        return {"loss": loss, "ppl": 2.718281828 ** loss, "tokens": 1, "oov": 0, "bits_per_token": loss}
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    t = _trainer(word_corpus, tmp_path, "train.averaging_patience=1", "train.eval_every=5", "train.max_steps=30",
+                 "train.optimizer=adam")
+    t.scaler = Scaler()
+    t.fit()
+    assert t.avg_start == 15 and t.avg_count == 1 + 15 - 1   # steps 16..30 but 20
