@@ -71,11 +71,16 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "tokens") ->
         # (metrics of older versions may lack a key; a hand-edited or foreign line may hold other values)
         has = [e for e in events if _number(e.get(x)) and _number(e.get("loss"))]
         train = [(e[x], e["loss"]) for e in has if e.get("event") == "train"]
-        valid = [(e[x], e["loss"]) for e in has if e.get("event") == "eval" and e.get("split") == "valid"]
+        valid_ev = [e for e in has if e.get("event") == "eval" and e.get("split") == "valid"]
+        valid = [(e[x], e["loss"]) for e in valid_ev]
         if not train and not valid:
             raise UsageError(f"{run_dir}/metrics.jsonl holds no train or eval events to plot"
                              + ("" if x == "tokens" else f" against {x}"))
-        curves.append((_label(Path(run_dir).resolve().name), train, valid))
+        # train.averaging=nt: the validation that switched averaging on (the one before the first
+        # averaged validation), where the validation curve turns from raw weights to their mean
+        first = next((i for i, e in enumerate(valid_ev) if e.get("averaged") is True), None)
+        switch = None if first is None else valid[max(first - 1, 0)][0]
+        curves.append((_label(Path(run_dir).resolve().name), train, valid, switch))
 
     path = Path(out)
     if path.is_dir() or str(out).endswith(("/", os.sep)):
@@ -94,7 +99,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "tokens") ->
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     single = len(curves) == 1
-    for k, (name, train, valid) in enumerate(curves):
+    for k, (name, train, valid, switch) in enumerate(curves):
         c_train, c_valid = ("tab:blue", "tab:orange") if single else (f"C{k % 10}", f"C{k % 10}")
         prefix = "" if single else f"{name} "
         if train:  # a short series gets markers: a single point drawn as a line would not show at all
@@ -103,7 +108,10 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "tokens") ->
         if valid:
             ax.plot(*zip(*valid), label=f"{prefix}valid", color=c_valid, marker="o", markersize=3 if single else 5,
                     linewidth=1.5, linestyle="-" if single else "--")
-    losses = [v for _, train, valid in curves for _, v in train + valid if math.isfinite(v)]
+        if switch is not None:
+            ax.axvline(switch, color=c_valid, linestyle=":", linewidth=1.2,
+                       label=f"{prefix}weight averaging (NT-ASGD) from here")
+    losses = [v for _, train, valid, _ in curves for _, v in train + valid if math.isfinite(v)]
     if losses and min(losses) > 0 and max(losses) / min(losses) > 50:
         ax.set_yscale("log")  # a blow-up (1e12 nats) would flatten every other point onto the axis
     ax.set_xlabel(_X[x])

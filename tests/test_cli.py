@@ -1052,3 +1052,28 @@ def test_plot_of_a_blow_up_uses_a_log_axis_and_marks_short_series(tmp_path, monk
     (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     plot_runs([run], tmp_path / "calm.png")
     assert figs[0].axes[0].get_yscale() == "linear"
+
+
+def test_plot_marks_where_weight_averaging_started(tmp_path, monkeypatch):
+    """train.averaging=nt: a dotted line at the validation that switched averaging on (the one before
+    the first event marked averaged); none in a run without averaging."""
+    import matplotlib.pyplot as plt
+    from rnnlm.plot import plot_runs
+    run = tmp_path / "nt"
+    run.mkdir()
+    events = [{"event": "eval", "split": "valid", "step": s, "tokens": 10 * s, "time": s, "loss": l}
+              for s, l in [(100, 5.0), (200, 4.8), (300, 4.9)]]
+    events += [{"event": "eval", "split": "valid", "step": 400, "tokens": 4000, "time": 4, "loss": 4.5,
+                "averaged": True}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    figs = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figs.append(fig), real_close(fig)))
+    plot_runs([run], tmp_path / "nt.png")
+    marks = [ln for ln in figs[0].axes[0].get_lines() if "averaging" in ln.get_label()]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [3000, 3000]
+    del events[-1]["averaged"]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    figs.clear()
+    plot_runs([run], tmp_path / "plain.png")
+    assert not [ln for ln in figs[0].axes[0].get_lines() if "averaging" in ln.get_label()]
