@@ -173,7 +173,8 @@ def train(
         if print_config:
             if resume:
                 raise UsageError("--print-config shows a new run's config; a resumed run's is RUN_DIR/config.yaml "
-                                 "(KEY=VALUE given with --resume may change train.*, sample.* and data.path only)")
+                                 "(KEY=VALUE given with --resume may change train.*, sample.*, data.path and the "
+                                 "dropout settings only)")
             sys.stdout.write(commented_yaml(cfg))
             return
         run_dir = out_dir if out_dir is not None else (Path(cfg.train.out) if cfg.train.out else None)

@@ -203,6 +203,17 @@ class Config:
         return "line" if self.data.level == "word" else "paragraph"
 
 
+# model.* keys that act in training only (no weight depends on them): a resumed run may change them.
+MODEL_TRAINING_KEYS = ("dropout", "dropout_input", "dropout_hidden", "dropout_output", "dropout_embedding",
+                       "locked_dropout", "weight_drop")
+
+
+def model_architecture(m: ModelConfig) -> ModelConfig:
+    """`m` with its training-only keys (MODEL_TRAINING_KEYS) at their defaults: what the weights depend on."""
+    defaults = ModelConfig()
+    return dataclasses.replace(m, **{k: getattr(defaults, k) for k in MODEL_TRAINING_KEYS})
+
+
 SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "sample": SampleConfig}
 
 

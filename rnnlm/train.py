@@ -35,7 +35,8 @@ from . import __version__
 from . import distributed as D
 from .allocator import tune_allocator
 from .checkpoint import BEST, LAST, atomic_write_text, load_checkpoint, save_checkpoint
-from .config import STATE_RESETS_MIN_BATCH, Config, checked, config_from_dict, dump_yaml, load_yaml
+from .config import (MODEL_TRAINING_KEYS, STATE_RESETS_MIN_BATCH, Config, checked, config_from_dict, dump_yaml,
+                     load_yaml, model_architecture)
 from .cudagraph import GraphedStep, graph_blocker
 from .data import Corpus, batchify, get_window, load_corpus, num_windows, window_block, with_start
 from .errors import RunError, UsageError
@@ -1244,6 +1245,8 @@ def _check_belongs(run_dir: Path, ckpt: dict) -> None:
     saved = config_from_dict(ckpt["config"])
     if here is not None:
         here.data.path = saved.data.path  # the one data.* key a resume may change
+    if here is not None:  # the dropout settings may change on resume (config.yaml is rewritten first)
+        here.model, saved.model = model_architecture(here.model), model_architecture(saved.model)
     differs = [s for s in ("data", "model") if here is not None and getattr(here, s) != getattr(saved, s)]
     if tokens is not None and tokens != ckpt["vocab"].get("tokens"):
         differs.append("vocabulary")
@@ -1266,16 +1269,20 @@ def _merge_resume_config(saved: dict, given: Config) -> Config:
     given = copy.deepcopy(given)
     given.data.path = base.data.path if given.data != dataclasses.replace(defaults.data, path=given.data.path) \
         else defaults.data.path  # data.path alone given: nothing else of data.* to compare
-    for section in ("data", "model"):
-        if getattr(given, section) != getattr(defaults, section) and getattr(given, section) != getattr(base, section):
-            raise UsageError(f"cannot change {section}.* settings when resuming; only train.*, sample.* and "
-                             f"data.path (--data) may change (the saved run's values are in its config.yaml)")
+    shape = {"data": lambda c: c.data, "model": lambda c: model_architecture(c.model)}
+    for section, part in shape.items():
+        if part(given) != part(defaults) and part(given) != part(base):
+            raise UsageError(f"cannot change {section}.* settings when resuming; only train.*, sample.*, "
+                             f"data.path (--data) and the dropout settings (model.dropout*, model.locked_dropout, "
+                             f"model.weight_drop) may change (the saved run's values are in its config.yaml)")
     explicit = getattr(given, "overridden", set())  # KEY=VALUE items, also those equal to the default
-    for section in ("train", "sample"):
+    changeable = [("train", k) for k in given.train.__dataclass_fields__]
+    changeable += [("sample", k) for k in given.sample.__dataclass_fields__]
+    changeable += [("model", k) for k in MODEL_TRAINING_KEYS]
+    for section, k in changeable:
         g, d = getattr(given, section), getattr(defaults, section)
-        for k in g.__dataclass_fields__:
-            if getattr(g, k) != getattr(d, k) or f"{section}.{k}" in explicit:
-                setattr(getattr(base, section), k, getattr(g, k))
+        if getattr(g, k) != getattr(d, k) or f"{section}.{k}" in explicit:
+            setattr(getattr(base, section), k, getattr(g, k))
     return base
 
 

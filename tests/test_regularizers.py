@@ -358,3 +358,27 @@ def test_a_step_gradscaler_skipped_is_not_averaged(word_corpus, tmp_path, monkey
     t.scaler = Scaler()
     t.fit()
     assert t.avg_start == 15 and t.avg_count == 1 + 15 - 1   # steps 16..30 but 20
+
+
+def test_dropout_settings_may_change_on_resume_and_the_architecture_may_not(word_corpus, tmp_path):
+    """The regularisers act in training only, so a resumed run may change them (e.g. less dropout
+    for a last stretch); model.* keys the weights depend on stay refused."""
+    import yaml
+    from rnnlm.checkpoint import load_checkpoint
+    from test_train import _cfg
+    run = tmp_path / "r"
+    Trainer(_cfg(word_corpus, "train.max_steps=10", "model.dropout=0.3"), run, progress=False).fit()
+    t = Trainer(build_config(None, ["train.max_steps=20", "model.dropout=0.1", "model.weight_drop=0.2",
+                                    "model.locked_dropout=true"]), run, resume=True, progress=False)
+    assert (t.model.drop_in.p, t.model.drop_w.p, t.model.drop_hid.locked) == (0.1, 0.2, True)
+    t.fit()
+    saved = load_checkpoint(run / "last.pt")["config"]["model"]
+    assert (saved["dropout"], saved["weight_drop"], saved["locked_dropout"]) == (0.1, 0.2, True)
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["weight_drop"] == 0.2
+    # config.yaml rewritten by a resume that died before its first save: the directory still resumes
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"]["dropout_embedding"] = 0.1
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    Trainer(build_config(None, ["train.max_steps=25"]), run, resume=True, progress=False).fit()
+    with pytest.raises(UsageError, match="dropout settings"):
+        Trainer(build_config(None, ["train.max_steps=30", "model.hidden_size=8"]), run, resume=True, progress=False)
