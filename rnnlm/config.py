@@ -111,6 +111,9 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = _f(32, "sequences trained in parallel (columns of the token stream)", min=1, max=COUNT_MAX)
     bptt: int = _f(128, "truncated backpropagation-through-time window, in tokens", min=1, max=COUNT_MAX)
+    variable_bptt: bool = _f(False, "AWD-LSTM's variable window length: each training window N(bptt, 5) tokens long, or "
+                                    "N(bptt/2, 5) one time in 20 (at least 5, at most bptt + 20), cut anew every "
+                                    "epoch, with the step's lr scaled by length / bptt; off = windows of bptt")
     state_resets: bool | None = _f(None, "zero the carried state of one batch column per step, in turn (each column "
                                          "every batch_size steps), so the model also learns to start from the zero "
                                          "state, where sampling starts; null = on when data.eos resolves to none "
@@ -160,7 +163,7 @@ class TrainConfig:
                                          "clipping) as a CUDA graph and replay it: one launch instead of hundreds, "
                                          "for models too small to keep a GPU busy; null = on where it applies (one "
                                          "process, fp32 or bf16, full softmax below 2^25 logits per window, no "
-                                         "torch.compile), which true also requires; false = never")
+                                         "torch.compile, fixed-length windows), which true also requires; false = never")
     tensorboard: bool = _f(False, "also write TensorBoard event files to RUN_DIR/tensorboard (needs the "
                                   "tensorboard package)")
     log_every: int = _f(50, "optimizer steps between train events", min=1)

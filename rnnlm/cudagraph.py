@@ -43,7 +43,7 @@ WARMUP_STEPS = 3  # eager steps on the capture stream before the capture (PyTorc
 
 
 def graph_blocker(device: torch.device, precision: str, distributed: bool, compiled: bool, adaptive: bool,
-                  plain_loss: bool = True) -> str:
+                  plain_loss: bool = True, variable_bptt: bool = False) -> str:
     """Why a training step cannot be captured as a CUDA graph here ('' = it can). `plain_loss`: the
     output layer is PyTorch's linear + cross-entropy (models.PLAIN_LOSS_MAX), not the fused function,
     whose rare-row fix-up reads the device on the host."""
@@ -57,6 +57,8 @@ def graph_blocker(device: torch.device, precision: str, distributed: bool, compi
         return "train.compile=true (torch.compile manages its own graphs)"
     if adaptive:
         return "an adaptive softmax chooses its clusters on the host from each window's targets"
+    if variable_bptt:
+        return "train.variable_bptt=true: the windows' lengths vary, and a graph replays one shape"
     if not plain_loss:
         return ("a window has too many logits for PyTorch's cross-entropy (bptt x batch_size x vocabulary >= 2^25), "
                 "and the fused loss used instead reads the device on the host")

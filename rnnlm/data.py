@@ -1036,6 +1036,36 @@ def num_windows(data: torch.Tensor, bptt: int) -> int:
     return (data.size(0) - 2) // bptt + 1
 
 
+# AWD-LSTM's variable window length (Merity et al. 2018, section 4.1): the base length is bptt with
+# probability 0.95, else bptt / 2, and the window's length is drawn from N(base, 5 tokens).
+VARIABLE_BPTT_P = 0.95
+VARIABLE_BPTT_SIGMA = 5.0
+
+
+def window_bounds(n_targets: int, bptt: int, seed: int | None = None, epoch: int = 0) -> np.ndarray:
+    """Where one pass's windows start, plus the end: window i predicts targets ``bounds[i] + 1 ..
+    bounds[i + 1]`` of a (n_targets + 1, B) stream, i.e. it is ``data[bounds[i] : bounds[i + 1] + 1]``.
+
+    `seed` None: windows of `bptt` tokens (the last one shorter), as :func:`num_windows` counts them.
+    Otherwise AWD-LSTM's variable lengths: each window N(bptt, 5) tokens long, or N(bptt / 2, 5) one
+    time in 20, clipped to [min(5, bptt), bptt + 20]; the draws come from a generator of their own
+    seeded by (seed, epoch), so every epoch cuts the text differently, every process of a torchrun
+    job cuts it alike, and a resumed run finds the same windows.
+    """
+    if n_targets < 1:
+        return np.zeros(1, dtype=np.int64)
+    if seed is None:
+        return np.append(np.arange(0, n_targets, bptt, dtype=np.int64), n_targets)
+    rng = np.random.default_rng([seed % 2 ** 64, epoch])
+    lo, hi = max(1, min(5, bptt)), bptt + 20
+    k = n_targets // lo + 1                      # enough windows even if every one is as short as can be
+    base = np.where(rng.random(k) < VARIABLE_BPTT_P, float(bptt), bptt / 2)
+    lengths = np.clip(rng.normal(base, VARIABLE_BPTT_SIGMA).astype(np.int64), lo, hi)
+    ends = np.cumsum(lengths)
+    n = int(np.searchsorted(ends, n_targets)) + 1   # the first window reaching the end closes the pass
+    return np.concatenate([[0], np.minimum(ends[:n], n_targets)]).astype(np.int64)
+
+
 def get_window(data: torch.Tensor, i: int, bptt: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Window i: inputs (L, B) and targets (L, B), the inputs shifted by one, as int64."""
     block = window_block(data, i, bptt)

@@ -38,7 +38,7 @@ from .checkpoint import BEST, LAST, atomic_write_text, load_checkpoint, save_che
 from .config import (MODEL_TRAINING_KEYS, STATE_RESETS_MIN_BATCH, Config, checked, config_from_dict, dump_yaml,
                      load_yaml, model_architecture)
 from .cudagraph import GraphedStep, graph_blocker
-from .data import Corpus, batchify, get_window, load_corpus, num_windows, window_block, with_start
+from .data import Corpus, batchify, load_corpus, window_bounds, with_start
 from .errors import RunError, UsageError
 from .evaluate import _exp, evaluate_ids
 from .models import RNNLM, _plain_loss, detach_state, reset_column, state_from_list, state_to_list
@@ -467,7 +467,8 @@ class Trainer:
                       f"{len(corpus.train):,} tokens): {LAST}'s data position (epoch {ckpt['epoch'] + 1}, window "
                       f"{ckpt['trainer']['window']}) refers to the old text; training goes on with the new one")
         self.train_data = self._my_columns(batchify(with_start(corpus.train), tc.batch_size))       # (T, B)
-        self.n_windows = num_windows(self.train_data, tc.bptt)
+        self._bounds_epoch: int | None = None
+        self._plan_epoch(0)  # the windows of the first epoch (or of the epoch a resume continues, below)
         self.bidirectional = cfg.model.bidirectional
         # Zero-state practice (see TrainConfig.state_resets): text without <eos> markers gives the model
         # no start it has learned, and a prime fed from the zero state can derail a sample. The value in
@@ -521,8 +522,10 @@ class Trainer:
         self.params = list(self.model.parameters())
         self.clip = tc.clip_grad_norm if tc.clip_grad_norm is not None else math.inf
         self.graphed: GraphedStep | None = None
+        longest = int(np.diff(self._bounds).max()) if len(self._bounds) > 1 else tc.bptt
         blocker = graph_blocker(self.device, self.precision, self.dist.enabled, tc.compile, self.model.adaptive,
-                                plain_loss=_plain_loss(self.device, tc.bptt * self.train_data.size(1) * len(self.vocab)))
+                                plain_loss=_plain_loss(self.device, longest * self.train_data.size(1) * len(self.vocab)),
+                                variable_bptt=tc.variable_bptt)
         if tc.cuda_graphs and blocker:
             self._log(f"[yellow]warning:[/] train.cuda_graphs=true is not used: {escape(blocker)}")
         if tc.cuda_graphs is not False and not blocker:
@@ -553,10 +556,26 @@ class Trainer:
         self.avg_start: int | None = None
         if ckpt is not None:
             self._restore(ckpt)
+            self._plan_epoch(self.epoch)
 
         self.progress_enabled = progress
         self._stop_signal: str | None = None
         self.stop_reason = ""
+
+    def _plan_epoch(self, epoch: int) -> None:
+        """The window boundaries of `epoch` (data.window_bounds): fixed bptt windows, or with
+        train.variable_bptt the epoch's own draw of lengths. Sets n_windows."""
+        tc = self.cfg.train
+        if self._bounds_epoch is not None and (self._bounds_epoch == epoch or not tc.variable_bptt):
+            return
+        self._bounds = window_bounds(self.train_data.size(0) - 1, tc.bptt,
+                                     tc.seed if tc.variable_bptt else None, epoch)
+        self._bounds_epoch = epoch
+        self.n_windows = len(self._bounds) - 1
+
+    def _block(self, data: torch.Tensor, i: int) -> torch.Tensor:
+        """Window i of this epoch as one (L + 1, B) view: inputs [:-1], targets [1:]."""
+        return data[int(self._bounds[i]): int(self._bounds[i + 1]) + 1]
 
     def _rank0_first(self, load: Callable[[], Corpus], data_cfg) -> Corpus:
         """`load()`; under torchrun, for a text rnnlm gathers itself (data.glob, the default corpus),
@@ -783,32 +802,37 @@ class Trainer:
             while self.epoch < tc.epochs and not stop:
                 if self.window == 0:
                     self.state = self.state_rev = None  # a⁰ = 0 at the start of every epoch
+                self._plan_epoch(self.epoch)
                 for i in range(self.window, self.n_windows):
                     t_step = time.perf_counter()
                     skipped = False
                     lr = self.schedule.on_step(self.step)
-                    set_lr(self.optimizer, lr)
+                    # variable windows: a longer window's mean loss gets a proportionally larger step
+                    # (AWD-LSTM), so every token weighs about the same; the log shows the schedule's lr
+                    lr_step = lr * (self._bounds[i + 1] - self._bounds[i]) / tc.bptt if tc.variable_bptt else lr
+                    set_lr(self.optimizer, lr_step)
                     if self.graphed is not None:  # forward, backward and clipping replayed from a CUDA graph
-                        xy = window_block(self.train_data, i, tc.bptt)
-                        xyb = window_block(self.train_data_rev, i, tc.bptt) if self.bidirectional else None
+                        xy = self._block(self.train_data, i)
+                        xyb = self._block(self.train_data_rev, i) if self.bidirectional else None
                         loss, gnorm, self.state, self.state_rev = self.graphed.step(
                             xy, self._carry(self.state), xyb, self._carry(self.state_rev))
                         self.optimizer.step()
                         n_x = xy[1:].numel()
                     else:
-                        x, y = get_window(self.train_data, i, tc.bptt)
+                        xy = self._block(self.train_data, i)
+                        x, y = xy[:-1].long(), xy[1:].long()
                         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                         self.optimizer.zero_grad(set_to_none=True)
                         xb = yb = None
                         if self.bidirectional:
-                            xb, yb = get_window(self.train_data_rev, i, tc.bptt)
-                            xb, yb = xb.to(self.device), yb.to(self.device)
+                            xyb = self._block(self.train_data_rev, i)
+                            xb, yb = xyb[:-1].long().to(self.device), xyb[1:].long().to(self.device)
                         with self._autocast():
                             obj, loss, self.state, self.state_rev = self.step_module(
                                 x, y, self._carry(self.state), xb, yb, self._carry(self.state_rev))
                         self.scaler.scale(obj).backward()
                         if self.fused_sgd:  # clip + SGD in one pass (and sparse embedding rows)
-                            gnorm = clipped_sgd_step(params, lr, clip)
+                            gnorm = clipped_sgd_step(params, lr_step, clip)
                         else:
                             self.scaler.unscale_(self.optimizer)
                             gnorm = torch.nn.utils.clip_grad_norm_(params, clip)

@@ -382,3 +382,65 @@ def test_dropout_settings_may_change_on_resume_and_the_architecture_may_not(word
     Trainer(build_config(None, ["train.max_steps=25"]), run, resume=True, progress=False).fit()
     with pytest.raises(UsageError, match="dropout settings"):
         Trainer(build_config(None, ["train.max_steps=30", "model.hidden_size=8"]), run, resume=True, progress=False)
+
+
+# -- variable-length BPTT ---------------------------------------------------------------------------------
+def test_fixed_window_bounds_are_num_windows_windows():
+    from rnnlm.data import get_window, num_windows, window_bounds
+    for T in (2, 3, 10, 100, 101):
+        data = torch.arange(T).view(T, 1)
+        for bptt in (1, 3, 7, 35):
+            b = window_bounds(T - 1, bptt)
+            assert len(b) - 1 == num_windows(data, bptt)
+            for i in range(len(b) - 1):
+                x, y = get_window(data, i, bptt)
+                assert torch.equal(data[b[i]:b[i + 1] + 1][:-1], x) and torch.equal(data[b[i]:b[i + 1] + 1][1:], y)
+
+
+@pytest.mark.parametrize("bptt", [3, 20, 70])
+def test_variable_window_bounds_cover_the_text_with_awd_lengths(bptt):
+    import numpy as np
+    from rnnlm.data import window_bounds
+    n = 200_000
+    torch.manual_seed(0)
+    np.random.seed(0)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy()
+    b = window_bounds(n, bptt, seed=1234, epoch=0)
+    assert torch.equal(torch.get_rng_state(), before[0]) and (np.random.get_state()[1] == before[1]).all()
+    L = np.diff(b)
+    assert b[0] == 0 and b[-1] == n and (L > 0).all()          # every target once, in order
+    lo, hi = max(1, min(5, bptt)), bptt + 20
+    assert L[:-1].min() >= lo and L.max() <= hi
+    # N(bptt, 5) 95 % of the time, N(bptt / 2, 5) otherwise, truncated to whole tokens
+    if bptt >= 20:
+        assert abs(L.mean() - (0.95 * bptt + 0.05 * bptt / 2 - 0.5)) < 0.3
+    if bptt == 70:  # the half windows, N(35, 5), stand apart from N(70, 5): about one in 20
+        assert abs((L < 0.75 * bptt).mean() - 0.05) < 0.015
+    assert np.array_equal(b, window_bounds(n, bptt, seed=1234, epoch=0))   # reproducible
+    assert not np.array_equal(b[:50], window_bounds(n, bptt, seed=1234, epoch=1)[:50])  # a new cut each epoch
+
+
+def test_variable_bptt_trains_every_token_once_per_epoch_with_scaled_lr(word_corpus, tmp_path, monkeypatch):
+    import rnnlm.train as T
+    from test_train import _cfg
+    seen = []
+    real = T.clipped_sgd_step
+    monkeypatch.setattr(T, "clipped_sgd_step", lambda params, lr, clip: (seen.append(lr), real(params, lr, clip))[1])
+    args = ("train.variable_bptt=true", "train.optimizer=sgd", "train.lr=2", "train.lr_schedule=constant",
+            "train.max_steps=null", "train.epochs=2", "train.batch_size=64", "train.eval_every=null")
+    t = Trainer(_cfg(word_corpus, *args), tmp_path / "v", progress=False)
+    b0 = t._bounds.copy()
+    end = t.fit()
+    rows = t.train_data.size(0) - 1
+    assert end["tokens"] == 2 * rows * 64                      # both epochs: every target position once
+    assert end["step"] == len(seen) and len(seen) != 2 * (-(-rows // 8))
+    assert seen[:len(b0) - 1] == pytest.approx([2 * l / 8 for l in (b0[1:] - b0[:-1])])
+    assert not all(s == 2.0 for s in seen)
+    from rnnlm.cudagraph import graph_blocker
+    assert "variable_bptt" in graph_blocker(torch.device("cuda"), "fp32", False, False, False, variable_bptt=True)
+
+
+def test_variable_bptt_resumes_exactly_across_an_epoch(word_corpus, tmp_path):
+    from test_train import _check_exact_resume
+    _check_exact_resume(word_corpus, tmp_path, "train.variable_bptt=true", "train.batch_size=64", "model.dropout=0.2",
+                        "train.optimizer=sgd", "train.lr=2")
