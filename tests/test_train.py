@@ -288,13 +288,14 @@ def _free_port() -> int:
 
 
 def test_torchrun_processes_match_single_process(corpus, tmp_path):
-    """DDP over gloo with 2 ranks follows the single-process loss curve (same global batch); so
-    does one process with RNNLM_FORCE_DDP=1, which still runs the process-group path (DDP,
-    all-reduces)."""
+    """DDP over gloo with 2 ranks follows the single-process loss curve (same global batch, the same
+    variable windows, AR/TAR penalties); so does one process with RNNLM_FORCE_DDP=1, which still runs
+    the process-group path (DDP, all-reduces)."""
     args = [f"--data={corpus}", "data.level=word", "model.hidden_size=32", "model.embedding_size=16",
             "train.batch_size=4", "train.bptt=8", "train.max_steps=12", "train.log_every=1", "train.eval_every=6",
             "train.optimizer=sgd", "train.lr=0.5", "model.dropout=0.0",
-            "train.state_resets=true"]  # global column step % 4 restarts, whichever rank holds it
+            "train.state_resets=true",  # global column step % 4 restarts, whichever rank holds it
+            "train.variable_bptt=true", "train.ar=1", "train.tar=1"]  # every rank cuts the same windows
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RNNLM_FORCE_DDP": "1"}
     single = subprocess.run([sys.executable, "-m", "rnnlm", "train", "--out", str(tmp_path / "s"), *args],
                             env=env, capture_output=True, text=True, timeout=300)
