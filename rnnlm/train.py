@@ -809,7 +809,7 @@ class Trainer:
                     lr = self.schedule.on_step(self.step)
                     # variable windows: a longer window's mean loss gets a proportionally larger step
                     # (AWD-LSTM), so every token weighs about the same; the log shows the schedule's lr
-                    lr_step = lr * (self._bounds[i + 1] - self._bounds[i]) / tc.bptt if tc.variable_bptt else lr
+                    lr_step = lr * int(self._bounds[i + 1] - self._bounds[i]) / tc.bptt if tc.variable_bptt else lr
                     set_lr(self.optimizer, lr_step)
                     if self.graphed is not None:  # forward, backward and clipping replayed from a CUDA graph
                         xy = self._block(self.train_data, i)
