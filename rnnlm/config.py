@@ -151,6 +151,10 @@ class TrainConfig:
                          "recurrent layer's outputs before dropout (AWD-LSTM's beta, 1)", min=0)
     clip_grad_norm: float | None = _f(5.0, "clip gradients to this global L2 norm (null = off)", gt=0)
     early_stopping_patience: int | None = _f(None, "stop after this many evaluations without improvement", min=1)
+    init_from: str | None = _f(None, "start from a trained model's weights (a run directory, meaning its best.pt, or "
+                                     "a checkpoint file): its architecture, vocabulary and tokenizer are kept, the "
+                                     "optimizer, schedule and data position start afresh; for fine-tuning on new "
+                                     "text or a second training phase. null = random initial weights")
     seed: int = _f(1234, "random seed (weights, dropout)", min=SEED_MIN, max=SEED_MAX)
     device: str = _f("auto", "auto = cuda, then mps, then cpu; cuda:N = the N-th GPU", pattern=r"auto|cpu|mps|cuda(:(0|[1-9][0-9]*))?",
                      pattern_help="auto, cpu, cuda, cuda:N or mps", suggest=("auto", "cpu", "cuda", "mps"))
@@ -209,6 +213,10 @@ class Config:
 # model.* keys that act in training only (no weight depends on them): a resumed run may change them.
 MODEL_TRAINING_KEYS = ("dropout", "dropout_input", "dropout_hidden", "dropout_output", "dropout_embedding",
                        "locked_dropout", "weight_drop")
+
+
+# data.* keys that fix what the ids mean: a run started from a trained model (train.init_from) keeps them.
+TOKENIZER_KEYS = ("level", "lowercase", "eos", "tokenizer", "normalize")
 
 
 def model_architecture(m: ModelConfig) -> ModelConfig:

@@ -34,9 +34,9 @@ from rich.markup import escape
 from . import __version__
 from . import distributed as D
 from .allocator import tune_allocator
-from .checkpoint import BEST, LAST, atomic_write_text, load_checkpoint, save_checkpoint
-from .config import (MODEL_TRAINING_KEYS, STATE_RESETS_MIN_BATCH, Config, checked, config_from_dict, dump_yaml,
-                     load_yaml, model_architecture)
+from .checkpoint import BEST, LAST, atomic_write_text, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .config import (MODEL_TRAINING_KEYS, STATE_RESETS_MIN_BATCH, TOKENIZER_KEYS, Config, checked, config_from_dict,
+                     dump_yaml, load_yaml, model_architecture)
 from .cudagraph import GraphedStep, graph_blocker
 from .data import Corpus, batchify, load_corpus, window_bounds, with_start
 from .errors import RunError, UsageError
@@ -423,6 +423,9 @@ class Trainer:
         elif self.run_dir.exists() and ((self.run_dir / LAST).exists() or (self.run_dir / BEST).exists()):
             raise UsageError(f"run directory {self.run_dir} already exists and is not empty; use --resume to "
                              f"continue it, or choose another --out")
+        init = None  # train.init_from: the trained model this run starts from
+        if ckpt is None and cfg.train.init_from:
+            init, cfg = _start_from(cfg)
         self.cfg = cfg
         tc = cfg.train
         tune_allocator()  # reuse big freed buffers instead of page-faulting them in every step
@@ -434,14 +437,17 @@ class Trainer:
             raise UsageError("train.precision=fp16 needs CUDA; on this device use bf16 or fp32")
         seed_everything(tc.seed)
 
-        # Data: the vocabulary comes from the checkpoint on resume, so ids never shift.
-        if ckpt is not None:
-            if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
+        # Data: the vocabulary comes from the checkpoint on resume (or from the model a run starts
+        # from), so ids never shift.
+        if ckpt is not None or init is not None:
+            if ckpt is not None and cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
                 raise UsageError(f"this run's training data {cfg.data.path} is not found from {Path.cwd()}; "
                                  f"resume from the folder the run started in, or give the data's place: "
                                  f"--resume --data PATH")
-            vocab = Vocab.from_dict(ckpt["vocab"])
-            tok = Tokenizer(**ckpt["vocab"]["tokenizer"])
+            src = ckpt if ckpt is not None else init
+            vocab = Vocab.from_dict(src["vocab"])
+            tok_settings = src["vocab"].get("tokenizer")
+            tok = Tokenizer(**tok_settings) if tok_settings else Tokenizer.from_config(cfg.data, cfg.resolved_eos())
             corpus = self._rank0_first(lambda: load_corpus(cfg.data, cfg.resolved_eos(), vocab, tok), cfg.data)
         elif corpus is None:
             corpus = self._rank0_first(lambda: load_corpus(cfg.data, cfg.resolved_eos()), cfg.data)
@@ -453,7 +459,7 @@ class Trainer:
         if self.dist.enabled and len(set(D.gather_objects(agreed, self.dist))) > 1:
             raise RunError("the processes read different training texts: a data file changed while they were "
                            "reading it (or the ranks see different files); start the run again")
-        if ckpt is None and self.tokenizer.level == "char" and " " in self.vocab:
+        if ckpt is None and init is None and self.tokenizer.level == "char" and " " in self.vocab:
             head = corpus.train[:1_000_000] == self.vocab.stoi[" "]
             share = float(head.mean()) if head.size else 0.0
             runs = float((head[1:] & head[:-1]).mean()) if head.size > 1 else 0.0
@@ -490,6 +496,17 @@ class Trainer:
             self.valid = self.valid[: tc.eval_max_tokens]
 
         self.model = RNNLM(len(self.vocab), cfg.model).to(self.device)
+        self.init_note = ""
+        if init is not None:
+            try:
+                self.model.load_state_dict(init["model"])
+            except (RuntimeError, KeyError, TypeError, ValueError) as e:
+                raise UsageError(f"train.init_from: the weights in {init['path']} do not match its config and "
+                                 f"vocabulary ({str(e).strip().splitlines()[0][:200]})") from None
+            n_oov, n_train = corpus.oov.get("train", 0), len(corpus.train)
+            self.init_note = (f"starting from {init['path']} (step {init.get('step', '?')} of its run); its vocabulary "
+                              f"of {len(self.vocab):,} and tokenizer are kept: {n_oov:,} of the {n_train:,} training "
+                              f"tokens ({n_oov / max(1, n_train):.1%}) are outside it and read as <unk>")
         if self.model.adaptive and cfg.model.adaptive_cutoffs and list(cfg.model.adaptive_cutoffs) != self.model.cutoffs:
             # cutoffs that did not fit the vocabulary (warned above): the run's config.yaml and its
             # checkpoints record the ones in use, so loading the model does not warn again
@@ -766,6 +783,8 @@ class Trainer:
         cache = ("ids from the cache" if self.corpus.cached else
                  "encoded now, cached" if self.corpus.cache_dir is not None else "encoded now, not cached")
         self._log(f"data: {escape(self.corpus.description)} ({cache}) · run directory: {escape(str(self.run_dir))}")
+        if self.init_note and not self.resume:
+            self._log(escape(self.init_note))
         if self.resume:
             done = self._should_stop(at_log=True) or ("epochs" if self.epoch >= tc.epochs else "")
             if done:  # nothing to train: leave the finished run exactly as it is
@@ -1278,6 +1297,37 @@ def _check_belongs(run_dir: Path, ckpt: dict) -> None:
         raise UsageError(f"{run_dir / LAST} does not belong to this run directory: its {' and '.join(differs)} "
                          f"differ from {run_dir}'s config.yaml / vocab.json (was it copied from another run?); "
                          f"resume the run it came from, or start a new one")
+
+
+def _start_from(cfg: Config) -> tuple[dict, Config]:
+    """train.init_from: the checkpoint a new run starts from, and `cfg` with that model's architecture
+    and the data.* keys that fix what its ids mean (TOKENIZER_KEYS). The dropout settings may differ
+    (set them to fine-tune with other ones); a model.* or tokenizer key set to something else is an
+    error rather than silently ignored."""
+    path = resolve_checkpoint(cfg.train.init_from)
+    ck = load_checkpoint(path)
+    where = ck["path"]
+    try:
+        saved = config_from_dict(ck["config"])
+    except UsageError as e:
+        raise UsageError(f"train.init_from: {where}: its stored config is invalid: {e}") from None
+    defaults, explicit = Config(), getattr(cfg, "overridden", set())
+    if model_architecture(cfg.model) not in (model_architecture(defaults.model), model_architecture(saved.model)):
+        raise UsageError(f"train.init_from: the model.* settings differ from those of the model in {where}; a run "
+                         f"started from it keeps its architecture (its config.yaml has them): leave model.* out, "
+                         f"except the dropout settings")
+    model = copy.deepcopy(saved.model)
+    for k in MODEL_TRAINING_KEYS:
+        if getattr(cfg.model, k) != getattr(defaults.model, k) or f"model.{k}" in explicit:
+            setattr(model, k, getattr(cfg.model, k))
+    cfg.model = model
+    for k in TOKENIZER_KEYS:
+        v, theirs = getattr(cfg.data, k), getattr(saved.data, k)
+        if (v != getattr(defaults.data, k) or f"data.{k}" in explicit) and v != theirs:
+            raise UsageError(f"train.init_from: data.{k}={v} differs from the model's ({theirs}, in {where}): "
+                             f"its ids keep the meaning its vocabulary gives them; leave data.{k} out")
+        setattr(cfg.data, k, theirs)
+    return ck, cfg
 
 
 def _merge_resume_config(saved: dict, given: Config) -> Config:

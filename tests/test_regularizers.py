@@ -444,3 +444,49 @@ def test_variable_bptt_resumes_exactly_across_an_epoch(word_corpus, tmp_path):
     from test_train import _check_exact_resume
     _check_exact_resume(word_corpus, tmp_path, "train.variable_bptt=true", "train.batch_size=64", "model.dropout=0.2",
                         "train.optimizer=sgd", "train.lr=2")
+
+
+# -- train.init_from: a new run from a trained model -------------------------------------------------------
+def test_init_from_starts_with_the_trained_weights_and_vocabulary(word_corpus, tmp_path, capsys):
+    """Fine-tuning: a new run on other text starts from the trained weights (its first validation is the
+    trained model's), keeps the vocabulary (unknown words read as <unk>) and the tokenizer, and starts its
+    optimizer and schedule afresh; the dropout settings may change."""
+    import json
+
+    from rnnlm.checkpoint import load_checkpoint
+    from test_train import _cfg
+    Trainer(_cfg(word_corpus, "train.max_steps=30"), tmp_path / "base", progress=False).fit()
+    base = load_checkpoint(tmp_path / "base" / "best.pt")
+    other = tmp_path / "other.txt"
+    words = (word_corpus.read_text().split() * 3)[:6000]
+    other.write_text("\n".join(" ".join(words[i:i + 12] + ["zebra"]) for i in range(0, len(words), 12)) + "\n")
+    cfg = build_config(None, [f"data.path={other}", "train.init_from=" + str(tmp_path / "base"), "train.max_steps=10",
+                              "train.eval_every=10", "model.weight_drop=0.2", "train.batch_size=4", "train.bptt=8"])
+    t = Trainer(cfg, tmp_path / "ft", progress=False)
+    names = [n for n, _ in t.model.named_parameters()]
+    assert all(torch.equal(dict(t.model.named_parameters())[n].detach(), base["model"][n]) for n in names)
+    assert t.vocab.to_dict(t.tokenizer)["tokens"] == base["vocab"]["tokens"]
+    assert t.cfg.data.level == "word" and t.cfg.model.hidden_size == 32 and t.cfg.model.weight_drop == 0.2
+    assert t.step == 0 and t.corpus.oov["train"] > 0             # "zebra" is not in the trained vocabulary
+    t.fit()
+    assert "starting from" in capsys.readouterr().err
+    saved = json.loads(json.dumps(load_checkpoint(tmp_path / "ft" / "last.pt")["config"]))
+    assert saved["train"]["init_from"] == str(tmp_path / "base") and saved["model"]["hidden_size"] == 32
+    first = [json.loads(l) for l in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert first[0]["event"] == "train" and first[0]["step"] == 10 and first[0]["lr"] == cfg.train.lr
+    # resuming the fine-tuning run is an ordinary resume
+    Trainer(build_config(None, ["train.max_steps=15"]), tmp_path / "ft", resume=True, progress=False).fit()
+    assert load_checkpoint(tmp_path / "ft" / "last.pt")["step"] == 15
+
+
+def test_init_from_refuses_another_architecture_or_tokenizer(word_corpus, tmp_path):
+    from test_train import _cfg
+    Trainer(_cfg(word_corpus, "train.max_steps=5"), tmp_path / "base", progress=False).fit()
+    init = f"train.init_from={tmp_path / 'base'}"
+    with pytest.raises(UsageError, match="model.. settings differ"):
+        Trainer(build_config(None, [f"data.path={word_corpus}", init, "model.hidden_size=64"]), tmp_path / "a")
+    with pytest.raises(UsageError, match="data.level=char differs"):
+        Trainer(build_config(None, [f"data.path={word_corpus}", init, "data.level=char"]), tmp_path / "b")
+    with pytest.raises(UsageError, match="checkpoint not found"):
+        Trainer(build_config(None, [f"data.path={word_corpus}", f"train.init_from={tmp_path / 'nope.pt'}"]),
+                tmp_path / "c")
