@@ -175,6 +175,9 @@ def train(
                 raise UsageError("--print-config shows a new run's config; a resumed run's is RUN_DIR/config.yaml "
                                  "(KEY=VALUE given with --resume may change train.*, sample.*, data.path and the "
                                  "dropout settings only)")
+            if cfg.train.init_from:  # the trained model's architecture and vocabulary settings, as the run uses them
+                from .train import _start_from
+                _, cfg = _start_from(cfg)
             sys.stdout.write(commented_yaml(cfg))
             return
         run_dir = out_dir if out_dir is not None else (Path(cfg.train.out) if cfg.train.out else None)

@@ -215,8 +215,9 @@ MODEL_TRAINING_KEYS = ("dropout", "dropout_input", "dropout_hidden", "dropout_ou
                        "locked_dropout", "weight_drop")
 
 
-# data.* keys that fix what the ids mean: a run started from a trained model (train.init_from) keeps them.
-TOKENIZER_KEYS = ("level", "lowercase", "eos", "tokenizer", "normalize")
+# data.* keys that fix the vocabulary and what its ids mean: a run started from a trained model
+# (train.init_from) keeps them.
+VOCAB_KEYS = ("level", "lowercase", "eos", "tokenizer", "normalize", "min_freq", "max_vocab")
 
 
 def model_architecture(m: ModelConfig) -> ModelConfig:
@@ -526,7 +527,14 @@ def build_config(config_path: str | Path | None = None, overrides: list[str] | N
         apply_dict(cfg, base, "saved config")
     if config_path is not None:
         cfg.name = Path(config_path).stem  # unless the file names itself
-        apply_dict(cfg, load_yaml(config_path), str(config_path))
+        data = load_yaml(config_path)
+        apply_dict(cfg, data, str(config_path))
+        # the keys the file states (also at their default values): a run that continues another
+        # (--resume, train.init_from) checks them against the model it continues
+        if isinstance(data, dict):
+            cfg.__dict__.setdefault("stated", set()).update(
+                f"{sec}.{k}" for sec, vals in data.items() if sec in SECTION_CLASSES and isinstance(vals, dict)
+                for k in vals)
     for item in overrides or []:
         _apply_override(cfg, item)
     _validate_whole(cfg)
@@ -543,9 +551,15 @@ def checked(cfg: Config) -> Config:
             _set(out, f"{s}.{f.name}", getattr(section, f.name))
     _set_name(out, cfg.name, "config")
     _validate_whole(out)
-    if hasattr(cfg, "overridden"):
-        out.__dict__["overridden"] = set(cfg.overridden)
+    for attr in ("overridden", "stated"):
+        if hasattr(cfg, attr):
+            out.__dict__[attr] = set(getattr(cfg, attr))
     return out
+
+
+def stated_keys(cfg: Config) -> set[str]:
+    """The dotted keys a config file or KEY=VALUE items set, also those set to their default value."""
+    return set(getattr(cfg, "stated", ())) | set(getattr(cfg, "overridden", ()))
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

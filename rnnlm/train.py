@@ -35,8 +35,8 @@ from . import __version__
 from . import distributed as D
 from .allocator import tune_allocator
 from .checkpoint import BEST, LAST, atomic_write_text, load_checkpoint, resolve_checkpoint, save_checkpoint
-from .config import (MODEL_TRAINING_KEYS, STATE_RESETS_MIN_BATCH, TOKENIZER_KEYS, Config, checked, config_from_dict,
-                     dump_yaml, load_yaml, model_architecture)
+from .config import (MODEL_TRAINING_KEYS, STATE_RESETS_MIN_BATCH, VOCAB_KEYS, Config, ModelConfig, checked,
+                     config_from_dict, dump_yaml, load_yaml, model_architecture, stated_keys)
 from .cudagraph import GraphedStep, graph_blocker
 from .data import Corpus, batchify, load_corpus, window_bounds, with_start
 from .errors import RunError, UsageError
@@ -512,7 +512,7 @@ class Trainer:
             # checkpoints record the ones in use, so loading the model does not warn again
             cfg.model.adaptive_cutoffs = list(self.model.cutoffs)
         self.optimizer = build_optimizer(self.model, tc)
-        total = tc.max_steps or tc.epochs * self.n_windows
+        total = tc.max_steps or self.total_windows()
         self.schedule = LRSchedule(tc, total)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
@@ -571,9 +571,17 @@ class Trainer:
         self.avg: list[torch.Tensor] | None = None
         self.avg_count = 0
         self.avg_start: int | None = None
+        self.cut_note = ""
         if ckpt is not None:
             self._restore(ckpt)
             self._plan_epoch(self.epoch)
+            was = ckpt["config"].get("train", {})
+            keys = ("bptt", "variable_bptt") + (("seed",) if tc.variable_bptt and was.get("variable_bptt") else ())
+            changed = [f"train.{k}" for k in keys if k in was and was[k] != getattr(tc, k)]
+            if changed and self.window > 0:
+                self.cut_note = (f"{', '.join(changed)} changed in the middle of epoch {self.epoch + 1}: its windows are "
+                                 f"cut differently now and training goes on at window {self.window} of the new cut, "
+                                 f"so part of this epoch's text is skipped or trained twice")
 
         self.progress_enabled = progress
         self._stop_signal: str | None = None
@@ -589,6 +597,14 @@ class Trainer:
                                      tc.seed if tc.variable_bptt else None, epoch)
         self._bounds_epoch = epoch
         self.n_windows = len(self._bounds) - 1
+
+    def total_windows(self) -> int:
+        """Windows in all train.epochs epochs (with train.variable_bptt each epoch has its own count)."""
+        tc = self.cfg.train
+        if not tc.variable_bptt:
+            return tc.epochs * self.n_windows
+        n = self.train_data.size(0) - 1
+        return sum(len(window_bounds(n, tc.bptt, tc.seed, e)) - 1 for e in range(tc.epochs))
 
     def _block(self, data: torch.Tensor, i: int) -> torch.Tensor:
         """Window i of this epoch as one (L + 1, B) view: inputs [:-1], targets [1:]."""
@@ -795,6 +811,8 @@ class Trainer:
                         "best_valid_loss": self.best_loss if math.isfinite(self.best_loss) else None,
                         "trained": False}
             self._log(f"continuing at step {self.step}, epoch {self.epoch + 1}, window {self.window}")
+            if self.cut_note:
+                self._log(f"[yellow]warning:[/] {escape(self.cut_note)}")
             if self.dist.is_main:  # the config in force now (train.* or data.path may have changed)
                 try:
                     atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
@@ -1299,11 +1317,28 @@ def _check_belongs(run_dir: Path, ckpt: dict) -> None:
                          f"resume the run it came from, or start a new one")
 
 
+def _inherit_model(saved: ModelConfig, given: Config, refusal: Callable[[str, Any, Any], str]) -> ModelConfig:
+    """`saved` (the model a run continues) with the dropout settings `given` states; any other model.*
+    key `given` states -- in its config file or a KEY=VALUE item, or at a non-default value -- must
+    equal saved's, else UsageError(refusal(key, given value, saved value))."""
+    defaults, stated = ModelConfig(), stated_keys(given)
+    out = copy.deepcopy(saved)
+    for f in dataclasses.fields(ModelConfig):
+        k, v = f.name, getattr(given.model, f.name)
+        if f"model.{k}" not in stated and v == getattr(defaults, k):
+            continue  # not said: the continued model's value
+        if k in MODEL_TRAINING_KEYS:
+            setattr(out, k, v)
+        elif v != getattr(saved, k):
+            raise UsageError(refusal(k, v, getattr(saved, k)))
+    return out
+
+
 def _start_from(cfg: Config) -> tuple[dict, Config]:
     """train.init_from: the checkpoint a new run starts from, and `cfg` with that model's architecture
-    and the data.* keys that fix what its ids mean (TOKENIZER_KEYS). The dropout settings may differ
-    (set them to fine-tune with other ones); a model.* or tokenizer key set to something else is an
-    error rather than silently ignored."""
+    and the data.* keys that fix its vocabulary and what its ids mean (VOCAB_KEYS). The dropout
+    settings may differ (to fine-tune with other ones); a model.* or vocabulary key stated with
+    another value is an error rather than silently ignored."""
     path = resolve_checkpoint(cfg.train.init_from)
     ck = load_checkpoint(path)
     where = ck["path"]
@@ -1311,21 +1346,18 @@ def _start_from(cfg: Config) -> tuple[dict, Config]:
         saved = config_from_dict(ck["config"])
     except UsageError as e:
         raise UsageError(f"train.init_from: {where}: its stored config is invalid: {e}") from None
-    defaults, explicit = Config(), getattr(cfg, "overridden", set())
-    if model_architecture(cfg.model) not in (model_architecture(defaults.model), model_architecture(saved.model)):
-        raise UsageError(f"train.init_from: the model.* settings differ from those of the model in {where}; a run "
-                         f"started from it keeps its architecture (its config.yaml has them): leave model.* out, "
-                         f"except the dropout settings")
-    model = copy.deepcopy(saved.model)
-    for k in MODEL_TRAINING_KEYS:
-        if getattr(cfg.model, k) != getattr(defaults.model, k) or f"model.{k}" in explicit:
-            setattr(model, k, getattr(cfg.model, k))
-    cfg.model = model
-    for k in TOKENIZER_KEYS:
+    cfg.model = _inherit_model(saved.model, cfg, lambda k, v, theirs: (
+        f"train.init_from: model.{k}={v} differs from the model's ({theirs}, in {where}): a run started from it "
+        f"keeps its architecture; leave model.{k} out"))
+    defaults, stated = Config().data, stated_keys(cfg)
+
+    def resolved(k: str, v: Any) -> Any:  # eos 'auto' means line for words, paragraph for chars
+        return ("line" if saved.data.level == "word" else "paragraph") if k == "eos" and v == "auto" else v
+    for k in VOCAB_KEYS:
         v, theirs = getattr(cfg.data, k), getattr(saved.data, k)
-        if (v != getattr(defaults.data, k) or f"data.{k}" in explicit) and v != theirs:
-            raise UsageError(f"train.init_from: data.{k}={v} differs from the model's ({theirs}, in {where}): "
-                             f"its ids keep the meaning its vocabulary gives them; leave data.{k} out")
+        if (f"data.{k}" in stated or v != getattr(defaults, k)) and resolved(k, v) != resolved(k, theirs):
+            raise UsageError(f"train.init_from: data.{k}={v} differs from the model's ({theirs}, in {where}): its "
+                             f"vocabulary and what its ids mean are kept; leave data.{k} out")
         setattr(cfg.data, k, theirs)
     return ck, cfg
 
@@ -1343,16 +1375,15 @@ def _merge_resume_config(saved: dict, given: Config) -> Config:
     given = copy.deepcopy(given)
     given.data.path = base.data.path if given.data != dataclasses.replace(defaults.data, path=given.data.path) \
         else defaults.data.path  # data.path alone given: nothing else of data.* to compare
-    shape = {"data": lambda c: c.data, "model": lambda c: model_architecture(c.model)}
-    for section, part in shape.items():
-        if part(given) != part(defaults) and part(given) != part(base):
-            raise UsageError(f"cannot change {section}.* settings when resuming; only train.*, sample.*, "
-                             f"data.path (--data) and the dropout settings (model.dropout*, model.locked_dropout, "
-                             f"model.weight_drop) may change (the saved run's values are in its config.yaml)")
+    may = ("only train.*, sample.*, data.path (--data) and the dropout settings (model.dropout*, "
+           "model.locked_dropout, model.weight_drop) may change (the saved run's values are in its config.yaml)")
+    if given.data != defaults.data and given.data != base.data:
+        raise UsageError(f"cannot change data.* settings when resuming; {may}")
+    base.model = _inherit_model(base.model, given, lambda k, v, theirs: (
+        f"cannot change model.{k} when resuming (the run has {theirs}, not {v}); {may}"))
     explicit = getattr(given, "overridden", set())  # KEY=VALUE items, also those equal to the default
     changeable = [("train", k) for k in given.train.__dataclass_fields__]
     changeable += [("sample", k) for k in given.sample.__dataclass_fields__]
-    changeable += [("model", k) for k in MODEL_TRAINING_KEYS]
     for section, k in changeable:
         g, d = getattr(given, section), getattr(defaults, section)
         if getattr(g, k) != getattr(d, k) or f"{section}.{k}" in explicit:
@@ -1370,7 +1401,7 @@ class _Progress:
             enabled = bool(console is not None and console.is_terminal)
         self.rich = None
         tc = trainer.cfg.train
-        total = trainer.n_windows * tc.epochs
+        total = trainer.total_windows()
         if tc.max_steps:
             total = min(total, tc.max_steps)
         self.total = total

@@ -480,13 +480,80 @@ def test_init_from_starts_with_the_trained_weights_and_vocabulary(word_corpus, t
 
 
 def test_init_from_refuses_another_architecture_or_tokenizer(word_corpus, tmp_path):
+    """Every model.* and vocabulary key the new run states -- on the command line or in its config file,
+    also at a default value -- must be the trained model's; the dropout settings may differ."""
+    from rnnlm.checkpoint import load_checkpoint
+    from test_train import _cfg
+    Trainer(_cfg(word_corpus, "train.max_steps=5", "model.dropout=0.3"), tmp_path / "base", progress=False).fit()
+    init = f"train.init_from={tmp_path / 'base'}"
+    data = f"data.path={word_corpus}"
+    with pytest.raises(UsageError, match=r"model.hidden_size=64 differs from the model's \(32"):
+        Trainer(build_config(None, [data, init, "model.hidden_size=64"]), tmp_path / "a")
+    with pytest.raises(UsageError, match="model.hidden_size=256 differs"):   # the default, but stated
+        Trainer(build_config(None, [data, init, "model.hidden_size=256"]), tmp_path / "a")
+    cfg_file = tmp_path / "ft.yaml"
+    cfg_file.write_text("model:\n  hidden_size: 256\n")
+    with pytest.raises(UsageError, match="model.hidden_size=256 differs"):
+        Trainer(build_config(cfg_file, [data, init]), tmp_path / "a")
+    with pytest.raises(UsageError, match="data.level=char differs"):
+        Trainer(build_config(None, [data, init, "data.level=char"]), tmp_path / "b")
+    with pytest.raises(UsageError, match="data.min_freq=3 differs"):
+        Trainer(build_config(None, [data, init, "data.min_freq=3"]), tmp_path / "b")
+    with pytest.raises(UsageError, match="checkpoint not found"):
+        Trainer(build_config(None, [data, f"train.init_from={tmp_path / 'nope.pt'}"]), tmp_path / "c")
+    # the model's own values, stated, are fine; eos 'line' is what 'auto' means at word level;
+    # a config file stating dropout 0 (the default) sets it
+    cfg_file.write_text("model:\n  hidden_size: 32\n  dropout: 0.0\ndata:\n  eos: line\n  level: word\n")
+    t = Trainer(build_config(cfg_file, [data, init, "train.max_steps=2"]), tmp_path / "d", progress=False)
+    assert (t.cfg.model.hidden_size, t.cfg.model.num_layers, t.cfg.model.dropout) == (32, 2, 0.0)
+    t.fit()
+    saved = load_checkpoint(tmp_path / "d" / "last.pt")["config"]
+    assert saved["data"]["min_freq"] == 1 and saved["data"]["eos"] == "auto"   # the model's, recorded
+
+
+def test_resume_checks_model_keys_one_by_one(word_corpus, tmp_path):
+    """--resume with a model.* key equal to the run's own is accepted (it used to be refused when the
+    other keys were left out); a different one is refused, naming it."""
+    from test_train import _cfg
+    run = tmp_path / "r"
+    Trainer(_cfg(word_corpus, "train.max_steps=5"), run, progress=False).fit()
+    Trainer(build_config(None, ["train.max_steps=8", "model.hidden_size=32"]), run, resume=True,
+            progress=False).fit()
+    with pytest.raises(UsageError, match=r"cannot change model.num_layers when resuming \(the run has 2, not 3\)"):
+        Trainer(build_config(None, ["train.max_steps=9", "model.num_layers=3"]), run, resume=True)
+
+
+def test_variable_windows_count_every_epoch_in_the_step_total(word_corpus, tmp_path):
+    import numpy as np
+    from rnnlm.data import window_bounds
+    from test_train import _cfg
+    t = Trainer(_cfg(word_corpus, "train.variable_bptt=true", "train.batch_size=64", "train.epochs=5",
+                     "train.max_steps=null"), tmp_path / "v", progress=False)
+    n = t.train_data.size(0) - 1
+    counts = [len(window_bounds(n, 8, 1234, e)) - 1 for e in range(5)]
+    assert len(set(counts)) > 1 and t.total_windows() == sum(counts) == t.schedule.total_steps()
+    assert np.array_equal(t._bounds, window_bounds(n, 8, 1234, 0))
+
+
+def test_resume_warns_when_the_windows_are_cut_differently_mid_epoch(word_corpus, tmp_path, capsys):
+    from test_train import _cfg
+    run = tmp_path / "r"
+    Trainer(_cfg(word_corpus, "train.max_steps=5"), run, progress=False).fit()
+    Trainer(build_config(None, ["train.max_steps=8", "train.bptt=6"]), run, resume=True, progress=False).fit()
+    assert "train.bptt changed in the middle of epoch 1" in capsys.readouterr().err
+    Trainer(build_config(None, ["train.max_steps=10"]), run, resume=True, progress=False).fit()
+    assert "changed in the middle" not in capsys.readouterr().err
+
+
+def test_print_config_shows_the_model_a_run_starts_from(word_corpus, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
     from test_train import _cfg
     Trainer(_cfg(word_corpus, "train.max_steps=5"), tmp_path / "base", progress=False).fit()
-    init = f"train.init_from={tmp_path / 'base'}"
-    with pytest.raises(UsageError, match="model.. settings differ"):
-        Trainer(build_config(None, [f"data.path={word_corpus}", init, "model.hidden_size=64"]), tmp_path / "a")
-    with pytest.raises(UsageError, match="data.level=char differs"):
-        Trainer(build_config(None, [f"data.path={word_corpus}", init, "data.level=char"]), tmp_path / "b")
-    with pytest.raises(UsageError, match="checkpoint not found"):
-        Trainer(build_config(None, [f"data.path={word_corpus}", f"train.init_from={tmp_path / 'nope.pt'}"]),
-                tmp_path / "c")
+    out = subprocess.run([sys.executable, "-m", "rnnlm", "train", "--print-config", f"--data={word_corpus}",
+                          f"train.init_from={tmp_path / 'base'}"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    cfg = yaml.safe_load(out.stdout)
+    assert (cfg["model"]["hidden_size"], cfg["data"]["level"]) == (32, "word")
