@@ -1372,13 +1372,14 @@ def _merge_resume_config(saved: dict, given: Config) -> Config:
     # (a changed text is noticed by its fingerprint and warned about).
     if given.data.path is not None and given.data.path != base.data.path:
         base.data.path = given.data.path
-    given = copy.deepcopy(given)
-    given.data.path = base.data.path if given.data != dataclasses.replace(defaults.data, path=given.data.path) \
-        else defaults.data.path  # data.path alone given: nothing else of data.* to compare
     may = ("only train.*, sample.*, data.path (--data) and the dropout settings (model.dropout*, "
            "model.locked_dropout, model.weight_drop) may change (the saved run's values are in its config.yaml)")
-    if given.data != defaults.data and given.data != base.data:
-        raise UsageError(f"cannot change data.* settings when resuming; {may}")
+    stated = stated_keys(given)
+    for f in dataclasses.fields(type(defaults.data)):  # each other data.* key given must be the run's own
+        k, v = f.name, getattr(given.data, f.name)
+        if k != "path" and (f"data.{k}" in stated or v != getattr(defaults.data, k)) and v != getattr(base.data, k):
+            raise UsageError(f"cannot change data.{k} when resuming (the run has {getattr(base.data, k)}, not {v}); "
+                             f"{may}")
     base.model = _inherit_model(base.model, given, lambda k, v, theirs: (
         f"cannot change model.{k} when resuming (the run has {theirs}, not {v}); {may}"))
     explicit = getattr(given, "overridden", set())  # KEY=VALUE items, also those equal to the default

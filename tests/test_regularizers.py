@@ -557,3 +557,14 @@ def test_print_config_shows_the_model_a_run_starts_from(word_corpus, tmp_path):
     assert out.returncode == 0, out.stderr
     cfg = yaml.safe_load(out.stdout)
     assert (cfg["model"]["hidden_size"], cfg["data"]["level"]) == (32, "word")
+
+
+def test_resume_checks_data_keys_one_by_one(word_corpus, tmp_path):
+    from test_train import _cfg
+    run = tmp_path / "r"
+    Trainer(_cfg(word_corpus, "train.max_steps=5"), run, progress=False).fit()
+    Trainer(build_config(None, ["train.max_steps=7", "data.level=word"]), run, resume=True, progress=False).fit()
+    with pytest.raises(UsageError, match=r"cannot change data.lowercase when resuming \(the run has False"):
+        Trainer(build_config(None, ["train.max_steps=9", "data.lowercase=true"]), run, resume=True)
+    Trainer(build_config(None, ["train.max_steps=9", f"data.path={word_corpus}"]), run, resume=True,
+            progress=False).fit()
