@@ -254,9 +254,17 @@ class LoadedModel:
     checkpoint: dict[str, Any]
 
 
+def stored_config(ck: dict[str, Any]):
+    """The Config a loaded checkpoint holds; a UsageError naming the file when it is invalid."""
+    from .config import config_from_dict
+    try:
+        return config_from_dict(ck["config"])
+    except UsageError as e:
+        raise UsageError(f"{ck['path']}: its stored config is invalid: {e}") from None
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild the model, config, vocabulary and tokenizer stored in a checkpoint."""
-    from .config import config_from_dict
     from .models import RNNLM
     from .text import Tokenizer, Vocab
 
@@ -265,10 +273,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         device = select_device(device, "device")  # "gpu", or cuda on a machine without: a UsageError
     ck = load_checkpoint(path)
     where = ck["path"]
-    try:
-        cfg = config_from_dict(ck["config"])
-    except UsageError as e:
-        raise UsageError(f"{where}: its stored config is invalid: {e}") from None
+    cfg = stored_config(ck)
     try:
         vocab = Vocab.from_dict(ck["vocab"])
         tok_settings = ck["vocab"].get("tokenizer")

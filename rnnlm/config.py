@@ -205,9 +205,14 @@ class Config:
         return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
 
     def resolved_eos(self) -> str:
-        if self.data.eos != "auto":
-            return self.data.eos
-        return "line" if self.data.level == "word" else "paragraph"
+        return resolve_eos(self.data.eos, self.data.level)
+
+
+def resolve_eos(eos: str, level: str) -> str:
+    """data.eos as it applies: 'auto' is line for words, paragraph for chars."""
+    if eos != "auto":
+        return eos
+    return "line" if level == "word" else "paragraph"
 
 
 # model.* keys that act in training only (no weight depends on them): a resumed run may change them.

@@ -1031,11 +1031,6 @@ def batchify(ids: np.ndarray, batch_size: int) -> torch.Tensor:
     return torch.from_numpy(out)  # (T, B)
 
 
-def num_windows(data: torch.Tensor, bptt: int) -> int:
-    """Windows in one pass over `data` (T, B): every target position covered once."""
-    return (data.size(0) - 2) // bptt + 1
-
-
 # AWD-LSTM's variable window length (Merity et al. 2018, section 4.1): the base length is bptt with
 # probability 0.95, else bptt / 2, and the window's length is drawn from N(base, 5 tokens).
 VARIABLE_BPTT_P = 0.95
@@ -1046,7 +1041,7 @@ def window_bounds(n_targets: int, bptt: int, seed: int | None = None, epoch: int
     """Where one pass's windows start, plus the end: window i predicts targets ``bounds[i] + 1 ..
     bounds[i + 1]`` of a (n_targets + 1, B) stream, i.e. it is ``data[bounds[i] : bounds[i + 1] + 1]``.
 
-    `seed` None: windows of `bptt` tokens (the last one shorter), as :func:`num_windows` counts them.
+    `seed` None: windows of `bptt` tokens (the last one shorter).
     Otherwise AWD-LSTM's variable lengths: each window N(bptt, 5) tokens long, or N(bptt / 2, 5) one
     time in 20, clipped to [min(5, bptt), bptt + 20]; the draws come from a generator of their own
     seeded by (seed, epoch), so every epoch cuts the text differently, every process of a torchrun
@@ -1066,14 +1061,13 @@ def window_bounds(n_targets: int, bptt: int, seed: int | None = None, epoch: int
     return np.concatenate([[0], np.minimum(ends[:n], n_targets)]).astype(np.int64)
 
 
-def get_window(data: torch.Tensor, i: int, bptt: int) -> tuple[torch.Tensor, torch.Tensor]:
+def window(data: torch.Tensor, bounds: np.ndarray, i: int) -> torch.Tensor:
+    """Window i of a pass cut at `bounds` (:func:`window_bounds`) as one (L + 1, B) view of `data`:
+    inputs ``[:-1]``, targets ``[1:]``."""
+    return data[int(bounds[i]): int(bounds[i + 1]) + 1]
+
+
+def get_window(data: torch.Tensor, bounds: np.ndarray, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Window i: inputs (L, B) and targets (L, B), the inputs shifted by one, as int64."""
-    block = window_block(data, i, bptt)
+    block = window(data, bounds, i)
     return block[:-1].long(), block[1:].long()
-
-
-def window_block(data: torch.Tensor, i: int, bptt: int) -> torch.Tensor:
-    """Window i as one (L + 1, B) view of `data`: inputs ``[:-1]``, targets ``[1:]``."""
-    start = i * bptt
-    length = min(bptt, data.size(0) - 1 - start)
-    return data[start: start + length + 1]

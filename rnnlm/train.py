@@ -34,11 +34,12 @@ from rich.markup import escape
 from . import __version__
 from . import distributed as D
 from .allocator import tune_allocator
-from .checkpoint import BEST, LAST, atomic_write_text, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import (BEST, LAST, atomic_write_text, load_checkpoint, resolve_checkpoint, save_checkpoint,
+                         stored_config)
 from .config import (MODEL_TRAINING_KEYS, STATE_RESETS_MIN_BATCH, VOCAB_KEYS, Config, ModelConfig, checked,
-                     config_from_dict, dump_yaml, load_yaml, model_architecture, stated_keys)
+                     config_from_dict, dump_yaml, load_yaml, model_architecture, resolve_eos, stated_keys)
 from .cudagraph import GraphedStep, graph_blocker
-from .data import Corpus, batchify, load_corpus, window_bounds, with_start
+from .data import Corpus, batchify, get_window, load_corpus, window, window_bounds, with_start
 from .errors import RunError, UsageError
 from .evaluate import _exp, evaluate_ids
 from .models import RNNLM, _plain_loss, detach_state, reset_column, state_from_list, state_to_list
@@ -606,10 +607,6 @@ class Trainer:
         n = self.train_data.size(0) - 1
         return sum(len(window_bounds(n, tc.bptt, tc.seed, e)) - 1 for e in range(tc.epochs))
 
-    def _block(self, data: torch.Tensor, i: int) -> torch.Tensor:
-        """Window i of this epoch as one (L + 1, B) view: inputs [:-1], targets [1:]."""
-        return data[int(self._bounds[i]): int(self._bounds[i + 1]) + 1]
-
     def _rank0_first(self, load: Callable[[], Corpus], data_cfg) -> Corpus:
         """`load()`; under torchrun, for a text rnnlm gathers itself (data.glob, the default corpus),
         on rank 0 first -- which gathers, encodes and caches it alone -- then on the other ranks,
@@ -849,21 +846,20 @@ class Trainer:
                     lr_step = lr * int(self._bounds[i + 1] - self._bounds[i]) / tc.bptt if tc.variable_bptt else lr
                     set_lr(self.optimizer, lr_step)
                     if self.graphed is not None:  # forward, backward and clipping replayed from a CUDA graph
-                        xy = self._block(self.train_data, i)
-                        xyb = self._block(self.train_data_rev, i) if self.bidirectional else None
+                        xy = window(self.train_data, self._bounds, i)
+                        xyb = window(self.train_data_rev, self._bounds, i) if self.bidirectional else None
                         loss, gnorm, self.state, self.state_rev = self.graphed.step(
                             xy, self._carry(self.state), xyb, self._carry(self.state_rev))
                         self.optimizer.step()
                         n_x = xy[1:].numel()
                     else:
-                        xy = self._block(self.train_data, i)
-                        x, y = xy[:-1].long(), xy[1:].long()
+                        x, y = get_window(self.train_data, self._bounds, i)
                         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                         self.optimizer.zero_grad(set_to_none=True)
                         xb = yb = None
                         if self.bidirectional:
-                            xyb = self._block(self.train_data_rev, i)
-                            xb, yb = xyb[:-1].long().to(self.device), xyb[1:].long().to(self.device)
+                            xb, yb = get_window(self.train_data_rev, self._bounds, i)
+                            xb, yb = xb.to(self.device), yb.to(self.device)
                         with self._autocast():
                             obj, loss, self.state, self.state_rev = self.step_module(
                                 x, y, self._carry(self.state), xb, yb, self._carry(self.state_rev))
@@ -1339,20 +1335,15 @@ def _start_from(cfg: Config) -> tuple[dict, Config]:
     and the data.* keys that fix its vocabulary and what its ids mean (VOCAB_KEYS). The dropout
     settings may differ (to fine-tune with other ones); a model.* or vocabulary key stated with
     another value is an error rather than silently ignored."""
-    path = resolve_checkpoint(cfg.train.init_from)
-    ck = load_checkpoint(path)
-    where = ck["path"]
-    try:
-        saved = config_from_dict(ck["config"])
-    except UsageError as e:
-        raise UsageError(f"train.init_from: {where}: its stored config is invalid: {e}") from None
+    ck = load_checkpoint(resolve_checkpoint(cfg.train.init_from))
+    where, saved = ck["path"], stored_config(ck)
     cfg.model = _inherit_model(saved.model, cfg, lambda k, v, theirs: (
         f"train.init_from: model.{k}={v} differs from the model's ({theirs}, in {where}): a run started from it "
         f"keeps its architecture; leave model.{k} out"))
     defaults, stated = Config().data, stated_keys(cfg)
 
-    def resolved(k: str, v: Any) -> Any:  # eos 'auto' means line for words, paragraph for chars
-        return ("line" if saved.data.level == "word" else "paragraph") if k == "eos" and v == "auto" else v
+    def resolved(k: str, v: Any) -> Any:
+        return resolve_eos(v, saved.data.level) if k == "eos" else v
     for k in VOCAB_KEYS:
         v, theirs = getattr(cfg.data, k), getattr(saved.data, k)
         if (f"data.{k}" in stated or v != getattr(defaults, k)) and resolved(k, v) != resolved(k, theirs):

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import rnnlm.data as data
 from rnnlm.config import DataConfig
 from rnnlm.data import (TextSource, batchify, cache_root, count_tokens, encode_source, get_window, load_corpus,
-                        num_windows, read_lines, resolve_sources, split_file, with_start)
+                        read_lines, resolve_sources, split_file, window_bounds, with_start)
 from rnnlm.errors import UsageError
 from rnnlm.text import EOS, EOS_ID, UNK, Encoder, Tokenizer, Vocab
 
@@ -369,8 +369,9 @@ def test_every_token_is_a_target_exactly_once(n, batch, bptt):
     data_ = batchify(stream, batch)
     T, B = data_.shape
     assert B == batch and data_.dtype == torch.int32
-    for i in range(num_windows(data_, bptt)):
-        x, y = get_window(data_, i, bptt)
+    bounds = window_bounds(T - 1, bptt)
+    for i in range(len(bounds) - 1):
+        x, y = get_window(data_, bounds, i)
         assert x.shape == y.shape and 1 <= x.size(0) <= bptt and x.dtype == torch.int64
         x_all.append(x)
         y_all.append(y)
