@@ -277,14 +277,36 @@ def eval_perplexity(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object.", metavar=""),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     encoding: Optional[str] = typer.Option(None, "--encoding", metavar="ENC", help="Text encoding of the file (default: the one the model was trained on, its data.encoding)."),
+    cache_size: Optional[int] = typer.Option(None, "--cache-size", metavar="N",
+                                             help="Also report the perplexity with a continuous cache (Grave et al. 2017) "
+                                                  "over the last N positions. The plain numbers are unchanged."),
+    cache_theta: Optional[str] = typer.Option(None, "--cache-theta", metavar="T[,T...]",
+                                              help="The cache's sharpness θ >= 0 (default 1.0); a comma-separated list "
+                                                   "scores each value. Choose it on validation text."),
+    cache_lambda: Optional[str] = typer.Option(None, "--cache-lambda", metavar="L[,L...]",
+                                               help="The cache's weight λ in [0, 1] (default 0.1); a list scores each "
+                                                    "value (with a θ list, every pair)."),
 ) -> None:
     def body() -> None:
+        from .cache import CacheSpec, parse_values
         from .checkpoint import load_model
         from .data import check_encoding, glob_corpus_path
         from .evaluate import perplexity
 
         if batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+        cache = None
+        if cache_size is None:
+            for value, option in ((cache_theta, "--cache-theta"), (cache_lambda, "--cache-lambda")):
+                if value is not None:
+                    raise UsageError(f"{option} sets up the continuous cache; give --cache-size N too "
+                                     f"(how many past positions it holds, e.g. 500)")
+        else:
+            if cache_size < 1:
+                raise UsageError(f"--cache-size must be >= 1, got {cache_size}")
+            cache = CacheSpec(cache_size,
+                              parse_values(cache_theta, "--cache-theta") if cache_theta is not None else (1.0,),
+                              parse_values(cache_lambda, "--cache-lambda") if cache_lambda is not None else (0.1,))
         ckpt = _path(checkpoint, "--checkpoint")
         data_path = _path(data, "--data")
         if glob is not None:
@@ -304,7 +326,7 @@ def eval_perplexity(
         if glob is not None:
             data_path, what = glob_corpus_path(data_path, glob, enc, errors, option="--glob")
         res = perplexity(lm.model, lm.vocab, lm.tokenizer, data_path, batch_size, dev, enc, errors,
-                         progress="auto")
+                         progress="auto", cache=cache)
         if glob is not None:  # "file" is the gathered text; say where it came from
             res["source"] = what
         if as_json:
@@ -321,9 +343,23 @@ def eval_perplexity(
                            ("word_ppl", "word-level perplexity")):
             if key in res:
                 rows.append((label, f"{res[key]:.3f}"))
+        entries = res.get("cache", [])
+        if len(entries) == 1:
+            e = entries[0]
+            rows.append((f"with cache (N={e['size']}, θ={e['theta']:g}, λ={e['lambda']:g})", f"{e['ppl']:.3f}"))
         for r in rows:
             table.add_row(*r)
         out_console.print(table)
+        if len(entries) > 1:
+            best = min(range(len(entries)), key=lambda i: entries[i]["loss"])
+            grid = Table(title=f"with a continuous cache of {entries[0]['size']} positions", show_header=True)
+            for name in ("θ", "λ", "perplexity", "loss (nats/token)"):
+                grid.add_column(name, justify="right")
+            grid.add_column("")
+            for i, e in enumerate(entries):
+                grid.add_row(f"{e['theta']:g}", f"{e['lambda']:g}", f"{e['ppl']:.3f}", f"{e['loss']:.4f}",
+                             "lowest" if i == best else "")
+            out_console.print(grid)
     _run(body)
 
 

@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Union
 import numpy as np
 import torch
 
+from .cache import CacheSpec, cache_nll
 from .data import TextSource, check_readable, encode_source, encode_text
 from .errors import UsageError
 from .text import EOS_ID, UNK, UNK_ID, Tokenizer, Vocab
@@ -112,7 +113,7 @@ def _clone(state):
 def stream_nll(model, ids: np.ndarray, batch_size: int = 1, window: int = 256, direction: int = 0,
                burn_in: int = 256, device: torch.device | str = "cpu",
                progress: Callable[[int], None] | None = None, autocast_dtype: torch.dtype | None = None,
-               exact: bool = True, info: dict | None = None) -> float:
+               exact: bool = True, info: dict | None = None, collect: dict | None = None) -> float:
     """Total negative log-likelihood (nats) of `ids`, each token predicted once from its left context.
 
     ids are in reading order of `direction` (reverse the text for the backward stack). The
@@ -127,20 +128,41 @@ def stream_nll(model, ids: np.ndarray, batch_size: int = 1, window: int = 256, d
         info.update(pieces=0, rerun_tokens=0)
     if n == 0:
         return 0.0
+    if collect is not None:
+        # Per token, in stream order: the NLL (float64) and the features the softmax read
+        # (float32; the continuous cache's keys). The features of a long text go to a temporary
+        # file rather than memory.
+        collect["nll"] = torch.zeros(n, dtype=torch.float64)
+        collect["features"] = None             # (n, D), made when D is known
     device = torch.device(device)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             return _stream_nll(model, np.asarray(ids), batch_size, max(1, window), direction, max(0, burn_in),
-                               device, progress, autocast_dtype, exact, info)
+                               device, progress, autocast_dtype, exact, info, collect)
     finally:
         if was_training:
             model.train()
 
 
+# Features of more than this many bytes are kept in a temporary file (a memory map), not in memory.
+FEATURES_IN_MEMORY_MAX = 1 << 30
+
+
+def _feature_store(n: int, dim: int, collect: dict) -> np.ndarray:
+    """An (n, dim) float32 array for the per-token features: in memory, or for a long text a
+    memory-mapped temporary file, deleted when its last reference goes (`collect["_tmpdir"]`)."""
+    if n * dim * 4 <= FEATURES_IN_MEMORY_MAX:
+        return np.zeros((n, dim), dtype=np.float32)
+    import tempfile
+    tmp = tempfile.TemporaryDirectory(prefix="rnnlm-features-")
+    collect["_tmpdir"] = tmp
+    return np.lib.format.open_memmap(Path(tmp.name) / "features.npy", mode="w+", dtype=np.float32, shape=(n, dim))
+
+
 def _stream_nll(model, ids, batch_size, window, direction, burn_in, device, progress, autocast_dtype,
-                exact, info) -> float:
+                exact, info, collect=None) -> float:
     n = len(ids)
     stream = np.empty(n + 1, dtype=np.int64)   # input k predicts target k (= stream[k + 1])
     stream[0] = EOS_ID
@@ -156,14 +178,30 @@ def _stream_nll(model, ids, batch_size, window, direction, burn_in, device, prog
     record = exact and B > 1
     tol = state_tolerance(device, autocast_dtype)
 
-    def forward(x: np.ndarray, y: np.ndarray, scored: np.ndarray, state):
-        """Run (t, b) inputs from `state`: (per-column NLL sums (b,) float64, new state)."""
+    def forward(x: np.ndarray, y: np.ndarray, scored: np.ndarray, state, starts=None):
+        """Run (t, b) inputs from `state`: (per-column NLL sums (b,) float64, new state).
+
+        With `collect`, also record each scored token's NLL and features at its index in the
+        text: `starts[j]` is the index column j's first row predicts."""
         xt = torch.from_numpy(x).to(device)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             h, state = model(xt, state, direction)
-        nll = model.nll(h.float(), torch.from_numpy(y).to(device), reduction="none").view(x.shape)
+        h = h.float()
+        nll = model.nll(h, torch.from_numpy(y).to(device), reduction="none").view(x.shape)
         mask = torch.from_numpy(scored).to(device)
-        return torch.where(mask, nll.double(), 0.0).sum(0), state
+        per_token = torch.where(mask, nll.double(), 0.0)
+        if collect is not None:
+            rows_nll, rows_h = per_token.cpu(), h.cpu()
+            if collect["features"] is None:
+                collect["features"] = _feature_store(len(ids), h.shape[-1], collect)
+            for j in range(x.shape[1]):
+                rows = np.flatnonzero(scored[:, j])
+                if len(rows):                  # scored rows are contiguous in a column
+                    r0, r1 = int(rows[0]), int(rows[-1]) + 1
+                    i0 = starts[j] + r0
+                    collect["nll"][i0:i0 + r1 - r0] = rows_nll[r0:r1, j]
+                    collect["features"][i0:i0 + r1 - r0] = rows_h[r0:r1, j].numpy()
+        return per_token.sum(0), state
 
     chunk_nll: list[torch.Tensor] = []         # per chunk: (B,) NLL of the scored tokens
     chunk_state: list = []                     # per chunk: the state after it (when checking)
@@ -181,7 +219,7 @@ def _stream_nll(model, ids, batch_size, window, direction, burn_in, device, prog
             s0 = max(t0, a - c)
             if s0 < u1:
                 scored[s0 - t0: u1 - t0, j] = True
-        sums, state = forward(x, y, scored, state)
+        sums, state = forward(x, y, scored, state, [c + t0 for c, _, _ in pieces])
         chunk_nll.append(sums)
         if record:
             chunk_state.append(_clone(state))
@@ -212,7 +250,7 @@ def _stream_nll(model, ids, batch_size, window, direction, burn_in, device, prog
                 t0, t1 = bounds[k], bounds[k + 1]
                 x = stream[c + t0: c + t1].reshape(-1, 1)
                 y = stream[c + t0 + 1: c + t1 + 1].reshape(-1, 1)
-                sums, cur = forward(x, y, np.ones_like(x, dtype=bool), cur)
+                sums, cur = forward(x, y, np.ones_like(x, dtype=bool), cur, [c + t0])
                 per[k, j] = sums[0]
                 rerun += t1 - t0
                 met = _close(cur, _select(chunk_state[k], j), tol)
@@ -233,27 +271,50 @@ def _exp(x: float) -> float:
 
 def evaluate_ids(model, ids: np.ndarray, batch_size: int = 1, device="cpu", window: int = 256,
                  progress: Callable[[int], None] | None = None, autocast_dtype=None, exact: bool = True,
-                 burn_in: int = 256) -> dict:
+                 burn_in: int = 256, cache: CacheSpec | None = None) -> dict:
     """Loss (nats/token), perplexity and bits per token of an id stream, for each direction.
 
     Bidirectional models: ``forward_loss``/``backward_loss`` (and ``_ppl``) per direction, the
     backward stack reading the reversed stream; ``loss`` is their mean, so ``ppl`` is the
     geometric mean of the two perplexities.
+
+    With `cache` (a :class:`~rnnlm.cache.CacheSpec`), ``cache`` is also given: one entry per
+    (θ, λ) of its grid with the mixture's ``loss``, ``ppl`` and ``bits_per_token`` (each
+    direction with its own cache, combined like the plain numbers). The plain keys are unchanged.
     """
     n = len(ids)
     if n == 0:
         raise UsageError("nothing to evaluate: the text has no tokens")
     kw = dict(batch_size=batch_size, window=window, burn_in=burn_in, device=device, progress=progress,
               autocast_dtype=autocast_dtype, exact=exact)
-    fwd_nll = stream_nll(model, ids, direction=0, **kw)
-    out: dict = {"nll": fwd_nll, "loss": fwd_nll / n}
+    streams = [np.asarray(ids)]
     if getattr(model, "num_directions", 1) == 2:
-        bwd_nll = stream_nll(model, np.ascontiguousarray(np.asarray(ids)[::-1]), direction=1, **kw)
-        fwd, bwd = fwd_nll / n, bwd_nll / n
+        streams.append(np.ascontiguousarray(streams[0][::-1]))
+    nlls, cached = [], []
+    for direction, stream in enumerate(streams):
+        collect: dict | None = {} if cache is not None else None
+        nlls.append(stream_nll(model, stream, direction=direction, collect=collect, **kw))
+        if cache is not None:
+            cached.append(cache_nll(collect["features"], torch.from_numpy(np.asarray(stream, dtype=np.int64)),
+                                    collect["nll"], cache, device))
+    out: dict = {"nll": nlls[0], "loss": nlls[0] / n}
+    if len(streams) == 2:
+        fwd, bwd = nlls[0] / n, nlls[1] / n
         out.update(forward_loss=fwd, backward_loss=bwd, forward_ppl=_exp(fwd), backward_ppl=_exp(bwd),
-                   nll=(fwd_nll + bwd_nll) / 2, loss=(fwd + bwd) / 2)
+                   nll=(nlls[0] + nlls[1]) / 2, loss=(fwd + bwd) / 2)
     out["ppl"] = _exp(out["loss"])
     out["bits_per_token"] = out["loss"] / math.log(2)
+    if cache is not None:
+        out["cache"] = []
+        for a, b in np.ndindex(len(cache.thetas), len(cache.lambdas)):
+            losses = [float(c[a, b]) / n for c in cached]
+            entry = {"size": cache.size, "theta": cache.thetas[a], "lambda": cache.lambdas[b]}
+            if len(losses) == 2:
+                entry.update(forward_loss=losses[0], backward_loss=losses[1],
+                             forward_ppl=_exp(losses[0]), backward_ppl=_exp(losses[1]))
+            loss = sum(losses) / len(losses)
+            entry.update(loss=loss, ppl=_exp(loss), bits_per_token=loss / math.log(2))
+            out["cache"].append(entry)
     return out
 
 
@@ -308,7 +369,7 @@ def _check_errors(errors) -> None:
 
 def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batch_size: int = 1,
                device="cpu", encoding: str = "utf-8", errors: str = "strict", progress: Progress = False,
-               exact: bool = True) -> dict:
+               exact: bool = True, cache: CacheSpec | None = None) -> dict:
     """Evaluate a text file as CONTRACT.md defines; returns the JSON-ready result.
 
     progress: False/None (quiet), True (a tqdm bar on stderr), "auto" (a bar when stderr is a
@@ -320,8 +381,12 @@ def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batc
     ppl, bits_per_token; for char models also bpc, and words and word_ppl = exp(nll / words) with
     words = whitespace-separated words + <eos> tokens, comparable with a word model's perplexity
     (only for text that separates words with spaces: see _word_count); for bidirectional models
-    forward_/backward_ loss and ppl.
+    forward_/backward_ loss and ppl. With `cache` (the continuous cache, :mod:`rnnlm.cache`),
+    ``cache``: a list with one entry per (θ, λ) of the grid, ``{"size", "theta", "lambda", "loss",
+    "ppl", "bits_per_token"}`` (``bpc`` too at char level); the plain numbers are unchanged.
     """
+    if cache is not None and not isinstance(cache, CacheSpec):
+        raise UsageError(f"cache must be a rnnlm.cache.CacheSpec, got {cache!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if progress not in (False, None, True, "auto") and not callable(progress):
@@ -346,13 +411,15 @@ def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batc
     directions = getattr(model, "num_directions", 1)
     callback, close = _progress_bar(progress, n * directions)
     try:
-        res = evaluate_ids(model, ids, batch_size, device, progress=callback, exact=exact)
+        res = evaluate_ids(model, ids, batch_size, device, progress=callback, exact=exact, cache=cache)
     finally:
         close()
     result = {"tokens": n, "oov": oov, "oov_rate": oov / n, **res,
               "batch_size": batch_size, "level": tokenizer.level, "file": str(p)}
     if tokenizer.level == "char":
         result["bpc"] = result["bits_per_token"]
+        for entry in result.get("cache", []):
+            entry["bpc"] = entry["bits_per_token"]
         words = _word_count(ids, vocab)
         if words is not None:  # only for text that separates its words with spaces
             result["words"] = words

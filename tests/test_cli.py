@@ -294,6 +294,36 @@ def test_eval_perplexity_json_word(work, word_run):
     assert r.exit_code == 0 and math.isclose(json.loads(r.stdout)["ppl"], res["ppl"], rel_tol=5e-3)
 
 
+def test_eval_perplexity_with_a_continuous_cache(work, word_run):
+    data = work / "word_test.txt"
+    plain = json.loads(ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--json"]).stdout)
+    res = json.loads(ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--json", "--cache-size", "100",
+                                "--cache-theta", "0.5,2", "--cache-lambda", "0,0.2"]).stdout)
+    assert {k: res[k] for k in ("loss", "ppl", "tokens")} == {k: plain[k] for k in ("loss", "ppl", "tokens")}
+    assert [(e["size"], e["theta"], e["lambda"]) for e in res["cache"]] == [
+        (100, 0.5, 0.0), (100, 0.5, 0.2), (100, 2.0, 0.0), (100, 2.0, 0.2)]
+    for e in res["cache"]:
+        assert math.isclose(e["ppl"], math.exp(e["loss"]), rel_tol=1e-12)
+        if e["lambda"] == 0:
+            assert math.isclose(e["loss"], res["loss"], rel_tol=1e-12)
+    one = json.loads(ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--json", "--cache-size", "100"]).stdout)
+    assert [(e["theta"], e["lambda"]) for e in one["cache"]] == [(1.0, 0.1)]          # the defaults
+    table = ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--cache-size", "100"]).stdout
+    assert "with cache" in table and f"{one['cache'][0]['ppl']:.3f}" in table
+    grid = ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--cache-size", "100", "--cache-theta", "0.5,2",
+                      "--cache-lambda", "0,0.2"]).stdout
+    best = min(res["cache"], key=lambda e: e["loss"])
+    assert "lowest" in grid and f"{best['ppl']:.3f}" in grid
+    for args, needles in ((["--cache-theta", "1"], ("--cache-theta", "--cache-size")),
+                          (["--cache-lambda", "0.1"], ("--cache-lambda", "--cache-size")),
+                          (["--cache-size", "0"], ("--cache-size", ">= 1")),
+                          (["--cache-size", "10", "--cache-lambda", "1.5"], ("--cache-lambda", "[0, 1]")),
+                          (["--cache-size", "10", "--cache-theta", "-1"], ("--cache-theta", ">= 0")),
+                          (["--cache-size", "10", "--cache-theta", "a,b"], ("--cache-theta", "comma-separated")),
+                          (["--cache-size", "10", "--cache-theta", "1,1"], ("--cache-theta", "twice"))):
+        assert_usage_error(invoke(["eval-perplexity", "-m", word_run, "-d", data, *args]), *needles)
+
+
 def test_eval_perplexity_counts_oov_and_human_table(work, word_run):
     f = work / "oov.txt"
     f.write_text("the zebra sat on the rug\n", encoding="utf-8")
