@@ -20,7 +20,7 @@ _EXPORTS = {
     "Tokenizer": "text", "Vocab": "text",
     "RNNLM": "models",
     "load_model": "checkpoint",
-    "perplexity": "evaluate", "score_sentences": "evaluate", "CacheSpec": "cache",
+    "perplexity": "evaluate", "score_sentences": "evaluate", "CacheSpec": "cache", "DynamicSpec": "dynamic",
     "Sampler": "sample",
     "Trainer": "train",
 }

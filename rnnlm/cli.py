@@ -286,10 +286,22 @@ def eval_perplexity(
     cache_lambda: Optional[str] = typer.Option(None, "--cache-lambda", metavar="L[,L...]",
                                                help="The cache's weight λ in [0, 1] (default 0.1); a list scores each "
                                                     "value (with a θ list, every pair)."),
+    dynamic_lr: Optional[str] = typer.Option(None, "--dynamic-lr", metavar="LR[,LR...]",
+                                             help="Also report the perplexity under dynamic evaluation (Krause et al. "
+                                                  "2018): the model takes an SGD step of this size on each segment "
+                                                  "after scoring it. One sequential pass per value; choose it on "
+                                                  "validation text."),
+    dynamic_decay: Optional[float] = typer.Option(None, "--dynamic-decay", metavar="D",
+                                                  help="With --dynamic-lr: pull the adapted weights back toward the "
+                                                       "trained ones by this share each step, in [0, 1] (default 0)."),
+    dynamic_segment: Optional[int] = typer.Option(None, "--dynamic-segment", metavar="N",
+                                                  help="With --dynamic-lr: tokens per segment, one step after each "
+                                                       "(default 20)."),
 ) -> None:
     def body() -> None:
         from .cache import CacheSpec, parse_values
         from .checkpoint import load_model
+        from .dynamic import DynamicSpec
         from .data import check_encoding, glob_corpus_path
         from .evaluate import perplexity
 
@@ -307,6 +319,16 @@ def eval_perplexity(
             cache = CacheSpec(cache_size,
                               parse_values(cache_theta, "--cache-theta") if cache_theta is not None else (1.0,),
                               parse_values(cache_lambda, "--cache-lambda") if cache_lambda is not None else (0.1,))
+        dynamic = None
+        if dynamic_lr is None:
+            for value, option in ((dynamic_decay, "--dynamic-decay"), (dynamic_segment, "--dynamic-segment")):
+                if value is not None:
+                    raise UsageError(f"{option} sets up dynamic evaluation; give --dynamic-lr LR too "
+                                     f"(the size of its SGD steps, e.g. 1.0)")
+        else:
+            dynamic = DynamicSpec(parse_values(dynamic_lr, "--dynamic-lr"),
+                                  0.0 if dynamic_decay is None else dynamic_decay,
+                                  20 if dynamic_segment is None else dynamic_segment)
         ckpt = _path(checkpoint, "--checkpoint")
         data_path = _path(data, "--data")
         if glob is not None:
@@ -326,7 +348,7 @@ def eval_perplexity(
         if glob is not None:
             data_path, what = glob_corpus_path(data_path, glob, enc, errors, option="--glob")
         res = perplexity(lm.model, lm.vocab, lm.tokenizer, data_path, batch_size, dev, enc, errors,
-                         progress="auto", cache=cache)
+                         progress="auto", cache=cache, dynamic=dynamic)
         if glob is not None:  # "file" is the gathered text; say where it came from
             res["source"] = what
         if as_json:
@@ -343,21 +365,31 @@ def eval_perplexity(
                            ("word_ppl", "word-level perplexity")):
             if key in res:
                 rows.append((label, f"{res[key]:.3f}"))
-        entries = res.get("cache", [])
-        if len(entries) == 1:
-            e = entries[0]
-            rows.append((f"with cache (N={e['size']}, θ={e['theta']:g}, λ={e['lambda']:g})", f"{e['ppl']:.3f}"))
+        grids = []
+        for key, label, params in (("cache", "with a continuous cache of {size} positions", ("theta", "lambda")),
+                                   ("dynamic", "with dynamic evaluation (segments of {segment}, decay {decay:g})",
+                                    ("lr",))):
+            entries = res.get(key, [])
+            if len(entries) == 1:
+                e = entries[0]
+                desc = (f"N={e['size']}, θ={e['theta']:g}, λ={e['lambda']:g}" if key == "cache"
+                        else f"lr={e['lr']:g}, segment {e['segment']}, decay {e['decay']:g}")
+                rows.append((f"with {'cache' if key == 'cache' else 'dynamic evaluation'} ({desc})",
+                             f"{e['ppl']:.3f}"))
+            elif entries:
+                grids.append((label.format(**entries[0]), params, entries))
         for r in rows:
             table.add_row(*r)
         out_console.print(table)
-        if len(entries) > 1:
+        symbols = {"theta": "θ", "lambda": "λ", "lr": "lr"}
+        for title, params, entries in grids:
             best = min(range(len(entries)), key=lambda i: entries[i]["loss"])
-            grid = Table(title=f"with a continuous cache of {entries[0]['size']} positions", show_header=True)
-            for name in ("θ", "λ", "perplexity", "loss (nats/token)"):
+            grid = Table(title=title, show_header=True)
+            for name in (*[symbols[p] for p in params], "perplexity", "loss (nats/token)"):
                 grid.add_column(name, justify="right")
             grid.add_column("")
             for i, e in enumerate(entries):
-                grid.add_row(f"{e['theta']:g}", f"{e['lambda']:g}", f"{e['ppl']:.3f}", f"{e['loss']:.4f}",
+                grid.add_row(*[f"{e[p]:g}" for p in params], f"{e['ppl']:.3f}", f"{e['loss']:.4f}",
                              "lowest" if i == best else "")
             out_console.print(grid)
     _run(body)

@@ -34,6 +34,7 @@ import torch
 
 from .cache import CacheSpec, cache_nll
 from .data import TextSource, check_readable, encode_source, encode_text
+from .dynamic import DynamicSpec, dynamic_nll
 from .errors import UsageError
 from .text import EOS_ID, UNK, UNK_ID, Tokenizer, Vocab
 
@@ -271,7 +272,7 @@ def _exp(x: float) -> float:
 
 def evaluate_ids(model, ids: np.ndarray, batch_size: int = 1, device="cpu", window: int = 256,
                  progress: Callable[[int], None] | None = None, autocast_dtype=None, exact: bool = True,
-                 burn_in: int = 256, cache: CacheSpec | None = None) -> dict:
+                 burn_in: int = 256, cache: CacheSpec | None = None, dynamic: DynamicSpec | None = None) -> dict:
     """Loss (nats/token), perplexity and bits per token of an id stream, for each direction.
 
     Bidirectional models: ``forward_loss``/``backward_loss`` (and ``_ppl``) per direction, the
@@ -280,7 +281,9 @@ def evaluate_ids(model, ids: np.ndarray, batch_size: int = 1, device="cpu", wind
 
     With `cache` (a :class:`~rnnlm.cache.CacheSpec`), ``cache`` is also given: one entry per
     (θ, λ) of its grid with the mixture's ``loss``, ``ppl`` and ``bits_per_token`` (each
-    direction with its own cache, combined like the plain numbers). The plain keys are unchanged.
+    direction with its own cache, combined like the plain numbers). With `dynamic` (a
+    :class:`~rnnlm.dynamic.DynamicSpec`), ``dynamic``: one entry per learning rate, the loss under
+    dynamic evaluation (one sequential pass each, whatever `batch_size`). The plain keys are unchanged.
     """
     n = len(ids)
     if n == 0:
@@ -297,6 +300,10 @@ def evaluate_ids(model, ids: np.ndarray, batch_size: int = 1, device="cpu", wind
         if cache is not None:
             cached.append(cache_nll(collect["features"], torch.from_numpy(np.asarray(stream, dtype=np.int64)),
                                     collect["nll"], cache, device))
+    dyn: list[list[float]] = []
+    if dynamic is not None:
+        dyn = [[dynamic_nll(model, stream, lr, dynamic.decay, dynamic.segment, direction, device, progress)
+                for direction, stream in enumerate(streams)] for lr in dynamic.lrs]
     out: dict = {"nll": nlls[0], "loss": nlls[0] / n}
     if len(streams) == 2:
         fwd, bwd = nlls[0] / n, nlls[1] / n
@@ -305,17 +312,25 @@ def evaluate_ids(model, ids: np.ndarray, batch_size: int = 1, device="cpu", wind
     out["ppl"] = _exp(out["loss"])
     out["bits_per_token"] = out["loss"] / math.log(2)
     if cache is not None:
-        out["cache"] = []
-        for a, b in np.ndindex(len(cache.thetas), len(cache.lambdas)):
-            losses = [float(c[a, b]) / n for c in cached]
-            entry = {"size": cache.size, "theta": cache.thetas[a], "lambda": cache.lambdas[b]}
-            if len(losses) == 2:
-                entry.update(forward_loss=losses[0], backward_loss=losses[1],
-                             forward_ppl=_exp(losses[0]), backward_ppl=_exp(losses[1]))
-            loss = sum(losses) / len(losses)
-            entry.update(loss=loss, ppl=_exp(loss), bits_per_token=loss / math.log(2))
-            out["cache"].append(entry)
+        out["cache"] = [_entry({"size": cache.size, "theta": cache.thetas[a], "lambda": cache.lambdas[b]},
+                               [float(c[a, b]) / n for c in cached])
+                        for a, b in np.ndindex(len(cache.thetas), len(cache.lambdas))]
+    if dynamic is not None:
+        out["dynamic"] = [_entry({"lr": lr, "decay": dynamic.decay, "segment": dynamic.segment},
+                                 [v / n for v in per_direction])
+                          for lr, per_direction in zip(dynamic.lrs, dyn)]
     return out
+
+
+def _entry(entry: dict, losses: list[float]) -> dict:
+    """A cache or dynamic-evaluation result: `entry` plus loss, ppl and bits per token from the
+    per-direction losses (a bidirectional model's forward_/backward_ keys and their mean)."""
+    if len(losses) == 2:
+        entry.update(forward_loss=losses[0], backward_loss=losses[1],
+                     forward_ppl=_exp(losses[0]), backward_ppl=_exp(losses[1]))
+    loss = sum(losses) / len(losses)
+    entry.update(loss=loss, ppl=_exp(loss), bits_per_token=loss / math.log(2))
+    return entry
 
 
 def _progress_bar(progress: Progress, total: int) -> tuple[Callable[[int], None] | None, Callable[[], None]]:
@@ -369,7 +384,7 @@ def _check_errors(errors) -> None:
 
 def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batch_size: int = 1,
                device="cpu", encoding: str = "utf-8", errors: str = "strict", progress: Progress = False,
-               exact: bool = True, cache: CacheSpec | None = None) -> dict:
+               exact: bool = True, cache: CacheSpec | None = None, dynamic: DynamicSpec | None = None) -> dict:
     """Evaluate a text file as CONTRACT.md defines; returns the JSON-ready result.
 
     progress: False/None (quiet), True (a tqdm bar on stderr), "auto" (a bar when stderr is a
@@ -383,10 +398,14 @@ def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batc
     (only for text that separates words with spaces: see _word_count); for bidirectional models
     forward_/backward_ loss and ppl. With `cache` (the continuous cache, :mod:`rnnlm.cache`),
     ``cache``: a list with one entry per (θ, λ) of the grid, ``{"size", "theta", "lambda", "loss",
-    "ppl", "bits_per_token"}`` (``bpc`` too at char level); the plain numbers are unchanged.
+    "ppl", "bits_per_token"}`` (``bpc`` too at char level); with `dynamic` (dynamic evaluation,
+    :mod:`rnnlm.dynamic`), ``dynamic``: one entry per learning rate, ``{"lr", "decay", "segment",
+    "loss", "ppl", "bits_per_token"}``. The plain numbers are unchanged.
     """
     if cache is not None and not isinstance(cache, CacheSpec):
         raise UsageError(f"cache must be a rnnlm.cache.CacheSpec, got {cache!r}")
+    if dynamic is not None and not isinstance(dynamic, DynamicSpec):
+        raise UsageError(f"dynamic must be a rnnlm.dynamic.DynamicSpec, got {dynamic!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if progress not in (False, None, True, "auto") and not callable(progress):
@@ -409,16 +428,20 @@ def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batc
     n = len(ids)
     oov = int(stats["oov"]) if "oov" in stats else int(np.count_nonzero(np.asarray(ids) == UNK_ID))
     directions = getattr(model, "num_directions", 1)
-    callback, close = _progress_bar(progress, n * directions)
+    passes = 1 + (len(dynamic.lrs) if dynamic is not None else 0)
+    if progress == "auto" and dynamic is not None and sys.stderr.isatty():
+        progress = True                        # sequential passes: slow whatever the length
+    callback, close = _progress_bar(progress, n * directions * passes)
     try:
-        res = evaluate_ids(model, ids, batch_size, device, progress=callback, exact=exact, cache=cache)
+        res = evaluate_ids(model, ids, batch_size, device, progress=callback, exact=exact, cache=cache,
+                           dynamic=dynamic)
     finally:
         close()
     result = {"tokens": n, "oov": oov, "oov_rate": oov / n, **res,
               "batch_size": batch_size, "level": tokenizer.level, "file": str(p)}
     if tokenizer.level == "char":
         result["bpc"] = result["bits_per_token"]
-        for entry in result.get("cache", []):
+        for entry in result.get("cache", []) + result.get("dynamic", []):
             entry["bpc"] = entry["bits_per_token"]
         words = _word_count(ids, vocab)
         if words is not None:  # only for text that separates its words with spaces

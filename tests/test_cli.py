@@ -320,7 +320,35 @@ def test_eval_perplexity_with_a_continuous_cache(work, word_run):
                           (["--cache-size", "10", "--cache-lambda", "1.5"], ("--cache-lambda", "[0, 1]")),
                           (["--cache-size", "10", "--cache-theta", "-1"], ("--cache-theta", ">= 0")),
                           (["--cache-size", "10", "--cache-theta", "a,b"], ("--cache-theta", "comma-separated")),
-                          (["--cache-size", "10", "--cache-theta", "1,1"], ("--cache-theta", "twice"))):
+                          (["--cache-size", "10", "--cache-theta", "1,1"], ("--cache-theta", "twice")),
+                          (["--cache-size", "10", "--cache-theta", "nan"], ("--cache-theta", ">= 0")),
+                          (["--cache-size", "10", "--cache-theta", "1e999"], ("--cache-theta", ">= 0")),
+                          (["--cache-size", "10", "--cache-lambda", ""], ("--cache-lambda", "comma-separated"))):
+        assert_usage_error(invoke(["eval-perplexity", "-m", word_run, "-d", data, *args]), *needles)
+
+
+def test_eval_perplexity_with_dynamic_evaluation(work, word_run):
+    data = work / "word_test.txt"
+    plain = json.loads(ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--json"]).stdout)
+    res = json.loads(ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--json", "--dynamic-lr", "0,0.5",
+                                "--dynamic-segment", "8", "--dynamic-decay", "0.01"]).stdout)
+    assert res["loss"] == plain["loss"] and "cache" not in res
+    assert [(e["lr"], e["segment"], e["decay"]) for e in res["dynamic"]] == [(0.0, 8, 0.01), (0.5, 8, 0.01)]
+    assert math.isclose(res["dynamic"][0]["loss"], plain["loss"], rel_tol=1e-6)      # lr 0: the static model
+    assert res["dynamic"][1]["loss"] != res["dynamic"][0]["loss"]
+    one = ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--dynamic-lr", "0.5"]).stdout
+    assert "with dynamic evaluation (lr=0.5, segment 20, decay 0)" in one
+    grid = ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--dynamic-lr", "0,0.5", "--cache-size", "50",
+                      "--cache-theta", "1,2"]).stdout
+    assert "dynamic evaluation (segments of 20, decay 0)" in grid and "continuous cache of 50" in grid
+    for args, needles in ((["--dynamic-decay", "0.1"], ("--dynamic-decay", "--dynamic-lr")),
+                          (["--dynamic-segment", "5"], ("--dynamic-segment", "--dynamic-lr")),
+                          (["--dynamic-lr", "-1"], ("--dynamic-lr", ">= 0")),
+                          (["--dynamic-lr", "x"], ("--dynamic-lr", "comma-separated")),
+                          (["--dynamic-lr", "1", "--dynamic-decay", "2"], ("--dynamic-decay", "[0, 1]")),
+                          (["--dynamic-lr", "1", "--dynamic-segment", "0"], ("--dynamic-segment", ">= 1")),
+                          (["--dynamic-lr", "inf"], ("--dynamic-lr", ">= 0")),
+                          (["--dynamic-lr", "1", "--dynamic-decay", "nan"], ("--dynamic-decay", "[0, 1]"))):
         assert_usage_error(invoke(["eval-perplexity", "-m", word_run, "-d", data, *args]), *needles)
 
 

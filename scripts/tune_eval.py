@@ -1,0 +1,115 @@
+"""Choose the continuous cache's and dynamic evaluation's settings on validation text, then report
+the test perplexity with them.
+
+The honest protocol (Grave et al. 2017; Krause et al. 2018): every setting is chosen on the
+validation text only, and the test text is evaluated once with the chosen values, next to the
+plain number. For each cache size the model runs over the validation text once and every (θ, λ)
+of the grid is scored from the stored features (`rnnlm eval-perplexity --cache-size N
+--cache-theta ... --cache-lambda ...` does the same for one size); each dynamic-evaluation
+learning rate is one sequential pass (`--dynamic-lr`).
+
+usage: python scripts/tune_eval.py --checkpoint RUN_DIR --valid VALID.txt --test TEST.txt
+                                   [--sizes 100,500,2000] [--thetas 0.1,...] [--lambdas 0.05,...]
+                                   [--dynamic-lrs 0.3,1,3 [--dynamic-segment 20] [--dynamic-decay 0]]
+                                   [--no-cache] [--batch-size 16] [--device auto] [--json OUT.json]
+prints: the best setting per cache size and per learning rate on validation, the chosen ones, and
+        the test perplexity without and with each
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+
+import torch
+
+from rnnlm.cache import CacheSpec, parse_values
+from rnnlm.checkpoint import load_model
+from rnnlm.dynamic import DynamicSpec
+from rnnlm.errors import UsageError
+from rnnlm.evaluate import perplexity
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", "-m", required=True, help="run directory (its best.pt) or a checkpoint")
+    ap.add_argument("--valid", required=True, help="validation text: the values are chosen on it")
+    ap.add_argument("--test", required=True, help="test text: evaluated once with the chosen values")
+    ap.add_argument("--sizes", default="100,500,2000", help="cache sizes to try")
+    ap.add_argument("--thetas", default="0.1,0.3,0.5,1,2,3,5")
+    ap.add_argument("--lambdas", default="0.05,0.1,0.15,0.2,0.3,0.4,0.5")
+    ap.add_argument("--no-cache", action="store_true", help="tune dynamic evaluation only")
+    ap.add_argument("--dynamic-lrs", help="dynamic-evaluation learning rates to try (none: no dynamic evaluation)")
+    ap.add_argument("--dynamic-segment", type=int, default=20)
+    ap.add_argument("--dynamic-decay", type=float, default=0.0)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+    out: dict = {"checkpoint": args.checkpoint, "valid": args.valid, "test": args.test}
+    try:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                              else "cpu" if args.device == "auto" else args.device)
+        lm = load_model(args.checkpoint, device)
+
+        def evaluate(path, **kw):
+            return perplexity(lm.model, lm.vocab, lm.tokenizer, path, args.batch_size, device,
+                              lm.config.data.encoding, lm.config.data.errors, **kw)
+        t0 = time.perf_counter()
+        chosen: dict = {}
+        if not args.no_cache:
+            thetas, lambdas = parse_values(args.thetas, "--thetas"), parse_values(args.lambdas, "--lambdas")
+            out["cache_per_size"] = []
+            sizes = parse_values(args.sizes, "--sizes")
+            if not all(math.isfinite(v) and v == int(v) for v in sizes):
+                raise UsageError(f"--sizes takes whole numbers, got {args.sizes!r}")
+            for size in (int(v) for v in sizes):
+                res = evaluate(args.valid, cache=CacheSpec(size, thetas, lambdas))
+                best = min(res["cache"], key=lambda e: e["loss"])
+                out["cache_per_size"].append({"size": size, "best": best, "grid": res["cache"]})
+                out["valid_ppl"] = res["ppl"]
+                print(f"valid, cache {size:>5}: best θ={best['theta']:g} λ={best['lambda']:g} "
+                      f"ppl {best['ppl']:.2f} (plain {res['ppl']:.2f})", flush=True)
+            chosen["cache"] = min((r["best"] for r in out["cache_per_size"]), key=lambda e: e["loss"])
+        if args.dynamic_lrs:
+            lrs = parse_values(args.dynamic_lrs, "--dynamic-lrs")
+            res = evaluate(args.valid, dynamic=DynamicSpec(lrs, args.dynamic_decay, args.dynamic_segment))
+            out["valid_ppl"], out["dynamic_grid"] = res["ppl"], res["dynamic"]
+            for e in res["dynamic"]:
+                print(f"valid, dynamic lr {e['lr']:g}: ppl {e['ppl']:.2f} (plain {res['ppl']:.2f})", flush=True)
+            chosen["dynamic"] = min(res["dynamic"], key=lambda e: e["loss"])
+        if not chosen:
+            raise UsageError("nothing to tune: --no-cache without --dynamic-lrs")
+        c, d = chosen.get("cache"), chosen.get("dynamic")
+        test = evaluate(args.test,
+                        cache=CacheSpec(c["size"], (c["theta"],), (c["lambda"],)) if c else None,
+                        dynamic=DynamicSpec((d["lr"],), d["decay"], d["segment"]) if d else None)
+        out["seconds"] = time.perf_counter() - t0
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out.update(chosen=chosen, test_plain_ppl=test["ppl"], test_tokens=test["tokens"])
+    print(f"test ({test['tokens']:,} tokens): plain ppl {test['ppl']:.2f}")
+    if c:
+        out["test_cache_ppl"] = test["cache"][0]["ppl"]
+        print(f"  with the cache chosen on validation (size {c['size']}, θ={c['theta']:g}, λ={c['lambda']:g}): "
+              f"{out['test_cache_ppl']:.2f}")
+    if d:
+        out["test_dynamic_ppl"] = test["dynamic"][0]["ppl"]
+        print(f"  with dynamic evaluation chosen on validation (lr {d['lr']:g}, segment {d['segment']}, "
+              f"decay {d['decay']:g}): {out['test_dynamic_ppl']:.2f}")
+    print(f"{out['seconds']:.0f} s in all")
+    if args.json:
+        out.update(machine=platform.processor() or platform.machine(), torch=torch.__version__,
+                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Dynamic evaluation (rnnlm.dynamic): the update rule against a hand-written loop, and its place in evaluation."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rnnlm.config import ModelConfig
+from rnnlm.dynamic import DynamicSpec, dynamic_nll
+from rnnlm.errors import UsageError
+from rnnlm.evaluate import evaluate_ids, perplexity, stream_nll
+from rnnlm.models import RNNLM, detach_state
+from rnnlm.text import EOS_ID
+
+
+def _model(V: int = 12, seed: int = 0, **kw) -> RNNLM:
+    torch.manual_seed(seed)
+    args = dict(cell="lstm", hidden_size=16, embedding_size=8, num_layers=2, dropout=0.3)
+    args.update(kw)
+    return RNNLM(V, ModelConfig(**args)).eval()
+
+
+def _by_hand(model, ids, lr: float, decay: float, segment: int, direction: int = 0) -> float:
+    """The definition with torch.optim.SGD on a copy: score a segment, then
+    θ ← θ − lr·∇ + decay·(θ₀ − θ), both terms from the weights before the step."""
+    m = copy.deepcopy(model).eval()
+    theta0 = [p.detach().clone() for p in m.parameters()]
+    opt = torch.optim.SGD(m.parameters(), lr=lr)
+    stream = [EOS_ID, *map(int, ids)]
+    total, state = 0.0, None
+    for s0 in range(0, len(ids), segment):
+        seg = stream[s0:min(len(ids), s0 + segment) + 1]
+        x, y = torch.tensor(seg[:-1]).view(-1, 1), torch.tensor(seg[1:])
+        h, state = m(x, state, direction)
+        lp = m.log_probs(h[:, 0])                           # (T, V) float32, the plain log-softmax
+        nll = -lp[torch.arange(len(y)), y]
+        total += float(nll.detach().sum())
+        opt.zero_grad()
+        nll.mean().backward()
+        pulls = [(p0 - p.detach()) * decay for p, p0 in zip(m.parameters(), theta0)]
+        opt.step()
+        with torch.no_grad():
+            for p, pull in zip(m.parameters(), pulls):
+                p.add_(pull)
+        state = detach_state(state)
+    return total
+
+
+@pytest.mark.parametrize("lr,decay,segment", [(0.5, 0.0, 7), (2.0, 0.1, 20), (1.0, 0.0, 1), (1.5, 1.0, 10)])
+def test_dynamic_evaluation_is_the_definition(lr, decay, segment):
+    model = _model()
+    ids = np.random.default_rng(1).integers(0, 12, 90)
+    want = _by_hand(model, ids, lr, decay, segment)
+    got = dynamic_nll(model, ids, lr, decay, segment)
+    assert got == pytest.approx(want, rel=1e-5)
+    assert abs(got - stream_nll(model, ids)) > 0.05                     # it did adapt
+
+
+def test_decay_one_steps_from_the_trained_weights_every_segment():
+    # θ ← θ − lr·∇L(θ) + (θ₀ − θ) = θ₀ − lr·∇L(θ): each segment is scored by the trained weights
+    # moved by the gradient the previous segment had under the weights that scored it.
+    model = _model(seed=6)
+    ids = np.random.default_rng(6).integers(0, 12, 40)
+    got = dynamic_nll(model, ids, 2.0, decay=1.0, segment=10)
+    theta0 = [p.detach().clone() for p in model.parameters()]
+    m, want, state, stream = copy.deepcopy(model), 0.0, None, [EOS_ID, *map(int, ids)]
+    for s0 in range(0, 40, 10):
+        x, y = torch.tensor(stream[s0:s0 + 10]).view(-1, 1), torch.tensor(stream[s0 + 1:s0 + 11])
+        h, state = m(x, state)
+        nll = m.nll(h[:, 0], y, reduction="sum")
+        want += float(nll.detach())
+        grads = torch.autograd.grad(nll / 10, list(m.parameters()))
+        with torch.no_grad():
+            for p, p0, g in zip(m.parameters(), theta0, grads):
+                p.copy_(p0 - 2.0 * g)
+        state = detach_state(state)
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_lr_zero_is_the_static_number_and_the_model_is_left_as_it_was():
+    model = _model(seed=2).train()
+    before = copy.deepcopy(model.state_dict())
+    ids = np.random.default_rng(2).integers(0, 12, 150)
+    assert dynamic_nll(model, ids, 0.0, segment=13) == pytest.approx(stream_nll(model, ids), rel=1e-6)
+    dynamic_nll(model, ids, 3.0, decay=0.05, segment=13)
+    assert model.training and not model.embedding.sparse                # mode restored
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k                             # weights restored exactly
+    assert all(p.grad is None for p in model.parameters())
+    model.decoder.weight.requires_grad_(False)                          # a frozen weight adapts too,
+    adapted = dynamic_nll(model, ids, 3.0, segment=13)                  # and stays frozen afterwards
+    assert not model.decoder.weight.requires_grad and model.embedding.weight.requires_grad
+    model.decoder.weight.requires_grad_(True)
+    assert adapted == dynamic_nll(model, ids, 3.0, segment=13)
+    want = _by_hand(model, ids, 3.0, 0.05, 13)
+    with torch.inference_mode():                                        # callable from an inference context
+        assert dynamic_nll(model, ids, 3.0, decay=0.05, segment=13) == pytest.approx(want, rel=1e-5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+    def boom(_):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        dynamic_nll(model, ids, 3.0, segment=13, progress=boom)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k                             # even when interrupted
+
+
+def test_a_repeated_text_is_learned_as_it_is_read():
+    model = _model(seed=3, num_layers=1, hidden_size=32)
+    ids = np.tile(np.array([3, 7, 1, 9, 4, 2]), 60)                      # a cycle the random model does not know
+    static = stream_nll(model, ids) / len(ids)
+    assert static > 2.0
+    adapted = [dynamic_nll(model, ids, lr, segment=5) / len(ids) for lr in (0.3, 1.0, 3.0)]
+    assert adapted[0] < static - 1.0 and adapted[2] < adapted[1] < adapted[0]   # learned, faster with larger steps
+
+
+@pytest.mark.parametrize("kw", [dict(softmax="adaptive", adaptive_cutoffs=[4, 8]), dict(cell="lstm_peephole"),
+                                dict(cell="gru", tie_weights=True, embedding_size=16), dict(head_layers=1),
+                                dict(cell="rnn_tanh", tie_weights=True)])   # tied through a projection (8 ≠ 16)
+def test_every_model_kind_adapts(kw):
+    model = _model(seed=4, **kw)
+    ids = np.random.default_rng(4).integers(0, 12, 60)
+    assert dynamic_nll(model, ids, 0.0, segment=9) == pytest.approx(stream_nll(model, ids), rel=1e-6)
+    want = _by_hand(model, ids, 0.7, 0.0, 9)
+    assert dynamic_nll(model, ids, 0.7, segment=9) == pytest.approx(want, rel=1e-5)
+
+
+def test_bidirectional_models_adapt_each_direction_from_the_trained_weights():
+    model = _model(seed=5, bidirectional=True, num_layers=1)
+    ids = np.random.default_rng(5).integers(0, 12, 70)
+    out = evaluate_ids(model, ids, batch_size=3, dynamic=DynamicSpec((0.8, 0.0), segment=11))
+    fwd = dynamic_nll(model, ids, 0.8, segment=11, direction=0) / len(ids)
+    bwd = dynamic_nll(model, ids[::-1].copy(), 0.8, segment=11, direction=1) / len(ids)
+    assert fwd * len(ids) == pytest.approx(_by_hand(model, ids, 0.8, 0.0, 11), rel=1e-5)
+    assert bwd * len(ids) == pytest.approx(_by_hand(model, ids[::-1].copy(), 0.8, 0.0, 11, direction=1), rel=1e-5)
+    e, e0 = out["dynamic"]
+    assert (e["lr"], e["segment"], e["decay"]) == (0.8, 11, 0.0)
+    assert e["forward_loss"] == pytest.approx(fwd, rel=1e-9) and e["backward_loss"] == pytest.approx(bwd, rel=1e-9)
+    assert e["loss"] == pytest.approx((fwd + bwd) / 2, rel=1e-12) and e["ppl"] == math.exp(e["loss"])
+    assert e0["loss"] == pytest.approx(out["loss"], rel=1e-6)
+
+
+def test_spec_validation_and_perplexity_argument(tmp_path):
+    for kw in (dict(lrs=()), dict(lrs=(-1.0,)), dict(lrs=(float("inf"),)), dict(lrs=(float("nan"),)),
+               dict(lrs=("1",)), dict(lrs=(True,)), dict(lrs=(1.0,), decay=1.5), dict(lrs=(1.0,), decay=float("nan")),
+               dict(lrs=(1.0,), segment=0), dict(lrs=(1.0,), segment=2.5)):
+        with pytest.raises(UsageError):
+            DynamicSpec(**kw)
+    from rnnlm.text import EOS, UNK, Tokenizer, Vocab
+    vocab, tok = Vocab([UNK, EOS, *"abc \n"]), Tokenizer(level="char", eos="line")
+    path = tmp_path / "t.txt"
+    path.write_text("abc ab\ncab\n")
+    model = _model(V=len(vocab))
+    with pytest.raises(UsageError, match="DynamicSpec"):
+        perplexity(model, vocab, tok, path, dynamic=1.0)
+    res = perplexity(model, vocab, tok, path, batch_size=2, dynamic=DynamicSpec((0.0, 1.0), segment=4))
+    assert [e["lr"] for e in res["dynamic"]] == [0.0, 1.0]
+    assert res["dynamic"][0]["loss"] == pytest.approx(res["loss"], rel=1e-6)
+    assert all(e["bpc"] == e["bits_per_token"] for e in res["dynamic"])
