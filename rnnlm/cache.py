@@ -70,6 +70,22 @@ def parse_values(text: str, option: str) -> tuple[float, ...]:
     return values
 
 
+# Features of more than this many bytes are kept in a temporary file (a memory map), not in memory.
+FEATURES_IN_MEMORY_MAX = 1 << 30
+
+
+def feature_store(n: int, dim: int, collect: dict) -> np.ndarray:
+    """An (n, dim) float32 array for the per-token features: in memory, or for a long text a
+    memory-mapped temporary file, deleted when its last reference goes (`collect["_tmpdir"]`)."""
+    if n * dim * 4 <= FEATURES_IN_MEMORY_MAX:
+        return np.zeros((n, dim), dtype=np.float32)
+    import tempfile
+    from pathlib import Path
+    tmp = tempfile.TemporaryDirectory(prefix="rnnlm-features-")
+    collect["_tmpdir"] = tmp
+    return np.lib.format.open_memmap(Path(tmp.name) / "features.npy", mode="w+", dtype=np.float32, shape=(n, dim))
+
+
 # Positions scored together. Each block reads its own positions and the `size` before them; small
 # blocks waste little on the masked-out part of the (block, size + block) similarity matrix and
 # keep it in cache (measured: 40,000 positions at size 2,000 took 3.0 s in blocks of 256, 16.4 s in

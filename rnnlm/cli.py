@@ -301,31 +301,24 @@ def eval_perplexity(
     def body() -> None:
         from .cache import CacheSpec, parse_values
         from .checkpoint import load_model
-        from .dynamic import DynamicSpec
         from .data import check_encoding, glob_corpus_path
+        from .dynamic import DynamicSpec
         from .evaluate import perplexity
 
         if batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-        cache = None
-        if cache_size is None:
-            for value, option in ((cache_theta, "--cache-theta"), (cache_lambda, "--cache-lambda")):
-                if value is not None:
-                    raise UsageError(f"{option} sets up the continuous cache; give --cache-size N too "
-                                     f"(how many past positions it holds, e.g. 500)")
-        else:
+        _requires(cache_size, "--cache-size N", "the continuous cache", "how many past positions it holds, e.g. 500",
+                  {"--cache-theta": cache_theta, "--cache-lambda": cache_lambda})
+        _requires(dynamic_lr, "--dynamic-lr LR", "dynamic evaluation", "the size of its SGD steps, e.g. 1.0",
+                  {"--dynamic-decay": dynamic_decay, "--dynamic-segment": dynamic_segment})
+        cache = dynamic = None
+        if cache_size is not None:
             if cache_size < 1:
                 raise UsageError(f"--cache-size must be >= 1, got {cache_size}")
             cache = CacheSpec(cache_size,
                               parse_values(cache_theta, "--cache-theta") if cache_theta is not None else (1.0,),
                               parse_values(cache_lambda, "--cache-lambda") if cache_lambda is not None else (0.1,))
-        dynamic = None
-        if dynamic_lr is None:
-            for value, option in ((dynamic_decay, "--dynamic-decay"), (dynamic_segment, "--dynamic-segment")):
-                if value is not None:
-                    raise UsageError(f"{option} sets up dynamic evaluation; give --dynamic-lr LR too "
-                                     f"(the size of its SGD steps, e.g. 1.0)")
-        else:
+        if dynamic_lr is not None:
             dynamic = DynamicSpec(parse_values(dynamic_lr, "--dynamic-lr"),
                                   0.0 if dynamic_decay is None else dynamic_decay,
                                   20 if dynamic_segment is None else dynamic_segment)
@@ -365,27 +358,33 @@ def eval_perplexity(
                            ("word_ppl", "word-level perplexity")):
             if key in res:
                 rows.append((label, f"{res[key]:.3f}"))
+        both = [{**c, "lr": e["lr"], "segment": e["segment"], "decay": e["decay"]}
+                for e in res.get("dynamic", []) for c in e.get("cache", [])]
         grids = []
-        for key, label, params in (("cache", "with a continuous cache of {size} positions", ("theta", "lambda")),
-                                   ("dynamic", "with dynamic evaluation (segments of {segment}, decay {decay:g})",
-                                    ("lr",))):
-            entries = res.get(key, [])
+        for entries, label, params in (
+                (res.get("cache", []), "with a continuous cache of {size} positions", ("theta", "lambda")),
+                (res.get("dynamic", []), "with dynamic evaluation (segments of {segment}, decay {decay:g})", ("lr",)),
+                (both, "with dynamic evaluation and a cache of {size}", ("lr", "theta", "lambda"))):
             if len(entries) == 1:
                 e = entries[0]
-                desc = (f"N={e['size']}, θ={e['theta']:g}, λ={e['lambda']:g}" if key == "cache"
-                        else f"lr={e['lr']:g}, segment {e['segment']}, decay {e['decay']:g}")
-                rows.append((f"with {'cache' if key == 'cache' else 'dynamic evaluation'} ({desc})",
-                             f"{e['ppl']:.3f}"))
+                parts = [f"{_SYMBOLS[p]}={e[p]:g}" for p in params]
+                if "theta" in params:
+                    parts.insert(0, f"N={e['size']}")
+                if "lr" in params:
+                    parts.append(f"segment {e['segment']}, decay {e['decay']:g}")
+                desc = ", ".join(parts)
+                what = {("theta", "lambda"): "cache", ("lr",): "dynamic evaluation"}.get(
+                    params, "dynamic evaluation and cache")
+                rows.append((f"with {what} ({desc})", f"{e['ppl']:.3f}"))
             elif entries:
                 grids.append((label.format(**entries[0]), params, entries))
         for r in rows:
             table.add_row(*r)
         out_console.print(table)
-        symbols = {"theta": "θ", "lambda": "λ", "lr": "lr"}
         for title, params, entries in grids:
             best = min(range(len(entries)), key=lambda i: entries[i]["loss"])
             grid = Table(title=title, show_header=True)
-            for name in (*[symbols[p] for p in params], "perplexity", "loss (nats/token)"):
+            for name in (*[_SYMBOLS[p] for p in params], "perplexity", "loss (nats/token)"):
                 grid.add_column(name, justify="right")
             grid.add_column("")
             for i, e in enumerate(entries):
@@ -393,6 +392,17 @@ def eval_perplexity(
                              "lowest" if i == best else "")
             out_console.print(grid)
     _run(body)
+
+
+_SYMBOLS = {"theta": "θ", "lambda": "λ", "lr": "lr"}
+
+
+def _requires(main, main_option: str, what: str, hint: str, others: dict) -> None:
+    """An option that only refines `main_option` was given without it: a usage error naming both."""
+    if main is None:
+        for option, value in others.items():
+            if value is not None:
+                raise UsageError(f"{option} sets up {what}; give {main_option} too ({hint})")
 
 
 # -- score ---------------------------------------------------------------------------------------

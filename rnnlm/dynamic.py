@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .cache import feature_store
 from .errors import UsageError
 from .models import detach_state
 from .text import EOS_ID
@@ -49,12 +50,15 @@ class DynamicSpec:
 
 
 def dynamic_nll(model, ids: np.ndarray, lr: float, decay: float = 0.0, segment: int = 20, direction: int = 0,
-                device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None) -> float:
+                device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None,
+                collect: dict | None = None) -> float:
     """Total NLL (nats) of `ids` under dynamic evaluation with learning rate `lr`.
 
     ids are in the reading order of `direction`; the first token is predicted from the zero state
     after <eos>, as in :func:`rnnlm.evaluate.stream_nll`. lr = 0 is the static model's number.
     The model's weights, its train/eval mode and its gradients are as they were afterwards.
+    `collect`, if given, receives each token's ``nll`` and ``features`` as
+    :func:`rnnlm.evaluate.stream_nll` gives them (for the continuous cache on top).
     """
     device = torch.device(device)
     n = len(ids)
@@ -84,8 +88,16 @@ def dynamic_nll(model, ids: np.ndarray, lr: float, decay: float = 0.0, segment: 
                 x = stream[s0:s1].view(-1, 1).to(device)
                 y = stream[s0 + 1:s1 + 1].to(device)
                 h, new_state = model(x, state, direction)
-                nll = model.nll(h.reshape(-1, h.size(-1)).float(), y, reduction="sum")
-                total += float(nll.detach())
+                h2 = h.reshape(-1, h.size(-1)).float()
+                per_token = model.nll(h2, y, reduction="none")
+                nll = per_token.sum()
+                total += float(per_token.detach().double().sum())   # summed in float64, as stream_nll does
+                if collect is not None:
+                    if collect.get("features") is None:
+                        collect["nll"] = torch.zeros(n, dtype=torch.float64)
+                        collect["features"] = feature_store(n, h2.size(-1), collect)
+                    collect["nll"][s0:s1] = per_token.detach().double().cpu()
+                    collect["features"][s0:s1] = h2.detach().cpu().numpy()
                 if lr > 0 and s1 < n:          # (no step after the last segment: nothing left to score)
                     grads = torch.autograd.grad(nll / (s1 - s0), params, allow_unused=True)
                     with torch.no_grad():

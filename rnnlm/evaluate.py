@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Union
 import numpy as np
 import torch
 
-from .cache import CacheSpec, cache_nll
+from .cache import CacheSpec, cache_nll, feature_store
 from .data import TextSource, check_readable, encode_source, encode_text
 from .dynamic import DynamicSpec, dynamic_nll
 from .errors import UsageError
@@ -147,21 +147,6 @@ def stream_nll(model, ids: np.ndarray, batch_size: int = 1, window: int = 256, d
             model.train()
 
 
-# Features of more than this many bytes are kept in a temporary file (a memory map), not in memory.
-FEATURES_IN_MEMORY_MAX = 1 << 30
-
-
-def _feature_store(n: int, dim: int, collect: dict) -> np.ndarray:
-    """An (n, dim) float32 array for the per-token features: in memory, or for a long text a
-    memory-mapped temporary file, deleted when its last reference goes (`collect["_tmpdir"]`)."""
-    if n * dim * 4 <= FEATURES_IN_MEMORY_MAX:
-        return np.zeros((n, dim), dtype=np.float32)
-    import tempfile
-    tmp = tempfile.TemporaryDirectory(prefix="rnnlm-features-")
-    collect["_tmpdir"] = tmp
-    return np.lib.format.open_memmap(Path(tmp.name) / "features.npy", mode="w+", dtype=np.float32, shape=(n, dim))
-
-
 def _stream_nll(model, ids, batch_size, window, direction, burn_in, device, progress, autocast_dtype,
                 exact, info, collect=None) -> float:
     n = len(ids)
@@ -194,7 +179,7 @@ def _stream_nll(model, ids, batch_size, window, direction, burn_in, device, prog
         if collect is not None:
             rows_nll, rows_h = per_token.cpu(), h.cpu()
             if collect["features"] is None:
-                collect["features"] = _feature_store(len(ids), h.shape[-1], collect)
+                collect["features"] = feature_store(len(ids), h.shape[-1], collect)
             for j in range(x.shape[1]):
                 rows = np.flatnonzero(scored[:, j])
                 if len(rows):                  # scored rows are contiguous in a column
@@ -283,7 +268,9 @@ def evaluate_ids(model, ids: np.ndarray, batch_size: int = 1, device="cpu", wind
     (θ, λ) of its grid with the mixture's ``loss``, ``ppl`` and ``bits_per_token`` (each
     direction with its own cache, combined like the plain numbers). With `dynamic` (a
     :class:`~rnnlm.dynamic.DynamicSpec`), ``dynamic``: one entry per learning rate, the loss under
-    dynamic evaluation (one sequential pass each, whatever `batch_size`). The plain keys are unchanged.
+    dynamic evaluation (one sequential pass each, whatever `batch_size`); with both, each of those
+    entries has its own ``cache`` list, the cache over the adapting model's pass. The plain keys are
+    unchanged.
     """
     n = len(ids)
     if n == 0:
@@ -293,17 +280,25 @@ def evaluate_ids(model, ids: np.ndarray, batch_size: int = 1, device="cpu", wind
     streams = [np.asarray(ids)]
     if getattr(model, "num_directions", 1) == 2:
         streams.append(np.ascontiguousarray(streams[0][::-1]))
-    nlls, cached = [], []
-    for direction, stream in enumerate(streams):
-        collect: dict | None = {} if cache is not None else None
-        nlls.append(stream_nll(model, stream, direction=direction, collect=collect, **kw))
-        if cache is not None:
-            cached.append(cache_nll(collect["features"], torch.from_numpy(np.asarray(stream, dtype=np.int64)),
-                                    collect["nll"], cache, device))
-    dyn: list[list[float]] = []
-    if dynamic is not None:
-        dyn = [[dynamic_nll(model, stream, lr, dynamic.decay, dynamic.segment, direction, device, progress)
-                for direction, stream in enumerate(streams)] for lr in dynamic.lrs]
+
+    def passes(run) -> tuple[list[float], list[torch.Tensor]]:
+        """One pass per direction, `run(direction, stream, collect)` -> NLL; with a cache, also
+        the cache's (θ, λ) totals over what each pass collected."""
+        nlls, cached = [], []
+        for direction, stream in enumerate(streams):
+            collect: dict | None = {} if cache is not None else None
+            nlls.append(run(direction, stream, collect))
+            if cache is not None:
+                cached.append(cache_nll(collect["features"], torch.from_numpy(np.asarray(stream, dtype=np.int64)),
+                                        collect["nll"], cache, device))
+        return nlls, cached
+
+    def cache_entries(totals: list[torch.Tensor]) -> list[dict]:
+        return [_entry({"size": cache.size, "theta": cache.thetas[a], "lambda": cache.lambdas[b]},
+                       [float(c[a, b]) / n for c in totals])
+                for a, b in np.ndindex(len(cache.thetas), len(cache.lambdas))]
+
+    nlls, cached = passes(lambda d, stream, collect: stream_nll(model, stream, direction=d, collect=collect, **kw))
     out: dict = {"nll": nlls[0], "loss": nlls[0] / n}
     if len(streams) == 2:
         fwd, bwd = nlls[0] / n, nlls[1] / n
@@ -312,13 +307,16 @@ def evaluate_ids(model, ids: np.ndarray, batch_size: int = 1, device="cpu", wind
     out["ppl"] = _exp(out["loss"])
     out["bits_per_token"] = out["loss"] / math.log(2)
     if cache is not None:
-        out["cache"] = [_entry({"size": cache.size, "theta": cache.thetas[a], "lambda": cache.lambdas[b]},
-                               [float(c[a, b]) / n for c in cached])
-                        for a, b in np.ndindex(len(cache.thetas), len(cache.lambdas))]
+        out["cache"] = cache_entries(cached)
     if dynamic is not None:
-        out["dynamic"] = [_entry({"lr": lr, "decay": dynamic.decay, "segment": dynamic.segment},
-                                 [v / n for v in per_direction])
-                          for lr, per_direction in zip(dynamic.lrs, dyn)]
+        out["dynamic"] = []
+        for lr in dynamic.lrs:
+            d_nlls, d_cached = passes(lambda d, stream, collect: dynamic_nll(
+                model, stream, lr, dynamic.decay, dynamic.segment, d, device, progress, collect))
+            entry = _entry({"lr": lr, "decay": dynamic.decay, "segment": dynamic.segment}, [v / n for v in d_nlls])
+            if cache is not None:          # the cache over the adapting model's features and predictions
+                entry["cache"] = cache_entries(d_cached)
+            out["dynamic"].append(entry)
     return out
 
 
@@ -441,7 +439,8 @@ def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batc
               "batch_size": batch_size, "level": tokenizer.level, "file": str(p)}
     if tokenizer.level == "char":
         result["bpc"] = result["bits_per_token"]
-        for entry in result.get("cache", []) + result.get("dynamic", []):
+        entries = result.get("cache", []) + result.get("dynamic", [])
+        for entry in entries + [c for e in result.get("dynamic", []) for c in e.get("cache", [])]:
             entry["bpc"] = entry["bits_per_token"]
         words = _word_count(ids, vocab)
         if words is not None:  # only for text that separates its words with spaces

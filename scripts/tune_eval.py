@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         out["test_dynamic_ppl"] = test["dynamic"][0]["ppl"]
         print(f"  with dynamic evaluation chosen on validation (lr {d['lr']:g}, segment {d['segment']}, "
               f"decay {d['decay']:g}): {out['test_dynamic_ppl']:.2f}")
+    if c and d:
+        out["test_dynamic_cache_ppl"] = test["dynamic"][0]["cache"][0]["ppl"]
+        print(f"  with both, each as chosen above (the cache over the adapting model): "
+              f"{out['test_dynamic_cache_ppl']:.2f}")
     print(f"{out['seconds']:.0f} s in all")
     if args.json:
         out.update(machine=platform.processor() or platform.machine(), torch=torch.__version__,

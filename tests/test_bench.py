@@ -157,3 +157,35 @@ def test_bench_gpu_eval_and_memory_checks_dry_run(tmp_path):
     one = rows[2]["ppl"]
     assert 1 < one < 50 and all(x["ppl"] == pytest.approx(one, rel=1e-6) for x in rows)
     assert set(results["graph-memory"]) == {"cuda_graphs=false", "cuda_graphs=true"}
+
+
+def test_tune_eval_chooses_on_validation_and_tests_once(tiny_corpus, tmp_path, capsys, monkeypatch):
+    from rnnlm.config import build_config
+    from rnnlm.evaluate import perplexity
+    from rnnlm.cache import CacheSpec
+    from rnnlm.checkpoint import load_model
+    from rnnlm.train import Trainer
+    monkeypatch.setenv("RNNLM_CACHE", str(tmp_path / "cache"))
+    cfg = build_config(None, [f"data.path={tiny_corpus}", "data.level=word", "model.hidden_size=16",
+                              "model.embedding_size=8", "model.num_layers=1", "train.batch_size=4",
+                              "train.bptt=8", "train.max_steps=40", "train.eval_every=null", "train.device=cpu"])
+    Trainer(cfg, tmp_path / "run", progress=False).fit()
+    valid, test = tiny_corpus / "valid.txt", tiny_corpus / "train.txt"
+    tune = load_script("tune_eval")
+    out = tmp_path / "tune.json"
+    assert tune.main(["-m", str(tmp_path / "run"), "--valid", str(valid), "--test", str(test), "--sizes", "20,60",
+                      "--thetas", "0.5,2", "--lambdas", "0.1,0.3", "--dynamic-lrs", "0.1,0.5",
+                      "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    best_cache = min((e for r in res["cache_per_size"] for e in r["grid"]), key=lambda e: e["loss"])
+    assert res["chosen"]["cache"] == best_cache                         # the lowest validation loss of all
+    assert res["chosen"]["dynamic"] == min(res["dynamic_grid"], key=lambda e: e["loss"])
+    lm = load_model(tmp_path / "run", "cpu")                            # the test number, recomputed
+    c = res["chosen"]["cache"]
+    want = perplexity(lm.model, lm.vocab, lm.tokenizer, test, 16,
+                      cache=CacheSpec(c["size"], (c["theta"],), (c["lambda"],)))
+    assert res["test_plain_ppl"] == want["ppl"] and res["test_cache_ppl"] == want["cache"][0]["ppl"]
+    assert "test_dynamic_ppl" in res and "test_dynamic_cache_ppl" in res
+    assert "chosen on validation" in capsys.readouterr().out
+    assert tune.main(["-m", str(tmp_path / "run"), "--valid", str(valid), "--test", str(test), "--no-cache"]) == 2
+    assert tune.main(["-m", str(tmp_path / "run"), "--valid", str(valid), "--test", str(test), "--sizes", "1.5"]) == 2

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import rnnlm.evaluate as evaluate_mod
+import rnnlm.cache as cache_mod
 from rnnlm.cache import CacheSpec, cache_distribution, cache_nll, parse_values
 from rnnlm.config import ModelConfig
 from rnnlm.errors import UsageError
@@ -188,7 +188,7 @@ def test_long_texts_keep_their_features_in_a_temporary_file(monkeypatch):
     ids = text_ids(_text(60, 7), tok, vocab)
     spec = CacheSpec(100, (1.0,), (0.3,))
     in_memory = evaluate_ids(model, ids, batch_size=3, cache=spec)["cache"][0]["loss"]
-    monkeypatch.setattr(evaluate_mod, "FEATURES_IN_MEMORY_MAX", 1024)
+    monkeypatch.setattr(cache_mod, "FEATURES_IN_MEMORY_MAX", 1024)
     collect: dict = {}
     stream_nll(model, ids, batch_size=3, collect=collect)
     assert isinstance(collect["features"], np.memmap)

@@ -341,6 +341,16 @@ def test_eval_perplexity_with_dynamic_evaluation(work, word_run):
     grid = ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--dynamic-lr", "0,0.5", "--cache-size", "50",
                       "--cache-theta", "1,2"]).stdout
     assert "dynamic evaluation (segments of 20, decay 0)" in grid and "continuous cache of 50" in grid
+    assert "with dynamic evaluation and a cache of 50" in grid              # the two combined
+    both = json.loads(ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--json", "--dynamic-lr", "0,0.5",
+                                 "--cache-size", "50", "--cache-theta", "1,2"]).stdout)
+    for e in both["dynamic"]:
+        assert [(c["theta"], c["lambda"]) for c in e["cache"]] == [(1.0, 0.1), (2.0, 0.1)]
+    for c, c0 in zip(both["dynamic"][0]["cache"], both["cache"]):          # lr 0 + cache = the static cache
+        assert math.isclose(c["loss"], c0["loss"], rel_tol=1e-6)
+    one_both = ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--dynamic-lr", "0.5", "--cache-size",
+                          "50"]).stdout
+    assert "with dynamic evaluation and cache" in one_both
     for args, needles in ((["--dynamic-decay", "0.1"], ("--dynamic-decay", "--dynamic-lr")),
                           (["--dynamic-segment", "5"], ("--dynamic-segment", "--dynamic-lr")),
                           (["--dynamic-lr", "-1"], ("--dynamic-lr", ">= 0")),

@@ -248,6 +248,28 @@ def test_batched_evaluation_in_tf32_gives_the_batch_one_number(corpus, tmp_path)
     print(f"tf32: {info['rerun_tokens']} of {len(ids)} tokens re-run")
 
 
+@pytest.mark.parametrize("name", ["lstm", "gru", "lstm_peephole", "bidirectional", "adaptive"])
+def test_cache_and_dynamic_evaluation_on_device_give_the_cpus_numbers(name):
+    """The continuous cache (similarities and mixture on the device) and dynamic evaluation (SGD
+    steps on the device, cuDNN off for the recurrent backward) agree with the CPU."""
+    import numpy as np
+    from rnnlm.cache import CacheSpec
+    from rnnlm.dynamic import DynamicSpec
+    from rnnlm.evaluate import evaluate_ids
+    torch.manual_seed(1)
+    V = 97
+    cpu = RNNLM(V, ModelConfig(hidden_size=24, embedding_size=16, num_layers=2, dropout=0.3, **MODELS[name])).eval()
+    dev = copy.deepcopy(cpu).to(DEV)
+    ids = np.random.default_rng(1).integers(0, V, 700)
+    kw = dict(batch_size=4, cache=CacheSpec(200, (0.0, 1.0), (0.0, 0.3)), dynamic=DynamicSpec((0.0, 0.5), 0.1, 16))
+    want, got = evaluate_ids(cpu, ids, device="cpu", **kw), evaluate_ids(dev, ids, device=DEV, **kw)
+    for key in ("cache", "dynamic"):
+        for g, w in zip(got[key], want[key]):
+            assert g["loss"] == pytest.approx(w["loss"], rel=1e-5), (key, g, w)
+    assert got["dynamic"][0]["loss"] == pytest.approx(got["loss"], rel=1e-5)       # lr 0: the static number
+    assert all(torch.equal(p.cpu(), q) for p, q in zip(dev.parameters(), cpu.parameters()))   # left as it was
+
+
 def test_scores_on_device_equal_the_cpus(corpus, tmp_path):
     from rnnlm.evaluate import score_sentences
     _fit(corpus, tmp_path / "run", DEV, "train.max_steps=20")

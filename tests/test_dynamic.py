@@ -162,3 +162,27 @@ def test_spec_validation_and_perplexity_argument(tmp_path):
     assert [e["lr"] for e in res["dynamic"]] == [0.0, 1.0]
     assert res["dynamic"][0]["loss"] == pytest.approx(res["loss"], rel=1e-6)
     assert all(e["bpc"] == e["bits_per_token"] for e in res["dynamic"])
+
+
+def test_the_cache_on_top_of_dynamic_evaluation():
+    from rnnlm.cache import CacheSpec, cache_nll
+    model = _model(seed=7)
+    ids = np.tile(np.random.default_rng(7).integers(0, 12, 50), 4)
+    spec = CacheSpec(80, (0.5, 2.0), (0.0, 0.3))
+    out = evaluate_ids(model, ids, batch_size=3, cache=spec, dynamic=DynamicSpec((0.0, 0.7), segment=9))
+    static, adapted = out["dynamic"]
+    for e, e0 in zip(static["cache"], out["cache"]):                    # lr 0: the static model's cache
+        assert (e["theta"], e["lambda"]) == (e0["theta"], e0["lambda"])
+        assert e["loss"] == pytest.approx(e0["loss"], rel=1e-6)
+    collect: dict = {}
+    total = dynamic_nll(model, ids, 0.7, segment=9, collect=collect)
+    assert float(collect["nll"].sum()) == pytest.approx(total, rel=1e-12)
+    want = cache_nll(collect["features"], torch.from_numpy(ids.astype(np.int64)), collect["nll"], spec)
+    for e, (a, b) in zip(adapted["cache"], np.ndindex(2, 2)):
+        assert e["loss"] == pytest.approx(float(want[a, b]) / len(ids), rel=1e-9)
+        if e["lambda"] == 0.0:
+            assert e["loss"] == pytest.approx(adapted["loss"], rel=1e-12)
+    # the features collected are the adapting model's: they differ from the static ones
+    static_collect: dict = {}
+    stream_nll(model, ids, collect=static_collect)
+    assert not np.allclose(collect["features"], static_collect["features"], atol=1e-3)
