@@ -70,7 +70,7 @@ def dynamic_nll(model, ids: np.ndarray, lr: float, decay: float = 0.0, segment: 
     # cuDNN's recurrent backward runs only in training mode; its slower native kernels do not care.
     no_cudnn = torch.backends.cudnn.flags(enabled=False) if device.type == "cuda" else nullcontext()
     # The embedding's gradient as the rows the segment used (sparse) rather than a dense
-    # vocabulary-sized array: 2.4x faster for WikiText-2's 33,278 x 400 embedding.
+    # vocabulary-sized array: about twice as fast with WikiText-2's 33,278 x 400 embedding.
     emb = getattr(model, "embedding", None)
     emb_sparse = emb.sparse if isinstance(emb, torch.nn.Embedding) else None
     total = 0.0
