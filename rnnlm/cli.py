@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import os
 import signal
 import sys
@@ -277,9 +278,10 @@ def eval_perplexity(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object.", metavar=""),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     encoding: Optional[str] = typer.Option(None, "--encoding", metavar="ENC", help="Text encoding of the file (default: the one the model was trained on, its data.encoding)."),
-    cache_size: Optional[int] = typer.Option(None, "--cache-size", metavar="N",
+    cache_size: Optional[str] = typer.Option(None, "--cache-size", metavar="N[,N...]",
                                              help="Also report the perplexity with a continuous cache (Grave et al. 2017) "
-                                                  "over the last N positions. The plain numbers are unchanged."),
+                                                  "over the last N positions; a list scores each size from one pass. "
+                                                  "The plain numbers are unchanged."),
     cache_theta: Optional[str] = typer.Option(None, "--cache-theta", metavar="T[,T...]",
                                               help="The cache's sharpness θ >= 0 (default 1.0); a comma-separated list "
                                                    "scores each value. Choose it on validation text."),
@@ -313,11 +315,12 @@ def eval_perplexity(
                   {"--dynamic-decay": dynamic_decay, "--dynamic-segment": dynamic_segment})
         cache = dynamic = None
         if cache_size is not None:
-            if cache_size < 1:
-                raise UsageError(f"--cache-size must be >= 1, got {cache_size}")
-            cache = CacheSpec(cache_size,
-                              parse_values(cache_theta, "--cache-theta") if cache_theta is not None else (1.0,),
-                              parse_values(cache_lambda, "--cache-lambda") if cache_lambda is not None else (0.1,))
+            sizes = parse_values(cache_size, "--cache-size")
+            if not all(math.isfinite(v) and v == int(v) and v >= 1 for v in sizes):
+                raise UsageError(f"--cache-size takes whole numbers >= 1, got {cache_size!r}")
+            thetas = parse_values(cache_theta, "--cache-theta") if cache_theta is not None else (1.0,)
+            lambdas = parse_values(cache_lambda, "--cache-lambda") if cache_lambda is not None else (0.1,)
+            cache = [CacheSpec(int(size), thetas, lambdas) for size in sizes]
         if dynamic_lr is not None:
             dynamic = DynamicSpec(parse_values(dynamic_lr, "--dynamic-lr"),
                                   0.0 if dynamic_decay is None else dynamic_decay,
@@ -360,11 +363,15 @@ def eval_perplexity(
                 rows.append((label, f"{res[key]:.3f}"))
         both = [{**c, "lr": e["lr"], "segment": e["segment"], "decay": e["decay"]}
                 for e in res.get("dynamic", []) for c in e.get("cache", [])]
+        several = len({e["size"] for e in res.get("cache", [])}) > 1       # a column for the cache size
+        cache_params = ("size", "theta", "lambda") if several else ("theta", "lambda")
         grids = []
         for entries, label, params in (
-                (res.get("cache", []), "with a continuous cache of {size} positions", ("theta", "lambda")),
+                (res.get("cache", []), "with a continuous cache" + ("" if several else " of {size} positions"),
+                 cache_params),
                 (res.get("dynamic", []), "with dynamic evaluation (segments of {segment}, decay {decay:g})", ("lr",)),
-                (both, "with dynamic evaluation and a cache of {size}", ("lr", "theta", "lambda"))):
+                (both, "with dynamic evaluation and a cache" + ("" if several else " of {size}"),
+                 ("lr", *cache_params))):
             if len(entries) == 1:
                 e = entries[0]
                 parts = [f"{_SYMBOLS[p]}={e[p]:g}" for p in params]
@@ -394,7 +401,7 @@ def eval_perplexity(
     _run(body)
 
 
-_SYMBOLS = {"theta": "θ", "lambda": "λ", "lr": "lr"}
+_SYMBOLS = {"size": "N", "theta": "θ", "lambda": "λ", "lr": "lr"}
 
 
 def _requires(main, main_option: str, what: str, hint: str, others: dict) -> None:

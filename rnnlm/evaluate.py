@@ -27,7 +27,7 @@ import codecs
 import math
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable, Sequence, Union
 
 import numpy as np
 import torch
@@ -257,15 +257,16 @@ def _exp(x: float) -> float:
 
 def evaluate_ids(model, ids: np.ndarray, batch_size: int = 1, device="cpu", window: int = 256,
                  progress: Callable[[int], None] | None = None, autocast_dtype=None, exact: bool = True,
-                 burn_in: int = 256, cache: CacheSpec | None = None, dynamic: DynamicSpec | None = None) -> dict:
+                 burn_in: int = 256, cache: CacheSpec | Sequence[CacheSpec] | None = None,
+                 dynamic: DynamicSpec | None = None) -> dict:
     """Loss (nats/token), perplexity and bits per token of an id stream, for each direction.
 
     Bidirectional models: ``forward_loss``/``backward_loss`` (and ``_ppl``) per direction, the
     backward stack reading the reversed stream; ``loss`` is their mean, so ``ppl`` is the
     geometric mean of the two perplexities.
 
-    With `cache` (a :class:`~rnnlm.cache.CacheSpec`), ``cache`` is also given: one entry per
-    (θ, λ) of its grid with the mixture's ``loss``, ``ppl`` and ``bits_per_token`` (each
+    With `cache` (a :class:`~rnnlm.cache.CacheSpec`, or several: cache sizes scored from one
+    pass), ``cache`` is also given: one entry per size and (θ, λ) of its grid with the mixture's ``loss``, ``ppl`` and ``bits_per_token`` (each
     direction with its own cache, combined like the plain numbers). With `dynamic` (a
     :class:`~rnnlm.dynamic.DynamicSpec`), ``dynamic``: one entry per learning rate, the loss under
     dynamic evaluation (one sequential pass each, whatever `batch_size`); with both, each of those
@@ -281,22 +282,25 @@ def evaluate_ids(model, ids: np.ndarray, batch_size: int = 1, device="cpu", wind
     if getattr(model, "num_directions", 1) == 2:
         streams.append(np.ascontiguousarray(streams[0][::-1]))
 
-    def passes(run) -> tuple[list[float], list[torch.Tensor]]:
+    specs = [] if cache is None else [cache] if isinstance(cache, CacheSpec) else list(cache)
+
+    def passes(run) -> tuple[list[float], list[list[torch.Tensor]]]:
         """One pass per direction, `run(direction, stream, collect)` -> NLL; with a cache, also
-        the cache's (θ, λ) totals over what each pass collected."""
+        each spec's (θ, λ) totals over what each pass collected: [direction][spec]."""
         nlls, cached = [], []
         for direction, stream in enumerate(streams):
-            collect: dict | None = {} if cache is not None else None
+            collect: dict | None = {} if specs else None
             nlls.append(run(direction, stream, collect))
-            if cache is not None:
-                cached.append(cache_nll(collect["features"], torch.from_numpy(np.asarray(stream, dtype=np.int64)),
-                                        collect["nll"], cache, device))
+            if specs:
+                targets = torch.from_numpy(np.asarray(stream, dtype=np.int64))
+                cached.append([cache_nll(collect["features"], targets, collect["nll"], spec, device)
+                               for spec in specs])
         return nlls, cached
 
-    def cache_entries(totals: list[torch.Tensor]) -> list[dict]:
-        return [_entry({"size": cache.size, "theta": cache.thetas[a], "lambda": cache.lambdas[b]},
-                       [float(c[a, b]) / n for c in totals])
-                for a, b in np.ndindex(len(cache.thetas), len(cache.lambdas))]
+    def cache_entries(totals: list[list[torch.Tensor]]) -> list[dict]:
+        return [_entry({"size": spec.size, "theta": spec.thetas[a], "lambda": spec.lambdas[b]},
+                       [float(c[i][a, b]) / n for c in totals])
+                for i, spec in enumerate(specs) for a, b in np.ndindex(len(spec.thetas), len(spec.lambdas))]
 
     nlls, cached = passes(lambda d, stream, collect: stream_nll(model, stream, direction=d, collect=collect, **kw))
     out: dict = {"nll": nlls[0], "loss": nlls[0] / n}
@@ -306,7 +310,7 @@ def evaluate_ids(model, ids: np.ndarray, batch_size: int = 1, device="cpu", wind
                    nll=(nlls[0] + nlls[1]) / 2, loss=(fwd + bwd) / 2)
     out["ppl"] = _exp(out["loss"])
     out["bits_per_token"] = out["loss"] / math.log(2)
-    if cache is not None:
+    if specs:
         out["cache"] = cache_entries(cached)
     if dynamic is not None:
         out["dynamic"] = []
@@ -314,7 +318,7 @@ def evaluate_ids(model, ids: np.ndarray, batch_size: int = 1, device="cpu", wind
             d_nlls, d_cached = passes(lambda d, stream, collect: dynamic_nll(
                 model, stream, lr, dynamic.decay, dynamic.segment, d, device, progress, collect))
             entry = _entry({"lr": lr, "decay": dynamic.decay, "segment": dynamic.segment}, [v / n for v in d_nlls])
-            if cache is not None:          # the cache over the adapting model's features and predictions
+            if specs:                      # the cache over the adapting model's features and predictions
                 entry["cache"] = cache_entries(d_cached)
             out["dynamic"].append(entry)
     return out
@@ -382,7 +386,8 @@ def _check_errors(errors) -> None:
 
 def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batch_size: int = 1,
                device="cpu", encoding: str = "utf-8", errors: str = "strict", progress: Progress = False,
-               exact: bool = True, cache: CacheSpec | None = None, dynamic: DynamicSpec | None = None) -> dict:
+               exact: bool = True, cache: CacheSpec | Sequence[CacheSpec] | None = None,
+               dynamic: DynamicSpec | None = None) -> dict:
     """Evaluate a text file as CONTRACT.md defines; returns the JSON-ready result.
 
     progress: False/None (quiet), True (a tqdm bar on stderr), "auto" (a bar when stderr is a
@@ -395,13 +400,15 @@ def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batc
     words = whitespace-separated words + <eos> tokens, comparable with a word model's perplexity
     (only for text that separates words with spaces: see _word_count); for bidirectional models
     forward_/backward_ loss and ppl. With `cache` (the continuous cache, :mod:`rnnlm.cache`),
-    ``cache``: a list with one entry per (θ, λ) of the grid, ``{"size", "theta", "lambda", "loss",
+    ``cache``: a list with one entry per size (a list of specs) and (θ, λ) of the grid, ``{"size",
+    "theta", "lambda", "loss",
     "ppl", "bits_per_token"}`` (``bpc`` too at char level); with `dynamic` (dynamic evaluation,
     :mod:`rnnlm.dynamic`), ``dynamic``: one entry per learning rate, ``{"lr", "decay", "segment",
     "loss", "ppl", "bits_per_token"}``. The plain numbers are unchanged.
     """
-    if cache is not None and not isinstance(cache, CacheSpec):
-        raise UsageError(f"cache must be a rnnlm.cache.CacheSpec, got {cache!r}")
+    if cache is not None and not (isinstance(cache, CacheSpec) or (
+            isinstance(cache, (list, tuple)) and cache and all(isinstance(c, CacheSpec) for c in cache))):
+        raise UsageError(f"cache must be a rnnlm.cache.CacheSpec or a list of them, got {cache!r}")
     if dynamic is not None and not isinstance(dynamic, DynamicSpec):
         raise UsageError(f"dynamic must be a rnnlm.dynamic.DynamicSpec, got {dynamic!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

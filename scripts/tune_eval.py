@@ -3,10 +3,10 @@ the test perplexity with them.
 
 The honest protocol (Grave et al. 2017; Krause et al. 2018): every setting is chosen on the
 validation text only, and the test text is evaluated once with the chosen values, next to the
-plain number. For each cache size the model runs over the validation text once and every (θ, λ)
-of the grid is scored from the stored features (`rnnlm eval-perplexity --cache-size N
---cache-theta ... --cache-lambda ...` does the same for one size); each dynamic-evaluation
-learning rate is one sequential pass (`--dynamic-lr`).
+plain number. The model runs over the validation text once and every cache size and (θ, λ) of the
+grid is scored from the stored features (`rnnlm eval-perplexity --cache-size N,...
+--cache-theta ... --cache-lambda ...` does the same); each dynamic-evaluation learning rate is
+one sequential pass (`--dynamic-lr`).
 
 usage: python scripts/tune_eval.py --checkpoint RUN_DIR --valid VALID.txt --test TEST.txt
                                    [--sizes 100,500,2000] [--thetas 0.1,...] [--lambdas 0.05,...]
@@ -60,30 +60,36 @@ def main(argv: list[str] | None = None) -> int:
             return perplexity(lm.model, lm.vocab, lm.tokenizer, path, args.batch_size, device,
                               lm.config.data.encoding, lm.config.data.errors, **kw)
         t0 = time.perf_counter()
-        chosen: dict = {}
+        specs, dynamic = None, None
         if not args.no_cache:
             thetas, lambdas = parse_values(args.thetas, "--thetas"), parse_values(args.lambdas, "--lambdas")
-            out["cache_per_size"] = []
             sizes = parse_values(args.sizes, "--sizes")
             if not all(math.isfinite(v) and v == int(v) for v in sizes):
                 raise UsageError(f"--sizes takes whole numbers, got {args.sizes!r}")
-            for size in (int(v) for v in sizes):
-                res = evaluate(args.valid, cache=CacheSpec(size, thetas, lambdas))
-                best = min(res["cache"], key=lambda e: e["loss"])
-                out["cache_per_size"].append({"size": size, "best": best, "grid": res["cache"]})
-                out["valid_ppl"] = res["ppl"]
-                print(f"valid, cache {size:>5}: best θ={best['theta']:g} λ={best['lambda']:g} "
-                      f"ppl {best['ppl']:.2f} (plain {res['ppl']:.2f})", flush=True)
-            chosen["cache"] = min((r["best"] for r in out["cache_per_size"]), key=lambda e: e["loss"])
+            specs = [CacheSpec(int(v), thetas, lambdas) for v in sizes]
         if args.dynamic_lrs:
-            lrs = parse_values(args.dynamic_lrs, "--dynamic-lrs")
-            res = evaluate(args.valid, dynamic=DynamicSpec(lrs, args.dynamic_decay, args.dynamic_segment))
-            out["valid_ppl"], out["dynamic_grid"] = res["ppl"], res["dynamic"]
-            for e in res["dynamic"]:
-                print(f"valid, dynamic lr {e['lr']:g}: ppl {e['ppl']:.2f} (plain {res['ppl']:.2f})", flush=True)
-            chosen["dynamic"] = min(res["dynamic"], key=lambda e: e["loss"])
-        if not chosen:
+            dynamic = DynamicSpec(parse_values(args.dynamic_lrs, "--dynamic-lrs"), args.dynamic_decay,
+                                  args.dynamic_segment)
+        if specs is None and dynamic is None:
             raise UsageError("nothing to tune: --no-cache without --dynamic-lrs")
+        chosen: dict = {}
+        if specs:
+            res = evaluate(args.valid, cache=specs)            # one pass serves every cache size
+            out["valid_ppl"] = res["ppl"]
+            out["cache_per_size"] = []
+            for spec in specs:
+                grid = [e for e in res["cache"] if e["size"] == spec.size]
+                best = min(grid, key=lambda e: e["loss"])
+                out["cache_per_size"].append({"size": spec.size, "best": best, "grid": grid})
+                print(f"valid, cache {spec.size:>5}: best θ={best['theta']:g} λ={best['lambda']:g} "
+                      f"ppl {best['ppl']:.2f} (plain {res['ppl']:.2f})", flush=True)
+            chosen["cache"] = min(res["cache"], key=lambda e: e["loss"])
+        if dynamic:
+            res = evaluate(args.valid, dynamic=dynamic)          # (a cache on top would be wasted here)
+            out["valid_ppl"], out["dynamic_grid"] = res["ppl"], res["dynamic"]
+            for e in out["dynamic_grid"]:
+                print(f"valid, dynamic lr {e['lr']:g}: ppl {e['ppl']:.2f} (plain {res['ppl']:.2f})", flush=True)
+            chosen["dynamic"] = min(out["dynamic_grid"], key=lambda e: e["loss"])
         c, d = chosen.get("cache"), chosen.get("dynamic")
         test = evaluate(args.test,
                         cache=CacheSpec(c["size"], (c["theta"],), (c["lambda"],)) if c else None,

@@ -248,3 +248,18 @@ def test_a_cache_longer_than_the_text_holds_all_of_it():
     features, targets, probs, nll = _random_case(50, V=5, D=3, seed=8)
     want = cache_nll(features, targets, nll, CacheSpec(50, (1.0,), (0.4,)))
     assert torch.equal(cache_nll(features, targets, nll, CacheSpec(10 ** 30, (1.0,), (0.4,))), want)
+
+
+def test_several_cache_sizes_from_one_pass_equal_separate_evaluations(tmp_path):
+    vocab, tok, model = _setup(seed=9)
+    path = tmp_path / "eval.txt"
+    path.write_text(_text(100, 9) * 2)
+    specs = [CacheSpec(30, (0.5, 2.0), (0.2,)), CacheSpec(300, (1.0,), (0.1, 0.3))]
+    both = perplexity(model, vocab, tok, path, batch_size=3, cache=specs)["cache"]
+    apart = [e for spec in specs for e in perplexity(model, vocab, tok, path, batch_size=3, cache=spec)["cache"]]
+    assert [(e["size"], e["theta"], e["lambda"]) for e in both] == [(30, 0.5, 0.2), (30, 2.0, 0.2),
+                                                                      (300, 1.0, 0.1), (300, 1.0, 0.3)]
+    assert [e["loss"] for e in both] == [e["loss"] for e in apart]
+    for bad in ([], [specs[0], 30], (30,)):
+        with pytest.raises(UsageError, match="CacheSpec"):
+            perplexity(model, vocab, tok, path, cache=bad)

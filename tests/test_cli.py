@@ -306,6 +306,11 @@ def test_eval_perplexity_with_a_continuous_cache(work, word_run):
         assert math.isclose(e["ppl"], math.exp(e["loss"]), rel_tol=1e-12)
         if e["lambda"] == 0:
             assert math.isclose(e["loss"], res["loss"], rel_tol=1e-12)
+    sizes = json.loads(ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--json", "--cache-size", "20,100",
+                                  "--cache-theta", "0.5,2", "--cache-lambda", "0,0.2"]).stdout)
+    assert [e["size"] for e in sizes["cache"]] == [20] * 4 + [100] * 4
+    assert [e["loss"] for e in sizes["cache"][4:]] == [e["loss"] for e in res["cache"]]
+    assert "lowest" in ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--cache-size", "20,100"]).stdout
     one = json.loads(ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--json", "--cache-size", "100"]).stdout)
     assert [(e["theta"], e["lambda"]) for e in one["cache"]] == [(1.0, 0.1)]          # the defaults
     table = ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--cache-size", "100"]).stdout
@@ -317,6 +322,8 @@ def test_eval_perplexity_with_a_continuous_cache(work, word_run):
     for args, needles in ((["--cache-theta", "1"], ("--cache-theta", "--cache-size")),
                           (["--cache-lambda", "0.1"], ("--cache-lambda", "--cache-size")),
                           (["--cache-size", "0"], ("--cache-size", ">= 1")),
+                          (["--cache-size", "10.5"], ("--cache-size", "whole numbers")),
+                          (["--cache-size", "10,x"], ("--cache-size", "comma-separated")),
                           (["--cache-size", "10", "--cache-lambda", "1.5"], ("--cache-lambda", "[0, 1]")),
                           (["--cache-size", "10", "--cache-theta", "-1"], ("--cache-theta", ">= 0")),
                           (["--cache-size", "10", "--cache-theta", "a,b"], ("--cache-theta", "comma-separated")),
