@@ -4,7 +4,8 @@ Two levels: ``char`` (one token per Unicode code point: accents, CJK characters 
 are single tokens) and ``word`` (whitespace, as in the Penn Treebank, or a simple
 tokenizer that also splits punctuation). Two special tokens: ``<unk>`` (anything outside
 the vocabulary; a literal ``<unk>`` word in the text *is* this token, as in PTB) and
-``<eos>`` (the end of a unit, placed according to the EOS policy):
+``<eos>`` (the end of a unit, placed according to the EOS policy; at word level a literal
+``<eos>`` word is this token too, whatever the policy):
 
 * ``line``      -- after every line, empty lines included (the PTB / WikiText convention,
                    default for words); at char level the ``"\\n"`` itself becomes ``<eos>``.
