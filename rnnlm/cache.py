@@ -70,6 +70,14 @@ def parse_values(text: str, option: str) -> tuple[float, ...]:
     return values
 
 
+def parse_sizes(text: str, option: str) -> tuple[int, ...]:
+    """'100,500' -> (100, 500): cache sizes, whole numbers >= 1; otherwise a UsageError naming `option`."""
+    values = parse_values(text, option)
+    if not all(math.isfinite(v) and v == int(v) and v >= 1 for v in values):
+        raise UsageError(f"{option} takes whole numbers >= 1, got {text!r}")
+    return tuple(int(v) for v in values)
+
+
 # Features of more than this many bytes are kept in a temporary file (a memory map), not in memory.
 FEATURES_IN_MEMORY_MAX = 1 << 30
 

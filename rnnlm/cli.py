@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import math
 import os
 import signal
 import sys
@@ -301,7 +300,7 @@ def eval_perplexity(
                                                        "(default 20)."),
 ) -> None:
     def body() -> None:
-        from .cache import CacheSpec, parse_values
+        from .cache import CacheSpec, parse_sizes, parse_values
         from .checkpoint import load_model
         from .data import check_encoding, glob_corpus_path
         from .dynamic import DynamicSpec
@@ -315,12 +314,10 @@ def eval_perplexity(
                   {"--dynamic-decay": dynamic_decay, "--dynamic-segment": dynamic_segment})
         cache = dynamic = None
         if cache_size is not None:
-            sizes = parse_values(cache_size, "--cache-size")
-            if not all(math.isfinite(v) and v == int(v) and v >= 1 for v in sizes):
-                raise UsageError(f"--cache-size takes whole numbers >= 1, got {cache_size!r}")
+            sizes = parse_sizes(cache_size, "--cache-size")
             thetas = parse_values(cache_theta, "--cache-theta") if cache_theta is not None else (1.0,)
             lambdas = parse_values(cache_lambda, "--cache-lambda") if cache_lambda is not None else (0.1,)
-            cache = [CacheSpec(int(size), thetas, lambdas) for size in sizes]
+            cache = [CacheSpec(size, thetas, lambdas) for size in sizes]
         if dynamic_lr is not None:
             dynamic = DynamicSpec(parse_values(dynamic_lr, "--dynamic-lr"),
                                   0.0 if dynamic_decay is None else dynamic_decay,

@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
 
 import torch
 
-from rnnlm.cache import CacheSpec, parse_values
+from rnnlm.cache import CacheSpec, parse_sizes, parse_values
 from rnnlm.checkpoint import load_model
 from rnnlm.dynamic import DynamicSpec
 from rnnlm.errors import UsageError
 from rnnlm.evaluate import perplexity
+from rnnlm.train import select_device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out: dict = {"checkpoint": args.checkpoint, "valid": args.valid, "test": args.test}
     try:
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                              else "cpu" if args.device == "auto" else args.device)
+        device = select_device(args.device, "--device")
         lm = load_model(args.checkpoint, device)
 
         def evaluate(path, **kw):
@@ -63,10 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         specs, dynamic = None, None
         if not args.no_cache:
             thetas, lambdas = parse_values(args.thetas, "--thetas"), parse_values(args.lambdas, "--lambdas")
-            sizes = parse_values(args.sizes, "--sizes")
-            if not all(math.isfinite(v) and v == int(v) for v in sizes):
-                raise UsageError(f"--sizes takes whole numbers, got {args.sizes!r}")
-            specs = [CacheSpec(int(v), thetas, lambdas) for v in sizes]
+            specs = [CacheSpec(size, thetas, lambdas) for size in parse_sizes(args.sizes, "--sizes")]
         if args.dynamic_lrs:
             dynamic = DynamicSpec(parse_values(args.dynamic_lrs, "--dynamic-lrs"), args.dynamic_decay,
                                   args.dynamic_segment)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import rnnlm.cache as cache_mod
-from rnnlm.cache import CacheSpec, cache_distribution, cache_nll, parse_values
+from rnnlm.cache import CacheSpec, cache_distribution, cache_nll, parse_sizes, parse_values
 from rnnlm.config import ModelConfig
 from rnnlm.errors import UsageError
 from rnnlm.evaluate import evaluate_ids, perplexity, stream_nll, text_ids
@@ -100,6 +100,10 @@ def test_a_repeated_text_is_what_the_cache_is_for():
 
 def test_spec_and_value_parsing():
     assert parse_values("0.1, 0.2,1", "--x") == (0.1, 0.2, 1.0)
+    assert parse_sizes("100, 2e3", "--n") == (100, 2000)
+    for bad in ("0", "1.5", "inf", "-3"):
+        with pytest.raises(UsageError, match="--n"):
+            parse_sizes(bad, "--n")
     for bad in ("", "a", "0.1,,0.2", "1,1"):
         with pytest.raises(UsageError, match="--x"):
             parse_values(bad, "--x")
