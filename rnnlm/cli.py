@@ -292,12 +292,19 @@ def eval_perplexity(
                                                   "2018): the model takes an SGD step of this size on each segment "
                                                   "after scoring it. One sequential pass per value; choose it on "
                                                   "validation text."),
-    dynamic_decay: Optional[float] = typer.Option(None, "--dynamic-decay", metavar="D",
-                                                  help="With --dynamic-lr: pull the adapted weights back toward the "
-                                                       "trained ones by this share each step, in [0, 1] (default 0)."),
+    dynamic_decay: Optional[str] = typer.Option(None, "--dynamic-decay", metavar="D[,D...]",
+                                                help="With --dynamic-lr: pull the adapted weights back toward the "
+                                                     "trained ones by this share each step, in [0, 1] (default 0); "
+                                                     "a list tries each value with each learning rate."),
     dynamic_segment: Optional[int] = typer.Option(None, "--dynamic-segment", metavar="N",
                                                   help="With --dynamic-lr: tokens per segment, one step after each "
                                                        "(default 20)."),
+    dynamic_rms_data: Optional[str] = typer.Option(None, "--dynamic-rms-data", metavar="FILE",
+                                                   help="With --dynamic-lr: Krause et al.'s RMS rule instead of SGD. "
+                                                        "Each weight's root-mean-square gradient is measured once on "
+                                                        "FILE (the training text); each step is divided by it and "
+                                                        "--dynamic-decay scaled by it. Its learning rates are far "
+                                                        "smaller than SGD's (PTB: around 1e-4)."),
 ) -> None:
     def body() -> None:
         from .cache import CacheSpec, parse_sizes, parse_values
@@ -311,7 +318,8 @@ def eval_perplexity(
         _requires(cache_size, "--cache-size N", "the continuous cache", "how many past positions it holds, e.g. 500",
                   {"--cache-theta": cache_theta, "--cache-lambda": cache_lambda})
         _requires(dynamic_lr, "--dynamic-lr LR", "dynamic evaluation", "the size of its SGD steps, e.g. 1.0",
-                  {"--dynamic-decay": dynamic_decay, "--dynamic-segment": dynamic_segment})
+                  {"--dynamic-decay": dynamic_decay, "--dynamic-segment": dynamic_segment,
+                   "--dynamic-rms-data": dynamic_rms_data})
         cache = dynamic = None
         if cache_size is not None:
             sizes = parse_sizes(cache_size, "--cache-size")
@@ -319,9 +327,16 @@ def eval_perplexity(
             lambdas = parse_values(cache_lambda, "--cache-lambda") if cache_lambda is not None else (0.1,)
             cache = [CacheSpec(size, thetas, lambdas) for size in sizes]
         if dynamic_lr is not None:
+            rms_data = None
+            if dynamic_rms_data is not None:
+                rms_data = _path(dynamic_rms_data, "--dynamic-rms-data")
+                if not rms_data.is_file():
+                    raise UsageError(f"--dynamic-rms-data {dynamic_rms_data} is not a regular file; give the "
+                                     f"training text" if rms_data.exists()
+                                     else f"--dynamic-rms-data file not found: {dynamic_rms_data}")
             dynamic = DynamicSpec(parse_values(dynamic_lr, "--dynamic-lr"),
-                                  0.0 if dynamic_decay is None else dynamic_decay,
-                                  20 if dynamic_segment is None else dynamic_segment)
+                                  0.0 if dynamic_decay is None else parse_values(dynamic_decay, "--dynamic-decay"),
+                                  20 if dynamic_segment is None else dynamic_segment, rms_data)
         ckpt = _path(checkpoint, "--checkpoint")
         data_path = _path(data, "--data")
         if glob is not None:
@@ -358,36 +373,40 @@ def eval_perplexity(
                            ("word_ppl", "word-level perplexity")):
             if key in res:
                 rows.append((label, f"{res[key]:.3f}"))
-        both = [{**c, "lr": e["lr"], "segment": e["segment"], "decay": e["decay"]}
+        both = [{**c, "lr": e["lr"], "segment": e["segment"], "decay": e["decay"], "rule": e["rule"]}
                 for e in res.get("dynamic", []) for c in e.get("cache", [])]
         several = len({e["size"] for e in res.get("cache", [])}) > 1       # a column for the cache size
         cache_params = ("size", "theta", "lambda") if several else ("theta", "lambda")
+        decays = len({e["decay"] for e in res.get("dynamic", [])}) > 1    # a column for the decay
+        dyn_params = ("lr", "decay") if decays else ("lr",)
         grids = []
         for entries, label, params in (
                 (res.get("cache", []), "with a continuous cache" + ("" if several else " of {size} positions"),
                  cache_params),
-                (res.get("dynamic", []), "with dynamic evaluation (segments of {segment}, decay {decay:g})", ("lr",)),
+                (res.get("dynamic", []), "with dynamic evaluation ({rule_name}segments of {segment}"
+                 + (")" if decays else ", decay {decay:g})"), dyn_params),
                 (both, "with dynamic evaluation and a cache" + ("" if several else " of {size}"),
-                 ("lr", *cache_params))):
+                 (*dyn_params, *cache_params))):
             if len(entries) == 1:
                 e = entries[0]
                 parts = [f"{_SYMBOLS[p]}={e[p]:g}" for p in params]
                 if "theta" in params:
                     parts.insert(0, f"N={e['size']}")
                 if "lr" in params:
-                    parts.append(f"segment {e['segment']}, decay {e['decay']:g}")
+                    parts.append(f"{_RULE_NAMES[e.get('rule', 'sgd')]}segment {e['segment']}, decay {e['decay']:g}")
                 desc = ", ".join(parts)
                 what = {("theta", "lambda"): "cache", ("lr",): "dynamic evaluation"}.get(
                     params, "dynamic evaluation and cache")
                 rows.append((f"with {what} ({desc})", f"{e['ppl']:.3f}"))
             elif entries:
-                grids.append((label.format(**entries[0]), params, entries))
+                grids.append((label.format(**entries[0], rule_name=_RULE_NAMES[entries[0].get("rule", "sgd")]),
+                               params, entries))
         for r in rows:
             table.add_row(*r)
         out_console.print(table)
         for title, params, entries in grids:
             best = min(range(len(entries)), key=lambda i: entries[i]["loss"])
-            grid = Table(title=title, show_header=True)
+            grid = Table(title=title, show_header=True, min_width=len(title))   # the title on one line
             for name in (*[_SYMBOLS[p] for p in params], "perplexity", "loss (nats/token)"):
                 grid.add_column(name, justify="right")
             grid.add_column("")
@@ -398,7 +417,8 @@ def eval_perplexity(
     _run(body)
 
 
-_SYMBOLS = {"size": "N", "theta": "θ", "lambda": "λ", "lr": "lr"}
+_SYMBOLS = {"size": "N", "theta": "θ", "lambda": "λ", "lr": "lr", "decay": "decay"}
+_RULE_NAMES = {"sgd": "", "rms": "RMS, "}   # how a dynamic entry's rule is named in the text output
 
 
 def _requires(main, main_option: str, what: str, hint: str, others: dict) -> None:

@@ -1,24 +1,35 @@
-"""Dynamic evaluation (Krause, Kahembwe, Murray & Renals, ICML 2018), the SGD form.
+"""Dynamic evaluation (Krause, Kahembwe, Murray & Renals, ICML 2018): the SGD and the RMS rule.
 
 The model keeps learning while it reads: the text is one stream cut into segments of
 `segment` tokens; each segment is first scored with the current weights, then one gradient step
 is taken on that segment's mean loss,
 
-    θ ← θ − lr · ∇L(segment) + decay · (θ₀ − θ)
+    θ ← θ − lr · ∇L(segment) + decay · (θ₀ − θ)                          (SGD)
 
 (θ₀ the trained weights; the decay pulls the adapted weights back toward them), and the hidden
 state runs on into the next segment. Every token is still predicted exactly once, from its left
 context only: the weights that score a token were adapted on the tokens before it. The text is
 read in one sequence (a batch of parallel pieces would adapt each piece on its own), in fp32, with
 dropout off; the model's weights are restored afterwards.
+
+The RMS rule (the paper's main form, "RMS with a global prior") first measures each weight's
+root-mean-square gradient s = √MS on other text, the training text, with the trained weights
+(:func:`gradient_rms`), then divides each step by it and scales the decay by it:
+
+    θ ← θ − lr · ∇L(segment) / (s + ε) + min(1, decay · s / s̄) ⊙ (θ₀ − θ)   (RMS)
+
+s̄ is the mean of s over all weights and ε = RMS_EPS · s̄. Weights whose gradients are usually
+small (the rows of rare words) take larger steps, and weights that matter more are held closer to
+their trained values.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,11 +42,23 @@ from .text import EOS_ID
 
 @dataclass(frozen=True)
 class DynamicSpec:
-    """The learning rates to try (one pass over the text each), the decay and the segment length."""
+    """The learning rates to try, the decay (or several: every pair is one pass over the text), the
+    segment length and, for the RMS rule, the text its statistics are measured on."""
 
     lrs: tuple[float, ...]
-    decay: float = 0.0
+    decay: float | tuple[float, ...] = 0.0
     segment: int = 20
+    # The RMS rule's statistics text: a path (rnnlm.evaluate.perplexity encodes it with the
+    # model's vocabulary) or its token ids (rnnlm.evaluate.evaluate_ids). None: the SGD rule.
+    rms_data: str | Path | np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def rule(self) -> str:
+        return "sgd" if self.rms_data is None else "rms"
+
+    @property
+    def decays(self) -> tuple[float, ...]:
+        return self.decay if isinstance(self.decay, tuple) else (self.decay,)
 
     def __post_init__(self) -> None:
         if not self.lrs:
@@ -43,25 +66,26 @@ class DynamicSpec:
         for lr in self.lrs:
             if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
                 raise UsageError(f"dynamic learning rate (--dynamic-lr) must be a finite number >= 0, got {lr!r}")
-        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0.0 <= self.decay <= 1.0:
-            raise UsageError(f"dynamic decay (--dynamic-decay) must be in [0, 1], got {self.decay!r}")
+        if isinstance(self.decay, list):
+            object.__setattr__(self, "decay", tuple(self.decay))
+        if self.decay == ():
+            raise UsageError("dynamic decay (--dynamic-decay) needs at least one value")
+        for decay in self.decays:
+            if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+                raise UsageError(f"dynamic decay (--dynamic-decay) must be in [0, 1], got {decay!r}")
         if isinstance(self.segment, bool) or not isinstance(self.segment, (int, np.integer)) or self.segment < 1:
             raise UsageError(f"dynamic segment (--dynamic-segment) must be an integer >= 1, got {self.segment!r}")
 
 
-def dynamic_nll(model, ids: np.ndarray, lr: float, decay: float = 0.0, segment: int = 20, direction: int = 0,
-                device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None,
-                collect: dict | None = None) -> float:
-    """Total NLL (nats) of `ids` under dynamic evaluation with learning rate `lr`.
+RMS_EPS = 1e-3      # the RMS rule's ε, as a share of the mean RMS gradient s̄
+STATS_BATCH = 64    # parallel pieces of the statistics text in gradient_rms
 
-    ids are in the reading order of `direction`; the first token is predicted from the zero state
-    after <eos>, as in :func:`rnnlm.evaluate.stream_nll`. lr = 0 is the static model's number.
-    The model's weights, its train/eval mode and its gradients are as they were afterwards.
-    `collect`, if given, receives each token's ``nll`` and ``features`` as
-    :func:`rnnlm.evaluate.stream_nll` gives them (for the continuous cache on top).
-    """
-    device = torch.device(device)
-    n = len(ids)
+
+@contextmanager
+def _adapting(model, device: torch.device, sparse_embedding: bool):
+    """Weights that take gradients, dropout off and cuDNN off for the duration; afterwards the
+    weights' values, `requires_grad`, the model's mode and the embedding's `sparse` flag are as
+    they were (also after an error or an interrupt). Yields (params, their saved values)."""
     params = list(model.parameters())          # all of them adapt, frozen ones included
     saved = [p.detach().clone() for p in params]
     flags = [p.requires_grad for p in params]
@@ -73,14 +97,99 @@ def dynamic_nll(model, ids: np.ndarray, lr: float, decay: float = 0.0, segment: 
     # vocabulary-sized array: about twice as fast with WikiText-2's 33,278 x 400 embedding.
     emb = getattr(model, "embedding", None)
     emb_sparse = emb.sparse if isinstance(emb, torch.nn.Embedding) else None
-    total = 0.0
     try:
         if emb_sparse is not None:
-            emb.sparse = True
+            emb.sparse = sparse_embedding
         for p in params:
             p.requires_grad_(True)
         # inference_mode(False): callable from inside torch.inference_mode() too.
-        with torch.inference_mode(False), torch.set_grad_enabled(lr > 0), no_cudnn:
+        with torch.inference_mode(False), no_cudnn:
+            yield params, saved
+    finally:
+        if emb_sparse is not None:
+            emb.sparse = emb_sparse
+        with torch.no_grad():
+            for p, p0, flag in zip(params, saved, flags):
+                p.copy_(p0)
+                p.requires_grad_(flag)
+        if was_training:
+            model.train()
+
+
+def stats_layout(n: int, segment: int, batch: int = STATS_BATCH) -> tuple[int, int]:
+    """How :func:`gradient_rms` reads `n` tokens: (pieces, tokens per piece); it uses pieces × tokens."""
+    pieces = max(1, min(batch, n // max(1, segment)))
+    return pieces, n // pieces
+
+
+def gradient_rms(model, ids: np.ndarray, segment: int = 20, direction: int = 0, device: torch.device | str = "cpu",
+                 batch: int = STATS_BATCH, progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+    """The RMS rule's statistics: each weight's root-mean-square gradient √MS, one tensor per
+    ``model.parameters()`` entry (float32, on `device`).
+
+    `ids` (the training text, in the reading order of `direction`) is cut into `batch` contiguous
+    pieces read in parallel, in steps of `segment` tokens with the state carried; MS is the mean
+    over the steps of the squared gradient of each step's mean loss, with the model's current
+    weights (which are not changed). Dropout is off, as in dynamic evaluation.
+    """
+    device = torch.device(device)
+    n = len(ids)
+    if n < 1:
+        raise UsageError("the statistics text for the RMS rule has no tokens")
+    B, L = stats_layout(n, segment, batch)
+    stream = np.concatenate([[EOS_ID], np.asarray(ids, dtype=np.int64)])
+    x_all = torch.from_numpy(stream[:B * L].reshape(B, L).T.copy())          # (L, B): piece b reads column b
+    y_all = torch.from_numpy(stream[1:B * L + 1].reshape(B, L).T.copy())
+    with _adapting(model, device, sparse_embedding=False) as (params, _):
+        ms = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        steps, state = 0, None
+        with torch.enable_grad():
+            for s0 in range(0, L, segment):
+                s1 = min(L, s0 + segment)
+                x, y = x_all[s0:s1].to(device), y_all[s0:s1].to(device)
+                h, new_state = model(x, state, direction)
+                loss = model.nll(h.reshape(-1, h.size(-1)).float(), y.reshape(-1), reduction="mean")
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                with torch.no_grad():
+                    for m, g in zip(ms, grads):
+                        if g is not None:
+                            m.addcmul_(g, g)
+                steps += 1
+                state = detach_state(new_state)
+                if progress is not None:
+                    progress((s1 - s0) * B)
+    return [m.div_(steps).sqrt_() for m in ms]
+
+
+def dynamic_nll(model, ids: np.ndarray, lr: float, decay: float = 0.0, segment: int = 20, direction: int = 0,
+                device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None,
+                collect: dict | None = None, rms: Sequence[torch.Tensor] | None = None) -> float:
+    """Total NLL (nats) of `ids` under dynamic evaluation with learning rate `lr`.
+
+    ids are in the reading order of `direction`; the first token is predicted from the zero state
+    after <eos>, as in :func:`rnnlm.evaluate.stream_nll`. lr = 0 is the static model's number.
+    The model's weights, its train/eval mode and its gradients are as they were afterwards.
+    `collect`, if given, receives each token's ``nll`` and ``features`` as
+    :func:`rnnlm.evaluate.stream_nll` gives them (for the continuous cache on top).
+    `rms` (from :func:`gradient_rms`, one tensor per parameter) selects the RMS rule; without it,
+    the SGD rule (see the module's docstring).
+    """
+    device = torch.device(device)
+    n = len(ids)
+    total = 0.0
+    with _adapting(model, device, sparse_embedding=True) as (params, saved):
+        denoms = rates = None
+        if rms is not None:
+            if len(rms) != len(params) or any(r.shape != p.shape for r, p in zip(rms, params)):
+                raise UsageError("the RMS statistics do not match the model's parameters")
+            mean = sum(float(r.double().sum()) for r in rms) / max(1, sum(r.numel() for r in rms))
+            if not mean > 0 or not math.isfinite(mean):
+                raise UsageError("the statistics text for the RMS rule gave no gradient (mean RMS gradient "
+                                 f"{mean:g}); give a longer text, the training text")
+            denoms = [r.to(device, torch.float32) + RMS_EPS * mean for r in rms]
+            if decay > 0:
+                rates = [(r.to(device, torch.float32) * (decay / mean)).clamp_(max=1.0) for r in rms]
+        with torch.set_grad_enabled(lr > 0):
             stream = torch.from_numpy(np.concatenate([[EOS_ID], np.asarray(ids, dtype=np.int64)]))
             state = None
             for s0 in range(0, n, segment):
@@ -101,22 +210,21 @@ def dynamic_nll(model, ids: np.ndarray, lr: float, decay: float = 0.0, segment: 
                 if lr > 0 and s1 < n:          # (no step after the last segment: nothing left to score)
                     grads = torch.autograd.grad(nll / (s1 - s0), params, allow_unused=True)
                     with torch.no_grad():
-                        for p, g, p0 in zip(params, grads, saved):
+                        for k, (p, g, p0) in enumerate(zip(params, grads, saved)):
                             pull = (p0 - p) if decay > 0 else None   # θ₀ − θ, from the weights before the step
                             if g is not None:
-                                p.sub_(g, alpha=lr)
+                                if denoms is None:
+                                    p.sub_(g, alpha=lr)
+                                elif g.is_sparse:             # the embedding: only the rows the segment used
+                                    g = g.coalesce()
+                                    rows = g.indices()[0]
+                                    p.index_add_(0, rows, g.values() / denoms[k][rows], alpha=-lr)
+                                else:
+                                    p.addcdiv_(g, denoms[k], value=-lr)
                             if pull is not None:
-                                p.add_(pull, alpha=decay)
+                                p.add_(pull if rates is None else pull.mul_(rates[k]),
+                                       alpha=decay if rates is None else 1.0)
                 state = detach_state(new_state)
                 if progress is not None:
                     progress(s1 - s0)
-    finally:
-        if emb_sparse is not None:
-            emb.sparse = emb_sparse
-        with torch.no_grad():
-            for p, p0, flag in zip(params, saved, flags):
-                p.copy_(p0)
-                p.requires_grad_(flag)
-        if was_training:
-            model.train()
     return total

@@ -24,6 +24,7 @@ but several percent off for a model that remembers further back than ``burn_in``
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch
 
 from .cache import CacheSpec, cache_nll, feature_store
 from .data import TextSource, check_readable, encode_source, encode_text
-from .dynamic import DynamicSpec, dynamic_nll
+from .dynamic import DynamicSpec, dynamic_nll, gradient_rms, stats_layout
 from .errors import UsageError
 from .text import EOS_ID, UNK, UNK_ID, Tokenizer, Vocab
 
@@ -313,15 +314,32 @@ def evaluate_ids(model, ids: np.ndarray, batch_size: int = 1, device="cpu", wind
     if specs:
         out["cache"] = cache_entries(cached)
     if dynamic is not None:
+        rms = [None] * len(streams)
+        if dynamic.rms_data is not None:   # the RMS rule: statistics per direction, once for all lrs
+            stats = _stats_ids(dynamic.rms_data)
+            rms = [gradient_rms(model, stats if d == 0 else np.ascontiguousarray(stats[::-1]), dynamic.segment, d,
+                                device, progress=progress) for d in range(len(streams))]
         out["dynamic"] = []
-        for lr in dynamic.lrs:
+        for lr, decay in ((lr, decay) for lr in dynamic.lrs for decay in dynamic.decays):
             d_nlls, d_cached = passes(lambda d, stream, collect: dynamic_nll(
-                model, stream, lr, dynamic.decay, dynamic.segment, d, device, progress, collect))
-            entry = _entry({"lr": lr, "decay": dynamic.decay, "segment": dynamic.segment}, [v / n for v in d_nlls])
+                model, stream, lr, decay, dynamic.segment, d, device, progress, collect, rms[d]))
+            entry = _entry({"lr": lr, "decay": decay, "segment": dynamic.segment, "rule": dynamic.rule},
+                           [v / n for v in d_nlls])
             if specs:                      # the cache over the adapting model's features and predictions
                 entry["cache"] = cache_entries(d_cached)
             out["dynamic"].append(entry)
     return out
+
+
+def _stats_ids(data) -> np.ndarray:
+    """The RMS rule's statistics text as token ids (evaluate_ids takes ids; perplexity encodes a path)."""
+    if isinstance(data, (str, Path)):
+        raise UsageError("DynamicSpec.rms_data is a path: rnnlm.evaluate.perplexity encodes it; "
+                         "evaluate_ids needs its token ids")
+    ids = np.asarray(data)
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise UsageError("DynamicSpec.rms_data must be a non-empty 1-D array of token ids")
+    return ids.astype(np.int64, copy=False)
 
 
 def _entry(entry: dict, losses: list[float]) -> dict:
@@ -433,10 +451,24 @@ def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batc
     n = len(ids)
     oov = int(stats["oov"]) if "oov" in stats else int(np.count_nonzero(np.asarray(ids) == UNK_ID))
     directions = getattr(model, "num_directions", 1)
-    passes = 1 + (len(dynamic.lrs) if dynamic is not None else 0)
+    passes = 1 + (len(dynamic.lrs) * len(dynamic.decays) if dynamic is not None else 0)
+    stats_tokens = 0
+    if dynamic is not None and isinstance(dynamic.rms_data, (str, Path)):   # the RMS rule's statistics text
+        rp = Path(dynamic.rms_data)
+        if not rp.is_file():
+            raise UsageError(f"statistics text for the RMS rule not found: {rp}" if not rp.exists()
+                             else f"statistics text for the RMS rule is not a regular file: {rp}")
+        check_readable(rp, "statistics text for the RMS rule")
+        rms_ids = np.asarray(encode_source(TextSource(rp), tokenizer, vocab, encoding, errors), dtype=np.int64)
+        if len(rms_ids) == 0:
+            raise UsageError(f"statistics text for the RMS rule {rp} has no tokens")
+        dynamic = dataclasses.replace(dynamic, rms_data=rms_ids)
+    if dynamic is not None and dynamic.rms_data is not None:
+        pieces, per_piece = stats_layout(len(dynamic.rms_data), dynamic.segment)
+        stats_tokens = pieces * per_piece
     if progress == "auto" and dynamic is not None and sys.stderr.isatty():
         progress = True                        # sequential passes: slow whatever the length
-    callback, close = _progress_bar(progress, n * directions * passes)
+    callback, close = _progress_bar(progress, (n * passes + stats_tokens) * directions)
     try:
         res = evaluate_ids(model, ids, batch_size, device, progress=callback, exact=exact, cache=cache,
                            dynamic=dynamic)

@@ -6,11 +6,13 @@ validation text only, and the test text is evaluated once with the chosen values
 plain number. The model runs over the validation text once and every cache size and (θ, λ) of the
 grid is scored from the stored features (`rnnlm eval-perplexity --cache-size N,...
 --cache-theta ... --cache-lambda ...` does the same); each dynamic-evaluation learning rate is
-one sequential pass (`--dynamic-lr`).
+one sequential pass (`--dynamic-lr`), for each decay given; with `--dynamic-rms-data` (the RMS rule),
+its statistics are measured on that text (the training text) once per evaluation.
 
 usage: python scripts/tune_eval.py --checkpoint RUN_DIR --valid VALID.txt --test TEST.txt
                                    [--sizes 100,500,2000] [--thetas 0.1,...] [--lambdas 0.05,...]
-                                   [--dynamic-lrs 0.3,1,3 [--dynamic-segment 20] [--dynamic-decay 0]]
+                                   [--dynamic-lrs 0.3,1,3 [--dynamic-segment 20] [--dynamic-decay 0[,D...]]
+                                    [--dynamic-rms-data TRAIN.txt]]
                                    [--no-cache] [--batch-size 16] [--device auto] [--json OUT.json]
 prints: the best setting per cache size and per learning rate on validation, the chosen ones, and
         the test perplexity without and with each
@@ -45,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cache", action="store_true", help="tune dynamic evaluation only")
     ap.add_argument("--dynamic-lrs", help="dynamic-evaluation learning rates to try (none: no dynamic evaluation)")
     ap.add_argument("--dynamic-segment", type=int, default=20)
-    ap.add_argument("--dynamic-decay", type=float, default=0.0)
+    ap.add_argument("--dynamic-decay", default="0", help="decay, or a comma-separated list to try")
+    ap.add_argument("--dynamic-rms-data", metavar="TRAIN.txt",
+                    help="the RMS rule, its statistics measured on this text (the training text)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
@@ -64,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             thetas, lambdas = parse_values(args.thetas, "--thetas"), parse_values(args.lambdas, "--lambdas")
             specs = [CacheSpec(size, thetas, lambdas) for size in parse_sizes(args.sizes, "--sizes")]
         if args.dynamic_lrs:
-            dynamic = DynamicSpec(parse_values(args.dynamic_lrs, "--dynamic-lrs"), args.dynamic_decay,
-                                  args.dynamic_segment)
+            dynamic = DynamicSpec(parse_values(args.dynamic_lrs, "--dynamic-lrs"),
+                                  parse_values(args.dynamic_decay, "--dynamic-decay"), args.dynamic_segment,
+                                  args.dynamic_rms_data)
         if specs is None and dynamic is None:
             raise UsageError("nothing to tune: --no-cache without --dynamic-lrs")
         chosen: dict = {}
@@ -84,12 +89,13 @@ def main(argv: list[str] | None = None) -> int:
             res = evaluate(args.valid, dynamic=dynamic)          # (a cache on top would be wasted here)
             out["valid_ppl"], out["dynamic_grid"] = res["ppl"], res["dynamic"]
             for e in out["dynamic_grid"]:
-                print(f"valid, dynamic lr {e['lr']:g}: ppl {e['ppl']:.2f} (plain {res['ppl']:.2f})", flush=True)
+                print(f"valid, dynamic ({e['rule']}) lr {e['lr']:g} decay {e['decay']:g}: ppl {e['ppl']:.2f} "
+                      f"(plain {res['ppl']:.2f})", flush=True)
             chosen["dynamic"] = min(out["dynamic_grid"], key=lambda e: e["loss"])
         c, d = chosen.get("cache"), chosen.get("dynamic")
         test = evaluate(args.test,
                         cache=CacheSpec(c["size"], (c["theta"],), (c["lambda"],)) if c else None,
-                        dynamic=DynamicSpec((d["lr"],), d["decay"], d["segment"]) if d else None)
+                        dynamic=DynamicSpec((d["lr"],), d["decay"], d["segment"], dynamic.rms_data) if d else None)
         out["seconds"] = time.perf_counter() - t0
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{out['test_cache_ppl']:.2f}")
     if d:
         out["test_dynamic_ppl"] = test["dynamic"][0]["ppl"]
-        print(f"  with dynamic evaluation chosen on validation (lr {d['lr']:g}, segment {d['segment']}, "
+        print(f"  with dynamic evaluation chosen on validation ({d['rule']}, lr {d['lr']:g}, segment {d['segment']}, "
               f"decay {d['decay']:g}): {out['test_dynamic_ppl']:.2f}")
     if c and d:
         out["test_dynamic_cache_ppl"] = test["dynamic"][0]["cache"][0]["ppl"]

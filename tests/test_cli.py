@@ -369,6 +369,40 @@ def test_eval_perplexity_with_dynamic_evaluation(work, word_run):
         assert_usage_error(invoke(["eval-perplexity", "-m", word_run, "-d", data, *args]), *needles)
 
 
+def test_eval_perplexity_with_the_rms_rule(work, word_run):
+    data, train = work / "word_test.txt", work / "word.txt"
+    res = json.loads(ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--json", "--dynamic-lr", "0,1e-4",
+                                "--dynamic-rms-data", train, "--dynamic-decay", "0.02"]).stdout)
+    assert [(e["lr"], e["decay"], e["rule"]) for e in res["dynamic"]] == [(0.0, 0.02, "rms"), (1e-4, 0.02, "rms")]
+    assert math.isclose(res["dynamic"][0]["loss"], res["loss"], rel_tol=1e-6)       # lr 0: the static model
+    assert res["dynamic"][1]["loss"] != res["dynamic"][0]["loss"]
+    sgd = json.loads(ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--json", "--dynamic-lr", "1e-4",
+                                "--dynamic-decay", "0.02"]).stdout)
+    assert sgd["dynamic"][0]["rule"] == "sgd" and sgd["dynamic"][0]["loss"] != res["dynamic"][1]["loss"]
+    one = ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--dynamic-lr", "1e-4",
+                     "--dynamic-rms-data", train]).stdout
+    assert "with dynamic evaluation (lr=0.0001, RMS, segment 20, decay 0)" in one
+    grid = ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--dynamic-lr", "0,1e-4",
+                      "--dynamic-rms-data", train]).stdout
+    assert "dynamic evaluation (RMS, segments of 20, decay 0)" in grid
+    # several decays: every (lr, decay) pair, from one measurement of the statistics
+    pairs = json.loads(ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--json", "--dynamic-lr", "0,1e-4",
+                                  "--dynamic-decay", "0,0.5", "--dynamic-rms-data", train]).stdout)["dynamic"]
+    assert [(e["lr"], e["decay"]) for e in pairs] == [(0.0, 0.0), (0.0, 0.5), (1e-4, 0.0), (1e-4, 0.5)]
+    assert math.isclose(pairs[1]["loss"], pairs[0]["loss"], rel_tol=1e-6) and pairs[3]["loss"] != pairs[2]["loss"]
+    table = ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--dynamic-lr", "0,1e-4",
+                       "--dynamic-decay", "0,0.5", "--dynamic-rms-data", train]).stdout
+    assert "dynamic evaluation (RMS, segments of 20)" in table and "decay" in table
+    for args, needles in ((["--dynamic-rms-data", train], ("--dynamic-rms-data", "--dynamic-lr")),
+                          (["--dynamic-lr", "1e-4", "--dynamic-rms-data", work / "nope.txt"],
+                           ("--dynamic-rms-data", "not found")),
+                          (["--dynamic-lr", "1e-4", "--dynamic-rms-data", work], ("--dynamic-rms-data", "regular file")),
+                          (["--dynamic-lr", "1e-4", "--dynamic-rms-data", ""], ("--dynamic-rms-data", "empty")),
+                          (["--dynamic-lr", "1e-4", "--dynamic-decay", "0,2"], ("--dynamic-decay", "[0, 1]")),
+                          (["--dynamic-lr", "1e-4", "--dynamic-decay", "0.1,0.1"], ("--dynamic-decay", "twice"))):
+        assert_usage_error(invoke(["eval-perplexity", "-m", word_run, "-d", data, *args]), *needles)
+
+
 def test_eval_perplexity_counts_oov_and_human_table(work, word_run):
     f = work / "oov.txt"
     f.write_text("the zebra sat on the rug\n", encoding="utf-8")

@@ -148,9 +148,11 @@ def test_bidirectional_models_adapt_each_direction_from_the_trained_weights():
 def test_spec_validation_and_perplexity_argument(tmp_path):
     for kw in (dict(lrs=()), dict(lrs=(-1.0,)), dict(lrs=(float("inf"),)), dict(lrs=(float("nan"),)),
                dict(lrs=("1",)), dict(lrs=(True,)), dict(lrs=(1.0,), decay=1.5), dict(lrs=(1.0,), decay=float("nan")),
-               dict(lrs=(1.0,), segment=0), dict(lrs=(1.0,), segment=2.5)):
+               dict(lrs=(1.0,), segment=0), dict(lrs=(1.0,), segment=2.5), dict(lrs=(1.0,), decay=()),
+               dict(lrs=(1.0,), decay=(0.1, 2.0)), dict(lrs=(1.0,), decay=(0.1, True))):
         with pytest.raises(UsageError):
             DynamicSpec(**kw)
+    assert DynamicSpec((1.0,), [0.0, 0.5]).decays == (0.0, 0.5) and DynamicSpec((1.0,), 0.25).decays == (0.25,)
     from rnnlm.text import EOS, UNK, Tokenizer, Vocab
     vocab, tok = Vocab([UNK, EOS, *"abc \n"]), Tokenizer(level="char", eos="line")
     path = tmp_path / "t.txt"
@@ -186,3 +188,157 @@ def test_the_cache_on_top_of_dynamic_evaluation():
     static_collect: dict = {}
     stream_nll(model, ids, collect=static_collect)
     assert not np.allclose(collect["features"], static_collect["features"], atol=1e-3)
+
+
+# -- the RMS rule ---------------------------------------------------------------------------------
+
+def _rms_by_hand(model, ids, lr: float, decay: float, segment: int, rms: list[torch.Tensor]) -> float:
+    """The RMS rule written out: θ ← θ − lr·g / (s + ε) + min(1, decay·s/s̄)·(θ₀ − θ), with s̄ the mean
+    of s over every weight and ε = RMS_EPS·s̄; dense gradients from a plain backward()."""
+    from rnnlm.dynamic import RMS_EPS
+    m = copy.deepcopy(model).eval()
+    theta0 = [p.detach().clone() for p in m.parameters()]
+    mean = float(torch.cat([r.flatten().double() for r in rms]).mean())
+    stream = [EOS_ID, *map(int, ids)]
+    total, state = 0.0, None
+    for s0 in range(0, len(ids), segment):
+        s1 = min(len(ids), s0 + segment)
+        x, y = torch.tensor(stream[s0:s1]).view(-1, 1), torch.tensor(stream[s0 + 1:s1 + 1])
+        h, state = m(x, state)
+        lp = m.log_probs(h[:, 0])
+        nll = -lp[torch.arange(len(y)), y]
+        total += float(nll.detach().sum())
+        m.zero_grad()
+        nll.mean().backward()
+        with torch.no_grad():
+            for p, p0, s in zip(m.parameters(), theta0, rms):
+                step = -lr * p.grad / (s + RMS_EPS * mean)
+                pull = torch.clamp(decay * s / mean, max=1.0) * (p0 - p)
+                p.add_(step + pull)
+        state = detach_state(state)
+    return total
+
+
+def _random_rms(model, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for p in model.parameters():
+        r = torch.rand(p.shape, generator=g) * 0.05
+        r[torch.rand(p.shape, generator=g) < 0.1] = 0.0          # weights that never had a gradient
+        out.append(r)
+    return out
+
+
+@pytest.mark.parametrize("lr,decay,segment,tie", [(3e-3, 0.0, 7, False), (3e-3, 0.02, 20, False),
+                                                  (2e-3, 0.5, 10, True), (3e-4, 1.0, 1, False)])
+def test_rms_rule_is_the_definition(lr, decay, segment, tie):
+    model = _model(seed=11, tie_weights=tie, embedding_size=16 if tie else 8)
+    ids = np.random.default_rng(11).integers(0, 12, 80)
+    rms = _random_rms(model, 3)
+    want = _rms_by_hand(model, ids, lr, decay, segment, rms)
+    got = dynamic_nll(model, ids, lr, decay, segment, rms=rms)   # sparse embedding rows, addcdiv elsewhere
+    assert got == pytest.approx(want, rel=1e-5)
+    assert abs(got - stream_nll(model, ids)) > 0.05                     # it did adapt
+
+
+def test_rms_rule_with_equal_statistics_is_the_sgd_rule():
+    # s the same everywhere: s/s̄ = 1, so each step is lr / (s (1 + RMS_EPS)) times the gradient and
+    # each weight is pulled back at the rate `decay` itself.
+    from rnnlm.dynamic import RMS_EPS
+    model = _model(seed=12)
+    ids = np.random.default_rng(12).integers(0, 12, 60)
+    s = 0.02
+    rms = [torch.full_like(p, s) for p in model.parameters()]
+    for decay in (0.0, 0.3):
+        got = dynamic_nll(model, ids, 1e-3, decay, 9, rms=rms)
+        assert got == pytest.approx(dynamic_nll(model, ids, 1e-3 / (s * (1 + RMS_EPS)), decay, 9), rel=1e-5)
+
+
+def test_rms_statistics_are_the_root_mean_square_of_the_step_gradients():
+    from rnnlm.dynamic import gradient_rms, stats_layout
+    model = _model(seed=13).train()                     # dropout on: the statistics must turn it off
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)
+    before = [p.detach().clone() for p in model.parameters()]
+    ids = np.random.default_rng(13).integers(0, 12, 64)
+    B, L = stats_layout(len(ids), 5, batch=3)
+    assert (B, L) == (3, 21) and stats_layout(7, 5) == (1, 7) and stats_layout(400, 20) == (20, 20)
+    got = gradient_rms(model, ids, segment=5, batch=3)
+    # by hand: piece b reads stream[b*L : (b+1)*L] (the stream starting with <eos>), 5 tokens a step
+    m = copy.deepcopy(model).eval()
+    for p in m.parameters():
+        p.requires_grad_(True)
+    stream = np.concatenate([[EOS_ID], ids])
+    sums = [torch.zeros_like(p) for p in m.parameters()]
+    state, steps = None, 0
+    for s0 in range(0, L, 5):
+        s1 = min(L, s0 + 5)
+        x = torch.tensor(np.stack([stream[b * L + s0:b * L + s1] for b in range(B)], 1))
+        y = torch.tensor(np.stack([stream[b * L + s0 + 1:b * L + s1 + 1] for b in range(B)], 1))
+        h, state = m(x, state)
+        lp = m.log_probs(h.reshape(-1, h.size(-1)))
+        loss = -lp[torch.arange(y.numel()), y.reshape(-1)].mean()
+        m.zero_grad()
+        loss.backward()
+        for acc, p in zip(sums, m.parameters()):
+            acc += p.grad ** 2
+        state, steps = detach_state(state), steps + 1
+    assert steps == 5
+    for r, acc in zip(got, sums):
+        torch.testing.assert_close(r, (acc / steps).sqrt(), rtol=1e-4, atol=1e-7)
+    assert all(float(r.max()) > 0 for r in got)
+    # the model is as it was: weights, mode and the frozen weight's flag
+    assert model.training and not frozen.requires_grad
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_rms_rule_in_evaluation_and_its_errors(tmp_path):
+    from rnnlm.dynamic import gradient_rms
+    model = _model(seed=14, bidirectional=True, num_layers=1)
+    ids = np.random.default_rng(14).integers(0, 12, 70)
+    train = np.random.default_rng(15).integers(0, 12, 500)
+    out = evaluate_ids(model, ids, batch_size=2, dynamic=DynamicSpec((2e-4,), segment=10, rms_data=train))
+    (e,) = out["dynamic"]
+    assert e["rule"] == "rms" and DynamicSpec((1.0,)).rule == "sgd"
+    rms_f = gradient_rms(model, train, 10, direction=0)
+    rms_b = gradient_rms(model, train[::-1].copy(), 10, direction=1)         # the backward stack reads it reversed
+    fwd = dynamic_nll(model, ids, 2e-4, 0.0, 10, direction=0, rms=rms_f) / len(ids)
+    bwd = dynamic_nll(model, ids[::-1].copy(), 2e-4, 0.0, 10, direction=1, rms=rms_b) / len(ids)
+    assert e["forward_loss"] == pytest.approx(fwd, rel=1e-9) and e["backward_loss"] == pytest.approx(bwd, rel=1e-9)
+    with pytest.raises(UsageError, match="token ids"):
+        evaluate_ids(model, ids, dynamic=DynamicSpec((1e-4,), rms_data=str(tmp_path / "train.txt")))
+    for bad in (np.array([], dtype=np.int64), np.zeros((2, 3), dtype=np.int64), np.array([0.5, 1.5])):
+        with pytest.raises(UsageError, match="rms_data"):
+            evaluate_ids(model, ids, dynamic=DynamicSpec((1e-4,), rms_data=bad))
+    with pytest.raises(UsageError, match="no gradient"):
+        dynamic_nll(model, ids, 1e-4, rms=[torch.zeros_like(p) for p in model.parameters()])
+    with pytest.raises(UsageError, match="do not match"):
+        dynamic_nll(model, ids, 1e-4, rms=[torch.ones(3)])
+
+
+def test_perplexity_reads_the_rms_statistics_text(tmp_path):
+    from rnnlm.text import EOS, UNK, Tokenizer, Vocab
+    vocab, tok = Vocab([UNK, EOS, *"abc \n"]), Tokenizer(level="char", eos="line")
+    path, train = tmp_path / "t.txt", tmp_path / "train.txt"
+    path.write_text("abc ab\ncab\nbca\n")
+    train.write_text("abcab cba\nbbc a\n" * 30)
+    model = _model(V=len(vocab), seed=16)
+    res = perplexity(model, vocab, tok, path, dynamic=DynamicSpec((0.0, 5e-4), segment=4, rms_data=train))
+    assert [e["rule"] for e in res["dynamic"]] == ["rms", "rms"]
+    assert res["dynamic"][0]["loss"] == pytest.approx(res["loss"], rel=1e-6)      # lr 0: the static model
+    from rnnlm.data import TextSource, encode_source
+    ids = encode_source(TextSource(path), tok, vocab, "utf-8", "strict")
+    train_ids = encode_source(TextSource(train), tok, vocab, "utf-8", "strict")
+    want = evaluate_ids(model, np.asarray(ids), dynamic=DynamicSpec((5e-4,), segment=4, rms_data=np.asarray(train_ids)))
+    assert res["dynamic"][1]["loss"] == pytest.approx(want["dynamic"][0]["loss"], rel=1e-9)
+    ticks: list[int] = []
+    perplexity(model, vocab, tok, path, dynamic=DynamicSpec((5e-4,), segment=4, rms_data=train), progress=ticks.append)
+    from rnnlm.dynamic import stats_layout
+    B, L = stats_layout(len(train_ids), 4)
+    assert sum(ticks) == 2 * len(ids) + B * L                         # plain pass, dynamic pass, statistics
+    for missing, msg in ((tmp_path / "nope.txt", "not found"), (tmp_path, "not a regular file")):
+        with pytest.raises(UsageError, match=msg):
+            perplexity(model, vocab, tok, path, dynamic=DynamicSpec((1e-4,), rms_data=missing))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(UsageError, match="no tokens"):
+        perplexity(model, vocab, tok, path, dynamic=DynamicSpec((1e-4,), rms_data=tmp_path / "empty.txt"))
