@@ -305,12 +305,16 @@ def eval_perplexity(
                                                         "FILE (the training text); each step is divided by it and "
                                                         "--dynamic-decay scaled by it. Its learning rates are far "
                                                         "smaller than SGD's (PTB: around 1e-4)."),
+    dynamic_rms_eps: Optional[str] = typer.Option(None, "--dynamic-rms-eps", metavar="E[,E...]",
+                                                  help="With --dynamic-rms-data: ε, added to each weight's RMS "
+                                                       "gradient, as a share of their mean (default 0.3); it caps how "
+                                                       "much faster rarely-updated weights adapt. A list tries each."),
 ) -> None:
     def body() -> None:
         from .cache import CacheSpec, parse_sizes, parse_values
         from .checkpoint import load_model
         from .data import check_encoding, glob_corpus_path
-        from .dynamic import DynamicSpec
+        from .dynamic import RMS_EPS, DynamicSpec
         from .evaluate import perplexity
 
         if batch_size < 1:
@@ -328,6 +332,8 @@ def eval_perplexity(
             cache = [CacheSpec(size, thetas, lambdas) for size in sizes]
         if dynamic_lr is not None:
             rms_data = None
+            _requires(dynamic_rms_data, "--dynamic-rms-data FILE", "the RMS rule", "the training text",
+                      {"--dynamic-rms-eps": dynamic_rms_eps})
             if dynamic_rms_data is not None:
                 rms_data = _path(dynamic_rms_data, "--dynamic-rms-data")
                 if not rms_data.is_file():
@@ -336,7 +342,9 @@ def eval_perplexity(
                                      else f"--dynamic-rms-data file not found: {dynamic_rms_data}")
             dynamic = DynamicSpec(parse_values(dynamic_lr, "--dynamic-lr"),
                                   0.0 if dynamic_decay is None else parse_values(dynamic_decay, "--dynamic-decay"),
-                                  20 if dynamic_segment is None else dynamic_segment, rms_data)
+                                  20 if dynamic_segment is None else dynamic_segment, rms_data,
+                                  RMS_EPS if dynamic_rms_eps is None else parse_values(dynamic_rms_eps,
+                                                                                        "--dynamic-rms-eps"))
         ckpt = _path(checkpoint, "--checkpoint")
         data_path = _path(data, "--data")
         if glob is not None:
@@ -373,18 +381,20 @@ def eval_perplexity(
                            ("word_ppl", "word-level perplexity")):
             if key in res:
                 rows.append((label, f"{res[key]:.3f}"))
-        both = [{**c, "lr": e["lr"], "segment": e["segment"], "decay": e["decay"], "rule": e["rule"]}
+        both = [{**c, **{k: e[k] for k in ("lr", "segment", "decay", "rule", "eps") if k in e}}
                 for e in res.get("dynamic", []) for c in e.get("cache", [])]
         several = len({e["size"] for e in res.get("cache", [])}) > 1       # a column for the cache size
         cache_params = ("size", "theta", "lambda") if several else ("theta", "lambda")
         decays = len({e["decay"] for e in res.get("dynamic", [])}) > 1    # a column for the decay
-        dyn_params = ("lr", "decay") if decays else ("lr",)
+        epses = len({e.get("eps") for e in res.get("dynamic", [])}) > 1   # and for the RMS rule's ε
+        dyn_params = ("lr",) + (("decay",) if decays else ()) + (("eps",) if epses else ())
         grids = []
         for entries, label, params in (
                 (res.get("cache", []), "with a continuous cache" + ("" if several else " of {size} positions"),
                  cache_params),
                 (res.get("dynamic", []), "with dynamic evaluation ({rule_name}segments of {segment}"
-                 + (")" if decays else ", decay {decay:g})"), dyn_params),
+                 + ("" if decays else ", decay {decay:g}") + ("" if epses or "eps" not in res.get("dynamic", [{}])[0]
+                                                              else ", ε {eps:g}") + ")", dyn_params),
                 (both, "with dynamic evaluation and a cache" + ("" if several else " of {size}"),
                  (*dyn_params, *cache_params))):
             if len(entries) == 1:
@@ -393,7 +403,8 @@ def eval_perplexity(
                 if "theta" in params:
                     parts.insert(0, f"N={e['size']}")
                 if "lr" in params:
-                    parts.append(f"{_RULE_NAMES[e.get('rule', 'sgd')]}segment {e['segment']}, decay {e['decay']:g}")
+                    parts.append(f"{_RULE_NAMES[e.get('rule', 'sgd')]}segment {e['segment']}, decay {e['decay']:g}"
+                                 + (f", ε {e['eps']:g}" if "eps" in e else ""))
                 desc = ", ".join(parts)
                 what = {("theta", "lambda"): "cache", ("lr",): "dynamic evaluation"}.get(
                     params, "dynamic evaluation and cache")
@@ -417,7 +428,7 @@ def eval_perplexity(
     _run(body)
 
 
-_SYMBOLS = {"size": "N", "theta": "θ", "lambda": "λ", "lr": "lr", "decay": "decay"}
+_SYMBOLS = {"size": "N", "theta": "θ", "lambda": "λ", "lr": "lr", "decay": "decay", "eps": "ε"}
 _RULE_NAMES = {"sgd": "", "rms": "RMS, "}   # how a dynamic entry's rule is named in the text output
 
 

@@ -320,11 +320,14 @@ def evaluate_ids(model, ids: np.ndarray, batch_size: int = 1, device="cpu", wind
             rms = [gradient_rms(model, stats if d == 0 else np.ascontiguousarray(stats[::-1]), dynamic.segment, d,
                                 device, progress=progress) for d in range(len(streams))]
         out["dynamic"] = []
-        for lr, decay in ((lr, decay) for lr in dynamic.lrs for decay in dynamic.decays):
+        for lr, decay, eps in dynamic.settings():
             d_nlls, d_cached = passes(lambda d, stream, collect: dynamic_nll(
-                model, stream, lr, decay, dynamic.segment, d, device, progress, collect, rms[d]))
-            entry = _entry({"lr": lr, "decay": decay, "segment": dynamic.segment, "rule": dynamic.rule},
-                           [v / n for v in d_nlls])
+                model, stream, lr, decay, dynamic.segment, d, device, progress, collect, rms[d],
+                **({} if eps is None else {"eps": eps})))
+            setting = {"lr": lr, "decay": decay, "segment": dynamic.segment, "rule": dynamic.rule}
+            if eps is not None:
+                setting["eps"] = eps
+            entry = _entry(setting, [v / n for v in d_nlls])
             if specs:                      # the cache over the adapting model's features and predictions
                 entry["cache"] = cache_entries(d_cached)
             out["dynamic"].append(entry)
@@ -451,7 +454,7 @@ def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batc
     n = len(ids)
     oov = int(stats["oov"]) if "oov" in stats else int(np.count_nonzero(np.asarray(ids) == UNK_ID))
     directions = getattr(model, "num_directions", 1)
-    passes = 1 + (len(dynamic.lrs) * len(dynamic.decays) if dynamic is not None else 0)
+    passes = 1 + (len(dynamic.settings()) if dynamic is not None else 0)
     stats_tokens = 0
     if dynamic is not None and isinstance(dynamic.rms_data, (str, Path)):   # the RMS rule's statistics text
         rp = Path(dynamic.rms_data)

@@ -12,7 +12,7 @@ its statistics are measured on that text (the training text) once per evaluation
 usage: python scripts/tune_eval.py --checkpoint RUN_DIR --valid VALID.txt --test TEST.txt
                                    [--sizes 100,500,2000] [--thetas 0.1,...] [--lambdas 0.05,...]
                                    [--dynamic-lrs 0.3,1,3 [--dynamic-segment 20] [--dynamic-decay 0[,D...]]
-                                    [--dynamic-rms-data TRAIN.txt]]
+                                    [--dynamic-rms-data TRAIN.txt [--dynamic-rms-eps 0.3[,E...]]]]
                                    [--no-cache] [--batch-size 16] [--device auto] [--json OUT.json]
 prints: the best setting per cache size and per learning rate on validation, the chosen ones, and
         the test perplexity without and with each
@@ -30,7 +30,7 @@ import torch
 
 from rnnlm.cache import CacheSpec, parse_sizes, parse_values
 from rnnlm.checkpoint import load_model
-from rnnlm.dynamic import DynamicSpec
+from rnnlm.dynamic import RMS_EPS, DynamicSpec
 from rnnlm.errors import UsageError
 from rnnlm.evaluate import perplexity
 from rnnlm.train import select_device
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dynamic-decay", default="0", help="decay, or a comma-separated list to try")
     ap.add_argument("--dynamic-rms-data", metavar="TRAIN.txt",
                     help="the RMS rule, its statistics measured on this text (the training text)")
+    ap.add_argument("--dynamic-rms-eps", default=None, help="the RMS rule's ε (share of the mean RMS), or a list")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
@@ -70,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.dynamic_lrs:
             dynamic = DynamicSpec(parse_values(args.dynamic_lrs, "--dynamic-lrs"),
                                   parse_values(args.dynamic_decay, "--dynamic-decay"), args.dynamic_segment,
-                                  args.dynamic_rms_data)
+                                  args.dynamic_rms_data,
+                                  RMS_EPS if args.dynamic_rms_eps is None else parse_values(args.dynamic_rms_eps,
+                                                                                             "--dynamic-rms-eps"))
         if specs is None and dynamic is None:
             raise UsageError("nothing to tune: --no-cache without --dynamic-lrs")
         chosen: dict = {}
@@ -89,13 +92,15 @@ def main(argv: list[str] | None = None) -> int:
             res = evaluate(args.valid, dynamic=dynamic)          # (a cache on top would be wasted here)
             out["valid_ppl"], out["dynamic_grid"] = res["ppl"], res["dynamic"]
             for e in out["dynamic_grid"]:
-                print(f"valid, dynamic ({e['rule']}) lr {e['lr']:g} decay {e['decay']:g}: ppl {e['ppl']:.2f} "
+                eps = f" ε {e['eps']:g}" if "eps" in e else ""
+                print(f"valid, dynamic ({e['rule']}) lr {e['lr']:g} decay {e['decay']:g}{eps}: ppl {e['ppl']:.2f} "
                       f"(plain {res['ppl']:.2f})", flush=True)
             chosen["dynamic"] = min(out["dynamic_grid"], key=lambda e: e["loss"])
         c, d = chosen.get("cache"), chosen.get("dynamic")
         test = evaluate(args.test,
                         cache=CacheSpec(c["size"], (c["theta"],), (c["lambda"],)) if c else None,
-                        dynamic=DynamicSpec((d["lr"],), d["decay"], d["segment"], dynamic.rms_data) if d else None)
+                        dynamic=DynamicSpec((d["lr"],), d["decay"], d["segment"], dynamic.rms_data,
+                                            d.get("eps", RMS_EPS)) if d else None)
         out["seconds"] = time.perf_counter() - t0
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -109,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if d:
         out["test_dynamic_ppl"] = test["dynamic"][0]["ppl"]
         print(f"  with dynamic evaluation chosen on validation ({d['rule']}, lr {d['lr']:g}, segment {d['segment']}, "
+              + (f"ε {d['eps']:g}, " if "eps" in d else "") +
               f"decay {d['decay']:g}): {out['test_dynamic_ppl']:.2f}")
     if c and d:
         out["test_dynamic_cache_ppl"] = test["dynamic"][0]["cache"][0]["ppl"]

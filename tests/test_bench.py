@@ -190,15 +190,15 @@ def test_tune_eval_chooses_on_validation_and_tests_once(tiny_corpus, tmp_path, c
     assert "chosen on validation" in capsys.readouterr().out
     # the RMS rule, with a list of decays: every (lr, decay) pair on validation, the best one on test
     assert tune.main(["-m", str(tmp_path / "run"), "--valid", str(valid), "--test", str(test), "--no-cache",
-                      "--dynamic-lrs", "1e-4,1e-3", "--dynamic-decay", "0,0.1", "--dynamic-rms-data",
+                      "--dynamic-lrs", "1e-4,1e-3", "--dynamic-decay", "0,0.1", "--dynamic-rms-eps", "0.5", "--dynamic-rms-data",
                       str(tiny_corpus / "train.txt"), "--json", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert [(e["lr"], e["decay"], e["rule"]) for e in res["dynamic_grid"]] == [
-        (1e-4, 0.0, "rms"), (1e-4, 0.1, "rms"), (1e-3, 0.0, "rms"), (1e-3, 0.1, "rms")]
+    assert [(e["lr"], e["decay"], e["rule"], e["eps"]) for e in res["dynamic_grid"]] == [
+        (1e-4, 0.0, "rms", 0.5), (1e-4, 0.1, "rms", 0.5), (1e-3, 0.0, "rms", 0.5), (1e-3, 0.1, "rms", 0.5)]
     d = res["chosen"]["dynamic"]
     assert d == min(res["dynamic_grid"], key=lambda e: e["loss"])
     want = perplexity(lm.model, lm.vocab, lm.tokenizer, test, 16, dynamic=DynamicSpec(
-        (d["lr"],), d["decay"], d["segment"], tiny_corpus / "train.txt"))
+        (d["lr"],), d["decay"], d["segment"], tiny_corpus / "train.txt", d["eps"]))
     assert res["test_dynamic_ppl"] == want["dynamic"][0]["ppl"]
     assert tune.main(["-m", str(tmp_path / "run"), "--valid", str(valid), "--test", str(test), "--no-cache"]) == 2
     assert tune.main(["-m", str(tmp_path / "run"), "--valid", str(valid), "--test", str(test), "--sizes", "1.5"]) == 2

@@ -149,7 +149,8 @@ def test_spec_validation_and_perplexity_argument(tmp_path):
     for kw in (dict(lrs=()), dict(lrs=(-1.0,)), dict(lrs=(float("inf"),)), dict(lrs=(float("nan"),)),
                dict(lrs=("1",)), dict(lrs=(True,)), dict(lrs=(1.0,), decay=1.5), dict(lrs=(1.0,), decay=float("nan")),
                dict(lrs=(1.0,), segment=0), dict(lrs=(1.0,), segment=2.5), dict(lrs=(1.0,), decay=()),
-               dict(lrs=(1.0,), decay=(0.1, 2.0)), dict(lrs=(1.0,), decay=(0.1, True))):
+               dict(lrs=(1.0,), decay=(0.1, 2.0)), dict(lrs=(1.0,), decay=(0.1, True)), dict(lrs=(1.0,), rms_eps=0),
+               dict(lrs=(1.0,), rms_eps=()), dict(lrs=(1.0,), rms_eps=(0.3, float("inf")))):
         with pytest.raises(UsageError):
             DynamicSpec(**kw)
     assert DynamicSpec((1.0,), [0.0, 0.5]).decays == (0.0, 0.5) and DynamicSpec((1.0,), 0.25).decays == (0.25,)
@@ -192,10 +193,9 @@ def test_the_cache_on_top_of_dynamic_evaluation():
 
 # -- the RMS rule ---------------------------------------------------------------------------------
 
-def _rms_by_hand(model, ids, lr: float, decay: float, segment: int, rms: list[torch.Tensor]) -> float:
+def _rms_by_hand(model, ids, lr: float, decay: float, segment: int, rms: list[torch.Tensor], eps: float) -> float:
     """The RMS rule written out: θ ← θ − lr·g / (s + ε) + min(1, decay·s/s̄)·(θ₀ − θ), with s̄ the mean
-    of s over every weight and ε = RMS_EPS·s̄; dense gradients from a plain backward()."""
-    from rnnlm.dynamic import RMS_EPS
+    of s over every weight and ε = eps·s̄; dense gradients from a plain backward()."""
     m = copy.deepcopy(model).eval()
     theta0 = [p.detach().clone() for p in m.parameters()]
     mean = float(torch.cat([r.flatten().double() for r in rms]).mean())
@@ -212,7 +212,7 @@ def _rms_by_hand(model, ids, lr: float, decay: float, segment: int, rms: list[to
         nll.mean().backward()
         with torch.no_grad():
             for p, p0, s in zip(m.parameters(), theta0, rms):
-                step = -lr * p.grad / (s + RMS_EPS * mean)
+                step = -lr * p.grad / (s + eps * mean)
                 pull = torch.clamp(decay * s / mean, max=1.0) * (p0 - p)
                 p.add_(step + pull)
         state = detach_state(state)
@@ -229,14 +229,17 @@ def _random_rms(model, seed: int) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("lr,decay,segment,tie", [(3e-3, 0.0, 7, False), (3e-3, 0.02, 20, False),
-                                                  (2e-3, 0.5, 10, True), (3e-4, 1.0, 1, False)])
-def test_rms_rule_is_the_definition(lr, decay, segment, tie):
+@pytest.mark.parametrize("lr,decay,segment,tie,eps", [(3e-3, 0.0, 7, False, 1e-3), (3e-3, 0.02, 20, False, 0.01),
+                                                      (2e-3, 0.5, 10, True, 1e-3), (3e-4, 1.0, 1, False, 1e-3),
+                                                      (3e-2, 0.1, 10, False, None)])
+def test_rms_rule_is_the_definition(lr, decay, segment, tie, eps):
+    from rnnlm.dynamic import RMS_EPS
     model = _model(seed=11, tie_weights=tie, embedding_size=16 if tie else 8)
     ids = np.random.default_rng(11).integers(0, 12, 80)
     rms = _random_rms(model, 3)
-    want = _rms_by_hand(model, ids, lr, decay, segment, rms)
-    got = dynamic_nll(model, ids, lr, decay, segment, rms=rms)   # sparse embedding rows, addcdiv elsewhere
+    want = _rms_by_hand(model, ids, lr, decay, segment, rms, RMS_EPS if eps is None else eps)
+    kw = {} if eps is None else {"eps": eps}                      # None: the default, RMS_EPS
+    got = dynamic_nll(model, ids, lr, decay, segment, rms=rms, **kw)   # sparse embedding rows, addcdiv elsewhere
     assert got == pytest.approx(want, rel=1e-5)
     assert abs(got - stream_nll(model, ids)) > 0.05                     # it did adapt
 
@@ -252,6 +255,8 @@ def test_rms_rule_with_equal_statistics_is_the_sgd_rule():
     for decay in (0.0, 0.3):
         got = dynamic_nll(model, ids, 1e-3, decay, 9, rms=rms)
         assert got == pytest.approx(dynamic_nll(model, ids, 1e-3 / (s * (1 + RMS_EPS)), decay, 9), rel=1e-5)
+        got = dynamic_nll(model, ids, 1e-3, decay, 9, rms=rms, eps=2.0)
+        assert got == pytest.approx(dynamic_nll(model, ids, 1e-3 / (s * 3.0), decay, 9), rel=1e-5)
 
 
 def test_rms_statistics_are_the_root_mean_square_of_the_step_gradients():
@@ -314,6 +319,16 @@ def test_rms_rule_in_evaluation_and_its_errors(tmp_path):
         dynamic_nll(model, ids, 1e-4, rms=[torch.zeros_like(p) for p in model.parameters()])
     with pytest.raises(UsageError, match="do not match"):
         dynamic_nll(model, ids, 1e-4, rms=[torch.ones(3)])
+    with pytest.raises(UsageError, match="eps"):
+        dynamic_nll(model, ids, 1e-4, rms=rms_f, eps=0.0)
+    # several ε values: one pass each, in the order of settings(); the SGD rule has none
+    spec = DynamicSpec((2e-4,), (0.0, 0.1), 10, train, rms_eps=(0.3, 1.0))
+    assert spec.settings() == [(2e-4, 0.0, 0.3), (2e-4, 0.0, 1.0), (2e-4, 0.1, 0.3), (2e-4, 0.1, 1.0)]
+    assert DynamicSpec((1.0, 2.0), rms_eps=(0.3, 1.0)).settings() == [(1.0, 0.0, None), (2.0, 0.0, None)]
+    out = evaluate_ids(model, ids, dynamic=spec)
+    assert [(e["decay"], e["eps"]) for e in out["dynamic"]] == [(0.0, 0.3), (0.0, 1.0), (0.1, 0.3), (0.1, 1.0)]
+    fwd = dynamic_nll(model, ids, 2e-4, 0.1, 10, direction=0, rms=rms_f, eps=1.0) / len(ids)
+    assert out["dynamic"][3]["forward_loss"] == pytest.approx(fwd, rel=1e-9)
 
 
 def test_perplexity_reads_the_rms_statistics_text(tmp_path):
