@@ -304,10 +304,10 @@ def eval_perplexity(
                                                         "Each weight's root-mean-square gradient is measured once on "
                                                         "FILE (the training text); each step is divided by it and "
                                                         "--dynamic-decay scaled by it. Its learning rates are far "
-                                                        "smaller than SGD's (PTB: around 1e-4)."),
+                                                        "smaller than SGD's (PTB: 1e-4 where SGD took 1)."),
     dynamic_rms_eps: Optional[str] = typer.Option(None, "--dynamic-rms-eps", metavar="E[,E...]",
                                                   help="With --dynamic-rms-data: ε, added to each weight's RMS "
-                                                       "gradient, as a share of their mean (default 0.3); it caps how "
+                                                       "gradient, as a share of their mean (default 0.1); it caps how "
                                                        "much faster rarely-updated weights adapt. A list tries each."),
 ) -> None:
     def body() -> None:
@@ -385,16 +385,17 @@ def eval_perplexity(
                 for e in res.get("dynamic", []) for c in e.get("cache", [])]
         several = len({e["size"] for e in res.get("cache", [])}) > 1       # a column for the cache size
         cache_params = ("size", "theta", "lambda") if several else ("theta", "lambda")
-        decays = len({e["decay"] for e in res.get("dynamic", [])}) > 1    # a column for the decay
-        epses = len({e.get("eps") for e in res.get("dynamic", [])}) > 1   # and for the RMS rule's ε
+        dyn = res.get("dynamic", [])
+        decays = len({e["decay"] for e in dyn}) > 1                       # a column for the decay
+        epses = len({e.get("eps") for e in dyn}) > 1                      # and for the RMS rule's ε
         dyn_params = ("lr",) + (("decay",) if decays else ()) + (("eps",) if epses else ())
+        dyn_title = ("with dynamic evaluation ({rule_name}segments of {segment}" + ("" if decays else ", decay {decay:g}")
+                     + ("" if epses or not dyn or "eps" not in dyn[0] else ", ε {eps:g}") + ")")
         grids = []
         for entries, label, params in (
                 (res.get("cache", []), "with a continuous cache" + ("" if several else " of {size} positions"),
                  cache_params),
-                (res.get("dynamic", []), "with dynamic evaluation ({rule_name}segments of {segment}"
-                 + ("" if decays else ", decay {decay:g}") + ("" if epses or "eps" not in res.get("dynamic", [{}])[0]
-                                                              else ", ε {eps:g}") + ")", dyn_params),
+                (dyn, dyn_title, dyn_params),
                 (both, "with dynamic evaluation and a cache" + ("" if several else " of {size}"),
                  (*dyn_params, *cache_params))):
             if len(entries) == 1:

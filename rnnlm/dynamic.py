@@ -21,8 +21,8 @@ root-mean-square gradient s = √MS on other text, the training text, with the t
 s̄ is the mean of s over all weights and ε = eps · s̄ (`eps`, default RMS_EPS). Weights whose
 gradients are usually small (the rows of rare words) take larger steps, and weights that matter
 more are held closer to their trained values. `eps` sets how much larger: without it, a word seen
-once in the statistics text would take steps 10⁴–10⁵ times the typical one, and on PTB a pass with
-eps 0.001 diverged at learning rates where eps 0.3 gave the lowest perplexity.
+once in the statistics text would take steps 10⁴–10⁵ times the typical one. On PTB, lr 1e-4 with
+eps 0.001 diverged; with eps 0.1 the same lr gave the lowest validation perplexity.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from .models import detach_state
 from .text import EOS_ID
 
 
-RMS_EPS = 0.3       # the RMS rule's default ε, as a share of the mean RMS gradient s̄ (chosen on PTB validation)
+RMS_EPS = 0.1       # the RMS rule's default ε, as a share of the mean RMS gradient s̄ (chosen on PTB validation)
 STATS_BATCH = 64    # parallel pieces of the statistics text in gradient_rms
 
 

@@ -269,8 +269,10 @@ def evaluate_ids(model, ids: np.ndarray, batch_size: int = 1, device="cpu", wind
     With `cache` (a :class:`~rnnlm.cache.CacheSpec`, or several: cache sizes scored from one
     pass), ``cache`` is also given: one entry per size and (θ, λ) of its grid with the mixture's ``loss``, ``ppl`` and ``bits_per_token`` (each
     direction with its own cache, combined like the plain numbers). With `dynamic` (a
-    :class:`~rnnlm.dynamic.DynamicSpec`), ``dynamic``: one entry per learning rate, the loss under
-    dynamic evaluation (one sequential pass each, whatever `batch_size`); with both, each of those
+    :class:`~rnnlm.dynamic.DynamicSpec`), ``dynamic``: one entry per setting (learning rate, decay
+    and, for the RMS rule, ε: ``DynamicSpec.settings()``), the loss under dynamic evaluation (one
+    sequential pass each, whatever `batch_size`; the RMS rule's statistics are measured once per
+    direction on ``rms_data``, token ids here); with both, each of those
     entries has its own ``cache`` list, the cache over the adapting model's pass. The plain keys are
     unchanged.
     """
@@ -424,8 +426,10 @@ def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batc
     ``cache``: a list with one entry per size (a list of specs) and (θ, λ) of the grid, ``{"size",
     "theta", "lambda", "loss",
     "ppl", "bits_per_token"}`` (``bpc`` too at char level); with `dynamic` (dynamic evaluation,
-    :mod:`rnnlm.dynamic`), ``dynamic``: one entry per learning rate, ``{"lr", "decay", "segment",
-    "loss", "ppl", "bits_per_token"}``. The plain numbers are unchanged.
+    :mod:`rnnlm.dynamic`), ``dynamic``: one entry per setting, ``{"lr", "decay", "segment", "rule",
+    "loss", "ppl", "bits_per_token"}`` ("rule" is "sgd", or "rms" with an "eps" key too, when
+    ``dynamic.rms_data`` names the statistics text, encoded here like the evaluated file). The plain
+    numbers are unchanged.
     """
     if cache is not None and not (isinstance(cache, CacheSpec) or (
             isinstance(cache, (list, tuple)) and cache and all(isinstance(c, CacheSpec) for c in cache))):

@@ -381,17 +381,17 @@ def test_eval_perplexity_with_the_rms_rule(work, word_run):
     assert sgd["dynamic"][0]["rule"] == "sgd" and sgd["dynamic"][0]["loss"] != res["dynamic"][1]["loss"]
     one = ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--dynamic-lr", "1e-4",
                      "--dynamic-rms-data", train]).stdout
-    assert "with dynamic evaluation (lr=0.0001, RMS, segment 20, decay 0, ε" in one       # ε 0.3, the default
+    assert "with dynamic evaluation (lr=0.0001, RMS, segment 20, decay 0, ε" in one       # ε 0.1, the default
     eps = json.loads(ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--json", "--dynamic-lr", "1e-4",
-                                "--dynamic-rms-data", train, "--dynamic-rms-eps", "0.3,1"]).stdout)["dynamic"]
-    assert [(e["eps"], e["rule"]) for e in eps] == [(0.3, "rms"), (1.0, "rms")] and eps[0]["loss"] != eps[1]["loss"]
+                                "--dynamic-rms-data", train, "--dynamic-rms-eps", "0.1,1"]).stdout)["dynamic"]
+    assert [(e["eps"], e["rule"]) for e in eps] == [(0.1, "rms"), (1.0, "rms")] and eps[0]["loss"] != eps[1]["loss"]
     default = json.loads(ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--json", "--dynamic-lr", "1e-4",
                                     "--dynamic-rms-data", train]).stdout)["dynamic"][0]
-    assert default["eps"] == 0.3 and math.isclose(eps[0]["loss"], default["loss"], rel_tol=1e-12)
+    assert default["eps"] == 0.1 and math.isclose(eps[0]["loss"], default["loss"], rel_tol=1e-12)
     assert "eps" not in sgd["dynamic"][0]                                                        # SGD has no ε
     grid = ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--dynamic-lr", "0,1e-4",
                       "--dynamic-rms-data", train]).stdout
-    assert "dynamic evaluation (RMS, segments of 20, decay 0, ε 0.3)" in grid
+    assert "dynamic evaluation (RMS, segments of 20, decay 0, ε 0.1)" in grid
     # several decays: every (lr, decay) pair, from one measurement of the statistics
     pairs = json.loads(ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--json", "--dynamic-lr", "0,1e-4",
                                   "--dynamic-decay", "0,0.5", "--dynamic-rms-data", train]).stdout)["dynamic"]
@@ -399,7 +399,7 @@ def test_eval_perplexity_with_the_rms_rule(work, word_run):
     assert math.isclose(pairs[1]["loss"], pairs[0]["loss"], rel_tol=1e-6) and pairs[3]["loss"] != pairs[2]["loss"]
     table = ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--dynamic-lr", "0,1e-4",
                        "--dynamic-decay", "0,0.5", "--dynamic-rms-data", train]).stdout
-    assert "dynamic evaluation (RMS, segments of 20)" in table and "decay" in table
+    assert "dynamic evaluation (RMS, segments of 20, ε 0.1)" in table and "decay" in table
     for args, needles in ((["--dynamic-rms-data", train], ("--dynamic-rms-data", "--dynamic-lr")),
                           (["--dynamic-lr", "1e-4", "--dynamic-rms-data", work / "nope.txt"],
                            ("--dynamic-rms-data", "not found")),
