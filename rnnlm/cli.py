@@ -321,9 +321,10 @@ def eval_perplexity(
             raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
         _requires(cache_size, "--cache-size N", "the continuous cache", "how many past positions it holds, e.g. 500",
                   {"--cache-theta": cache_theta, "--cache-lambda": cache_lambda})
-        _requires(dynamic_lr, "--dynamic-lr LR", "dynamic evaluation", "the size of its SGD steps, e.g. 1.0",
+        _requires(dynamic_lr, "--dynamic-lr LR", "dynamic evaluation",
+                  "the size of its steps, e.g. 1.0 for SGD or 1e-4 for the RMS rule",
                   {"--dynamic-decay": dynamic_decay, "--dynamic-segment": dynamic_segment,
-                   "--dynamic-rms-data": dynamic_rms_data})
+                   "--dynamic-rms-data": dynamic_rms_data, "--dynamic-rms-eps": dynamic_rms_eps})
         cache = dynamic = None
         if cache_size is not None:
             sizes = parse_sizes(cache_size, "--cache-size")

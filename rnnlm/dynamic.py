@@ -21,7 +21,8 @@ root-mean-square gradient s = √MS on other text, the training text, with the t
 s̄ is the mean of s over all weights and ε = eps · s̄ (`eps`, default RMS_EPS). Weights whose
 gradients are usually small (the rows of rare words) take larger steps, and weights that matter
 more are held closer to their trained values. `eps` sets how much larger: without it, a word seen
-once in the statistics text would take steps 10⁴–10⁵ times the typical one. On PTB, lr 1e-4 with
+once in the statistics text would take steps up to 5·10⁴ times the typical one (PTB's rarest
+embedding row has s = 2·10⁻⁵ s̄). On PTB, lr 1e-4 with
 eps 0.001 diverged; with eps 0.1 the same lr gave the lowest validation perplexity.
 """
 
@@ -46,7 +47,7 @@ RMS_EPS = 0.1       # the RMS rule's default ε, as a share of the mean RMS grad
 STATS_BATCH = 64    # parallel pieces of the statistics text in gradient_rms
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)   # compared by identity: rms_data may be an array
 class DynamicSpec:
     """The learning rates to try, the decay (or several: every pair is one pass over the text), the
     segment length and, for the RMS rule, the text its statistics are measured on."""
@@ -56,7 +57,7 @@ class DynamicSpec:
     segment: int = 20
     # The RMS rule's statistics text: a path (rnnlm.evaluate.perplexity encodes it with the
     # model's vocabulary) or its token ids (rnnlm.evaluate.evaluate_ids). None: the SGD rule.
-    rms_data: str | Path | np.ndarray | None = field(default=None, compare=False, repr=False)
+    rms_data: str | Path | np.ndarray | None = field(default=None, repr=False)
     rms_eps: float | tuple[float, ...] = RMS_EPS    # the RMS rule's ε as a share of s̄ (or several to try)
 
     @property
@@ -103,12 +104,13 @@ class DynamicSpec:
 
 
 @contextmanager
-def _adapting(model, device: torch.device, sparse_embedding: bool):
+def _adapting(model, device: torch.device, sparse_embedding: bool, changes_weights: bool = True):
     """Weights that take gradients, dropout off and cuDNN off for the duration; afterwards the
-    weights' values, `requires_grad`, the model's mode and the embedding's `sparse` flag are as
-    they were (also after an error or an interrupt). Yields (params, their saved values)."""
+    weights' values (saved only when `changes_weights`), `requires_grad`, the model's mode and the
+    embedding's `sparse` flag are as they were (also after an error or an interrupt). Yields
+    (params, their saved values or None)."""
     params = list(model.parameters())          # all of them adapt, frozen ones included
-    saved = [p.detach().clone() for p in params]
+    saved = [p.detach().clone() for p in params] if changes_weights else None
     flags = [p.requires_grad for p in params]
     was_training = model.training
     model.eval()                                          # no dropout
@@ -130,8 +132,9 @@ def _adapting(model, device: torch.device, sparse_embedding: bool):
         if emb_sparse is not None:
             emb.sparse = emb_sparse
         with torch.no_grad():
-            for p, p0, flag in zip(params, saved, flags):
-                p.copy_(p0)
+            for k, (p, flag) in enumerate(zip(params, flags)):
+                if saved is not None:
+                    p.copy_(saved[k])
                 p.requires_grad_(flag)
         if was_training:
             model.train()
@@ -144,14 +147,18 @@ def stats_layout(n: int, segment: int, batch: int = STATS_BATCH) -> tuple[int, i
 
 
 def gradient_rms(model, ids: np.ndarray, segment: int = 20, direction: int = 0, device: torch.device | str = "cpu",
-                 batch: int = STATS_BATCH, progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+                 batch: int = STATS_BATCH, progress: Callable[[int], None] | None = None) -> list[torch.Tensor | None]:
     """The RMS rule's statistics: each weight's root-mean-square gradient √MS, one tensor per
-    ``model.parameters()`` entry (float32, on `device`).
+    ``model.parameters()`` entry (float32, on `device`), or None for a parameter this direction
+    never uses (a bidirectional model's other stack).
 
     `ids` (the training text, in the reading order of `direction`) is cut into `batch` contiguous
     pieces read in parallel, in steps of `segment` tokens with the state carried; MS is the mean
     over the steps of the squared gradient of each step's mean loss, with the model's current
-    weights (which are not changed). Dropout is off, as in dynamic evaluation.
+    weights (which are not changed). Dropout is off, as in dynamic evaluation. The gradient is that
+    of a mean over `batch` × `segment` tokens, so s is on that scale (a text shorter than `batch`
+    segments is read in fewer pieces, which makes s larger, and the learning rates that suit it
+    larger too: give the whole training text).
     """
     device = torch.device(device)
     n = len(ids)
@@ -161,8 +168,9 @@ def gradient_rms(model, ids: np.ndarray, segment: int = 20, direction: int = 0, 
     stream = np.concatenate([[EOS_ID], np.asarray(ids, dtype=np.int64)])
     x_all = torch.from_numpy(stream[:B * L].reshape(B, L).T.copy())          # (L, B): piece b reads column b
     y_all = torch.from_numpy(stream[1:B * L + 1].reshape(B, L).T.copy())
-    with _adapting(model, device, sparse_embedding=False) as (params, _):
+    with _adapting(model, device, sparse_embedding=False, changes_weights=False) as (params, _):
         ms = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        used = [False] * len(params)
         steps, state = 0, None
         with torch.enable_grad():
             for s0 in range(0, L, segment):
@@ -172,14 +180,15 @@ def gradient_rms(model, ids: np.ndarray, segment: int = 20, direction: int = 0, 
                 loss = model.nll(h.reshape(-1, h.size(-1)).float(), y.reshape(-1), reduction="mean")
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 with torch.no_grad():
-                    for m, g in zip(ms, grads):
+                    for k, (m, g) in enumerate(zip(ms, grads)):
                         if g is not None:
                             m.addcmul_(g, g)
+                            used[k] = True
                 steps += 1
                 state = detach_state(new_state)
                 if progress is not None:
                     progress((s1 - s0) * B)
-    return [m.div_(steps).sqrt_() for m in ms]
+    return [m.div_(steps).sqrt_() if u else None for m, u in zip(ms, used)]
 
 
 def dynamic_nll(model, ids: np.ndarray, lr: float, decay: float = 0.0, segment: int = 20, direction: int = 0,
@@ -193,8 +202,9 @@ def dynamic_nll(model, ids: np.ndarray, lr: float, decay: float = 0.0, segment: 
     The model's weights, its train/eval mode and its gradients are as they were afterwards.
     `collect`, if given, receives each token's ``nll`` and ``features`` as
     :func:`rnnlm.evaluate.stream_nll` gives them (for the continuous cache on top).
-    `rms` (from :func:`gradient_rms`, one tensor per parameter) selects the RMS rule, with ε =
-    `eps` · s̄; without it, the SGD rule (see the module's docstring).
+    `rms` (from :func:`gradient_rms`, one tensor per parameter, None for those the direction does
+    not use) selects the RMS rule, with ε = `eps` · s̄ and s̄ the mean over the used ones; without
+    it, the SGD rule (see the module's docstring).
     """
     device = torch.device(device)
     n = len(ids)
@@ -202,17 +212,20 @@ def dynamic_nll(model, ids: np.ndarray, lr: float, decay: float = 0.0, segment: 
     with _adapting(model, device, sparse_embedding=True) as (params, saved):
         denoms = rates = None
         if rms is not None:
-            if len(rms) != len(params) or any(r.shape != p.shape for r, p in zip(rms, params)):
+            if len(rms) != len(params) or any(r is not None and r.shape != p.shape for r, p in zip(rms, params)):
                 raise UsageError("the RMS statistics do not match the model's parameters")
-            mean = sum(float(r.double().sum()) for r in rms) / max(1, sum(r.numel() for r in rms))
+            used = [r for r in rms if r is not None]
+            mean = sum(float(r.double().sum()) for r in used) / max(1, sum(r.numel() for r in used))
             if not mean > 0 or not math.isfinite(mean):
                 raise UsageError("the statistics text for the RMS rule gave no gradient (mean RMS gradient "
                                  f"{mean:g}); give a longer text, the training text")
             if not (math.isfinite(eps) and eps > 0):
                 raise UsageError(f"the RMS rule's eps must be a finite number > 0, got {eps!r}")
-            denoms = [r.to(device, torch.float32) + eps * mean for r in rms]
+            # (a parameter without statistics has no gradient in this direction: it never moves)
+            denoms = [None if r is None else r.to(device, torch.float32) + eps * mean for r in rms]
             if decay > 0:
-                rates = [(r.to(device, torch.float32) * (decay / mean)).clamp_(max=1.0) for r in rms]
+                rates = [None if r is None else (r.to(device, torch.float32) * (decay / mean)).clamp_(max=1.0)
+                         for r in rms]
         with torch.set_grad_enabled(lr > 0):
             stream = torch.from_numpy(np.concatenate([[EOS_ID], np.asarray(ids, dtype=np.int64)]))
             state = None
@@ -236,7 +249,7 @@ def dynamic_nll(model, ids: np.ndarray, lr: float, decay: float = 0.0, segment: 
                     with torch.no_grad():
                         for k, (p, g, p0) in enumerate(zip(params, grads, saved)):
                             pull = (p0 - p) if decay > 0 else None   # θ₀ − θ, from the weights before the step
-                            if g is not None:
+                            if g is not None and not (denoms is not None and denoms[k] is None):
                                 if denoms is None:
                                     p.sub_(g, alpha=lr)
                                 elif g.is_sparse:             # the embedding: only the rows the segment used
@@ -245,7 +258,7 @@ def dynamic_nll(model, ids: np.ndarray, lr: float, decay: float = 0.0, segment: 
                                     p.index_add_(0, rows, g.values() / denoms[k][rows], alpha=-lr)
                                 else:
                                     p.addcdiv_(g, denoms[k], value=-lr)
-                            if pull is not None:
+                            if pull is not None and not (rates is not None and rates[k] is None):
                                 p.add_(pull if rates is None else pull.mul_(rates[k]),
                                        alpha=decay if rates is None else 1.0)
                 state = detach_state(new_state)

@@ -317,8 +317,9 @@ def evaluate_ids(model, ids: np.ndarray, batch_size: int = 1, device="cpu", wind
         out["cache"] = cache_entries(cached)
     if dynamic is not None:
         rms = [None] * len(streams)
-        if dynamic.rms_data is not None:   # the RMS rule: statistics per direction, once for all lrs
-            stats = _stats_ids(dynamic.rms_data)
+        if dynamic.rms_data is not None:   # the RMS rule: statistics per direction, once for all settings
+            stats = _stats_ids(dynamic.rms_data, model)
+        if dynamic.rms_data is not None and any(lr > 0 for lr in dynamic.lrs):   # (lr 0 needs none)
             rms = [gradient_rms(model, stats if d == 0 else np.ascontiguousarray(stats[::-1]), dynamic.segment, d,
                                 device, progress=progress) for d in range(len(streams))]
         out["dynamic"] = []
@@ -336,7 +337,7 @@ def evaluate_ids(model, ids: np.ndarray, batch_size: int = 1, device="cpu", wind
     return out
 
 
-def _stats_ids(data) -> np.ndarray:
+def _stats_ids(data, model) -> np.ndarray:
     """The RMS rule's statistics text as token ids (evaluate_ids takes ids; perplexity encodes a path)."""
     if isinstance(data, (str, Path)):
         raise UsageError("DynamicSpec.rms_data is a path: rnnlm.evaluate.perplexity encodes it; "
@@ -344,6 +345,10 @@ def _stats_ids(data) -> np.ndarray:
     ids = np.asarray(data)
     if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
         raise UsageError("DynamicSpec.rms_data must be a non-empty 1-D array of token ids")
+    emb = getattr(model, "embedding", None)
+    V = emb.num_embeddings if isinstance(emb, torch.nn.Embedding) else None
+    if int(ids.min()) < 0 or (V is not None and int(ids.max()) >= V):
+        raise UsageError(f"DynamicSpec.rms_data has token ids outside the vocabulary [0, {V})")
     return ids.astype(np.int64, copy=False)
 
 
@@ -470,7 +475,7 @@ def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batc
         if len(rms_ids) == 0:
             raise UsageError(f"statistics text for the RMS rule {rp} has no tokens")
         dynamic = dataclasses.replace(dynamic, rms_data=rms_ids)
-    if dynamic is not None and dynamic.rms_data is not None:
+    if dynamic is not None and dynamic.rms_data is not None and any(lr > 0 for lr in dynamic.lrs):
         pieces, per_piece = stats_layout(len(dynamic.rms_data), dynamic.segment)
         stats_tokens = pieces * per_piece
     if progress == "auto" and dynamic is not None and sys.stderr.isatty():

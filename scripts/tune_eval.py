@@ -12,7 +12,7 @@ its statistics are measured on that text (the training text) once per evaluation
 usage: python scripts/tune_eval.py --checkpoint RUN_DIR --valid VALID.txt --test TEST.txt
                                    [--sizes 100,500,2000] [--thetas 0.1,...] [--lambdas 0.05,...]
                                    [--dynamic-lrs 0.3,1,3 [--dynamic-segment 20] [--dynamic-decay 0[,D...]]
-                                    [--dynamic-rms-data TRAIN.txt [--dynamic-rms-eps 0.3[,E...]]]]
+                                    [--dynamic-rms-data TRAIN.txt [--dynamic-rms-eps 0.1[,E...]]]]
                                    [--no-cache] [--batch-size 16] [--device auto] [--json OUT.json]
 prints: the best setting per cache size and per learning rate on validation, the chosen ones, and
         the test perplexity without and with each
@@ -25,6 +25,7 @@ import json
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -68,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_cache:
             thetas, lambdas = parse_values(args.thetas, "--thetas"), parse_values(args.lambdas, "--lambdas")
             specs = [CacheSpec(size, thetas, lambdas) for size in parse_sizes(args.sizes, "--sizes")]
+        if args.dynamic_rms_eps is not None and args.dynamic_rms_data is None:
+            raise UsageError("--dynamic-rms-eps sets up the RMS rule; give --dynamic-rms-data TRAIN.txt too")
+        if args.dynamic_rms_data is not None and not args.dynamic_lrs:
+            raise UsageError("--dynamic-rms-data sets up dynamic evaluation; give --dynamic-lrs too (e.g. 1e-4)")
+        if args.dynamic_rms_data is not None and not Path(args.dynamic_rms_data).is_file():
+            raise UsageError(f"--dynamic-rms-data: no such file: {args.dynamic_rms_data}")
         if args.dynamic_lrs:
             dynamic = DynamicSpec(parse_values(args.dynamic_lrs, "--dynamic-lrs"),
                                   parse_values(args.dynamic_decay, "--dynamic-decay"), args.dynamic_segment,

@@ -201,4 +201,8 @@ def test_tune_eval_chooses_on_validation_and_tests_once(tiny_corpus, tmp_path, c
         (d["lr"],), d["decay"], d["segment"], tiny_corpus / "train.txt", d["eps"]))
     assert res["test_dynamic_ppl"] == want["dynamic"][0]["ppl"]
     assert tune.main(["-m", str(tmp_path / "run"), "--valid", str(valid), "--test", str(test), "--no-cache"]) == 2
+    for bad in (["--dynamic-lrs", "1e-4", "--dynamic-rms-eps", "0.1"],                   # ε without the RMS rule
+                ["--dynamic-rms-data", str(tiny_corpus / "train.txt")],               # the rule without lrs
+                ["--dynamic-lrs", "1e-4", "--dynamic-rms-data", str(tmp_path / "nope.txt")]):
+        assert tune.main(["-m", str(tmp_path / "run"), "--valid", str(valid), "--test", str(test), *bad]) == 2
     assert tune.main(["-m", str(tmp_path / "run"), "--valid", str(valid), "--test", str(test), "--sizes", "1.5"]) == 2

@@ -382,6 +382,7 @@ def test_eval_perplexity_with_the_rms_rule(work, word_run):
     one = ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--dynamic-lr", "1e-4",
                      "--dynamic-rms-data", train]).stdout
     assert "with dynamic evaluation (lr=0.0001, RMS, segment 20, decay 0, ε" in one       # ε 0.1, the default
+    assert "0.1)" in one.split("decay 0, ε", 1)[1][:40]                                    # (the row may wrap)
     eps = json.loads(ok_invoke(["eval-perplexity", "-m", word_run, "-d", data, "--json", "--dynamic-lr", "1e-4",
                                 "--dynamic-rms-data", train, "--dynamic-rms-eps", "0.1,1"]).stdout)["dynamic"]
     assert [(e["eps"], e["rule"]) for e in eps] == [(0.1, "rms"), (1.0, "rms")] and eps[0]["loss"] != eps[1]["loss"]
@@ -407,6 +408,7 @@ def test_eval_perplexity_with_the_rms_rule(work, word_run):
                           (["--dynamic-lr", "1e-4", "--dynamic-rms-data", ""], ("--dynamic-rms-data", "empty")),
                           (["--dynamic-lr", "1e-4", "--dynamic-decay", "0,2"], ("--dynamic-decay", "[0, 1]")),
                           (["--dynamic-lr", "1e-4", "--dynamic-decay", "0.1,0.1"], ("--dynamic-decay", "twice")),
+                          (["--dynamic-rms-eps", "0.1"], ("--dynamic-rms-eps", "--dynamic-lr", "1e-4")),
                           (["--dynamic-lr", "1e-4", "--dynamic-rms-eps", "0.1"], ("--dynamic-rms-eps",
                                                                                   "--dynamic-rms-data")),
                           (["--dynamic-lr", "1e-4", "--dynamic-rms-data", train, "--dynamic-rms-eps", "0"],

@@ -331,6 +331,49 @@ def test_rms_rule_in_evaluation_and_its_errors(tmp_path):
     assert out["dynamic"][3]["forward_loss"] == pytest.approx(fwd, rel=1e-9)
 
 
+def test_a_bidirectional_models_forward_direction_adapts_as_the_same_unidirectional_model():
+    # The backward stack gets no gradient from the forward reading: its statistics are None and
+    # they do not enter s̄, so ε and the decay rates mean the same as for a one-direction model.
+    from rnnlm.dynamic import gradient_rms
+    uni, bi = _model(seed=17, num_layers=1), _model(seed=18, bidirectional=True, num_layers=1)
+    shared = dict(uni.named_parameters())
+    with torch.no_grad():
+        for name, p in bi.named_parameters():
+            if name in shared:
+                p.copy_(shared[name])
+    train = np.random.default_rng(17).integers(0, 12, 600)
+    ids = np.random.default_rng(18).integers(0, 12, 60)
+    rms_bi, rms_uni = gradient_rms(bi, train, 10), gradient_rms(uni, train, 10)
+    names = [n for n, _ in bi.named_parameters()]
+    assert [n for n, r in zip(names, rms_bi) if r is None] == [n for n in names if n.startswith("rnns.1.")]
+    for r_bi, r_uni in zip([r for r in rms_bi if r is not None], rms_uni):
+        torch.testing.assert_close(r_bi, r_uni)
+    for decay in (0.0, 0.3):
+        got = dynamic_nll(bi, ids, 3e-3, decay, 10, direction=0, rms=rms_bi)
+        assert got == pytest.approx(dynamic_nll(uni, ids, 3e-3, decay, 10, rms=rms_uni), rel=1e-6)
+
+
+def test_the_statistics_are_measured_once_per_direction_for_all_settings(monkeypatch):
+    import rnnlm.evaluate as ev
+    calls: list[int] = []
+    real = ev.gradient_rms
+
+    def counting(model, ids, segment, direction, *a, **kw):
+        calls.append(direction)
+        return real(model, ids, segment, direction, *a, **kw)
+
+    monkeypatch.setattr(ev, "gradient_rms", counting)
+    model = _model(seed=19, bidirectional=True, num_layers=1)
+    ids, train = np.random.default_rng(19).integers(0, 12, 40), np.random.default_rng(20).integers(0, 12, 300)
+    out = ev.evaluate_ids(model, ids, dynamic=DynamicSpec((1e-4, 3e-4), (0.0, 0.1), 10, train, (0.1, 1.0)))
+    assert len(out["dynamic"]) == 8 and calls == [0, 1]
+    calls.clear()
+    ev.evaluate_ids(model, ids, dynamic=DynamicSpec((0.0,), 0.0, 10, train))     # lr 0 alone: nothing to measure
+    assert calls == []
+    with pytest.raises(UsageError, match="outside the vocabulary"):
+        ev.evaluate_ids(model, ids, dynamic=DynamicSpec((1e-4,), rms_data=np.array([1, 2, 12])))
+
+
 def test_perplexity_reads_the_rms_statistics_text(tmp_path):
     from rnnlm.text import EOS, UNK, Tokenizer, Vocab
     vocab, tok = Vocab([UNK, EOS, *"abc \n"]), Tokenizer(level="char", eos="line")
