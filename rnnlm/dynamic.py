@@ -101,8 +101,6 @@ class DynamicSpec:
             raise UsageError(f"dynamic segment (--dynamic-segment) must be an integer >= 1, got {self.segment!r}")
 
 
-
-
 @contextmanager
 def _adapting(model, device: torch.device, sparse_embedding: bool, changes_weights: bool = True):
     """Weights that take gradients, dropout off and cuDNN off for the duration; afterwards the
