@@ -75,6 +75,11 @@ class DynamicSpec:
             return (None,)
         return self.rms_eps if isinstance(self.rms_eps, tuple) else (self.rms_eps,)
 
+    @property
+    def measures_rms(self) -> bool:
+        """Does evaluating this spec measure the RMS rule's statistics (the rule, and an lr > 0)?"""
+        return self.rms_data is not None and any(lr > 0 for lr in self.lrs)
+
     def settings(self) -> list[tuple[float, float, float | None]]:
         """Every (lr, decay, eps) to evaluate, one pass each, in this order."""
         return [(lr, decay, eps) for lr in self.lrs for decay in self.decays for eps in self.epses]
@@ -192,7 +197,7 @@ def gradient_rms(model, ids: np.ndarray, segment: int = 20, direction: int = 0, 
 def dynamic_nll(model, ids: np.ndarray, lr: float, decay: float = 0.0, segment: int = 20, direction: int = 0,
                 device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None,
                 collect: dict | None = None, rms: Sequence[torch.Tensor] | None = None,
-                eps: float = RMS_EPS) -> float:
+                eps: float | None = None) -> float:
     """Total NLL (nats) of `ids` under dynamic evaluation with learning rate `lr`.
 
     ids are in the reading order of `direction`; the first token is predicted from the zero state
@@ -201,10 +206,11 @@ def dynamic_nll(model, ids: np.ndarray, lr: float, decay: float = 0.0, segment: 
     `collect`, if given, receives each token's ``nll`` and ``features`` as
     :func:`rnnlm.evaluate.stream_nll` gives them (for the continuous cache on top).
     `rms` (from :func:`gradient_rms`, one tensor per parameter, None for those the direction does
-    not use) selects the RMS rule, with ε = `eps` · s̄ and s̄ the mean over the used ones; without
-    it, the SGD rule (see the module's docstring).
+    not use) selects the RMS rule, with ε = `eps` · s̄ (default RMS_EPS) and s̄ the mean over the
+    used ones; without it, the SGD rule (see the module's docstring).
     """
     device = torch.device(device)
+    eps = RMS_EPS if eps is None else eps
     n = len(ids)
     total = 0.0
     with _adapting(model, device, sparse_embedding=True) as (params, saved):
@@ -246,8 +252,10 @@ def dynamic_nll(model, ids: np.ndarray, lr: float, decay: float = 0.0, segment: 
                     grads = torch.autograd.grad(nll / (s1 - s0), params, allow_unused=True)
                     with torch.no_grad():
                         for k, (p, g, p0) in enumerate(zip(params, grads, saved)):
+                            if denoms is not None and denoms[k] is None:
+                                continue                      # no statistics: a weight this direction never uses
                             pull = (p0 - p) if decay > 0 else None   # θ₀ − θ, from the weights before the step
-                            if g is not None and not (denoms is not None and denoms[k] is None):
+                            if g is not None:
                                 if denoms is None:
                                     p.sub_(g, alpha=lr)
                                 elif g.is_sparse:             # the embedding: only the rows the segment used
@@ -256,7 +264,7 @@ def dynamic_nll(model, ids: np.ndarray, lr: float, decay: float = 0.0, segment: 
                                     p.index_add_(0, rows, g.values() / denoms[k][rows], alpha=-lr)
                                 else:
                                     p.addcdiv_(g, denoms[k], value=-lr)
-                            if pull is not None and not (rates is not None and rates[k] is None):
+                            if pull is not None:
                                 p.add_(pull if rates is None else pull.mul_(rates[k]),
                                        alpha=decay if rates is None else 1.0)
                 state = detach_state(new_state)

@@ -319,14 +319,13 @@ def evaluate_ids(model, ids: np.ndarray, batch_size: int = 1, device="cpu", wind
         rms = [None] * len(streams)
         if dynamic.rms_data is not None:   # the RMS rule: statistics per direction, once for all settings
             stats = _stats_ids(dynamic.rms_data, model)
-        if dynamic.rms_data is not None and any(lr > 0 for lr in dynamic.lrs):   # (lr 0 needs none)
+        if dynamic.measures_rms:                                                 # (lr 0 needs none)
             rms = [gradient_rms(model, stats if d == 0 else np.ascontiguousarray(stats[::-1]), dynamic.segment, d,
                                 device, progress=progress) for d in range(len(streams))]
         out["dynamic"] = []
         for lr, decay, eps in dynamic.settings():
             d_nlls, d_cached = passes(lambda d, stream, collect: dynamic_nll(
-                model, stream, lr, decay, dynamic.segment, d, device, progress, collect, rms[d],
-                **({} if eps is None else {"eps": eps})))
+                model, stream, lr, decay, dynamic.segment, d, device, progress, collect, rms[d], eps))
             setting = {"lr": lr, "decay": decay, "segment": dynamic.segment, "rule": dynamic.rule}
             if eps is not None:
                 setting["eps"] = eps
@@ -475,7 +474,7 @@ def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batc
         if len(rms_ids) == 0:
             raise UsageError(f"statistics text for the RMS rule {rp} has no tokens")
         dynamic = dataclasses.replace(dynamic, rms_data=rms_ids)
-    if dynamic is not None and dynamic.rms_data is not None and any(lr > 0 for lr in dynamic.lrs):
+    if dynamic is not None and dynamic.measures_rms:
         pieces, per_piece = stats_layout(len(dynamic.rms_data), dynamic.segment)
         stats_tokens = pieces * per_piece
     if progress == "auto" and dynamic is not None and sys.stderr.isatty():
