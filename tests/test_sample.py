@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+import rnnlm.sample as sample_mod
+from rnnlm import ops
 from rnnlm.config import ModelConfig
 from rnnlm.errors import UsageError
 from rnnlm.models import RNNLM
@@ -304,44 +306,84 @@ def test_stepper_equals_the_model_forward(cell, extra):
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def _force_product(monkeypatch, kind: str, parts: int = 1):
+    """Make rnnlm.sample._product pick `kind` for every matrix: "blocks" (_Gemv over `parts`
+    threads), "packed" (oneDNN) or "addmm"."""
+    if kind == "packed" and not ops._packed_weights_ok():
+        pytest.skip("oneDNN's packed linear is unavailable or failed its check in this PyTorch build")
+    monkeypatch.setattr(sample_mod, "_parts", lambda device: parts)
+    monkeypatch.setattr(sample_mod, "_PACK_MIN_ENTRIES", 1 << 40 if kind == "addmm" else 0)
+    monkeypatch.setattr(sample_mod, "_packed_weights_ok", lambda: kind == "packed")
+    return {"blocks": sample_mod._Gemv, "packed": sample_mod._Packed, "addmm": sample_mod._Addmm}[kind]
+
+
+PRODUCTS = [("blocks", 1), ("blocks", 2), ("blocks", 3), ("blocks", 5), ("packed", 1), ("addmm", 1)]
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
-@pytest.mark.parametrize("parts", [1, 2, 3, 5])
+@pytest.mark.parametrize("kind,parts", PRODUCTS)
 @pytest.mark.parametrize("table", [True, False])
 @pytest.mark.parametrize("layers", [1, 3])
-def test_split_stack_equals_the_model_over_many_steps(cell, parts, table, layers, monkeypatch):
-    """The fast paths (row blocks over `parts` threads, with and without layer 0's token table)
-    follow model.forward token after token, batch of 3."""
-    import rnnlm.sample as sample_mod
-    monkeypatch.setattr(sample_mod, "_parts", lambda device: parts)
+def test_split_stack_equals_the_model_over_many_steps(cell, kind, parts, table, layers, monkeypatch):
+    """The fast paths (each kind of product: row blocks over `parts` threads, oneDNN's packed
+    weights, one addmm; with and without layer 0's token table) follow model.forward token after
+    token, batch of 3 and then batch of 1 (which takes row blocks where it would take oneDNN)."""
+    cls = _force_product(monkeypatch, kind, parts)
     if not table:
         monkeypatch.setattr(sample_mod, "_TABLE_MAX_ENTRIES", 0)
     m = random_model(31, cell, num_layers=layers, seed=parts)
     ctx = [EOS_ID, 5, 7, 3]
     steps = torch.tensor([[4, 9, 2], [30, 1, 6], [8, 8, 8], [2, 3, 29]])
     with torch.inference_mode():
-        step = _Stepper(m, torch.device("cpu"))
-        assert step.stack is not None and (step.table is not None) == table
-        assert step.decoder.P == parts
-        step.start(ctx, 3)
-        x = torch.tensor(ctx).unsqueeze(1).expand(-1, 3)
-        for nxt in steps:
-            step.advance(nxt)
-            x = torch.cat([x, nxt.unsqueeze(0)])
-            h, _ = m(x)
-            assert torch.allclose(torch.log_softmax(step.scores(), -1), m.log_probs(h[-1]), atol=1e-5)
+        for batch in (3, 1):
+            step = _Stepper(m, torch.device("cpu"), batch)
+            assert step.stack is not None and (step.table is not None) == table
+            want = sample_mod._Gemv if (kind == "packed" and batch == 1) else cls  # oneDNN from batch 2 on
+            assert type(step.decoder) is want and (want is not sample_mod._Gemv or step.decoder.P == parts)
+            step.start(ctx, batch)
+            x = torch.tensor(ctx).unsqueeze(1).expand(-1, batch)
+            for nxt in steps[:, :batch]:
+                step.advance(nxt)
+                x = torch.cat([x, nxt.unsqueeze(0)])
+                h, _ = m(x)
+                assert torch.allclose(torch.log_softmax(step.scores(), -1), m.log_probs(h[-1]), atol=1e-5)
 
 
 @pytest.mark.parametrize("N,K,B,parts", [(12, 5, 1, 1), (12, 5, 1, 4), (13, 7, 3, 4), (7, 3, 2, 9), (1, 4, 1, 2)])
-def test_gemv_row_blocks_equal_linear(N, K, B, parts):
-    from rnnlm.sample import _Gemv
+@pytest.mark.parametrize("kind", ["blocks", "packed", "addmm"])
+def test_products_equal_linear(N, K, B, parts, kind, monkeypatch):
+    """Each kind of product is F.linear, with its own bias, a bias given per call, and per-row
+    biases looked up from a table split for it (as layer 0's token table is)."""
+    cls = _force_product(monkeypatch, kind, parts)
     g = torch.Generator().manual_seed(N * K + parts)
     w, b, x = (torch.randn(N, K, generator=g), torch.randn(N, generator=g), torch.randn(B, K, generator=g))
-    gemv = _Gemv(w, b, parts)
-    assert gemv.P == min(parts, N) and gemv(x).shape == (B, N)
-    assert torch.allclose(gemv(x), torch.nn.functional.linear(x, w, b), atol=1e-5)
-    rows = torch.randn(B, N, generator=g)                       # a per-row bias, as the token table gives
-    per_row = gemv.split(rows).transpose(0, 1)
-    assert torch.allclose(gemv(x, per_row), x @ w.t() + rows, atol=1e-5)
+    prod = sample_mod._product(w, b, torch.device("cpu"), batch=2)
+    assert type(prod) is cls
+    if kind == "blocks":
+        assert prod.P == min(parts, N)
+    assert prod(x).shape == (B, N)
+    assert torch.allclose(prod(x), torch.nn.functional.linear(x, w, b), atol=1e-5)
+    other = torch.randn(N, generator=g)
+    assert torch.allclose(prod(x, prod.split(other)), x @ w.t() + other, atol=1e-5)
+    table = torch.randn(6, N, generator=g)                     # per-token biases, as the token table gives
+    ids = torch.randint(0, 6, (B,), generator=g)
+    assert torch.allclose(prod(x, prod.rows(prod.split(table), ids)), x @ w.t() + table[ids], atol=1e-5)
+
+
+def test_products_are_chosen_by_size(monkeypatch):
+    """On CPU: small matrices by addmm; large ones by row blocks at batch 1, and by oneDNN at larger
+    batches where it passed its check (else row blocks); on other devices always row blocks."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(sample_mod, "_packed_weights_ok", lambda: True)
+    small, large = torch.randn(3, 4), torch.randn(512, 512)
+    for batch in (1, 2, 16):
+        assert type(sample_mod._product(small, None, cpu, batch)) is sample_mod._Addmm
+    assert type(sample_mod._product(large, None, cpu, 1)) is sample_mod._Gemv
+    if ops._packed_weights_ok():
+        assert type(sample_mod._product(large, None, cpu, 2)) is sample_mod._Packed
+    monkeypatch.setattr(sample_mod, "_packed_weights_ok", lambda: False)
+    assert type(sample_mod._product(large, None, cpu, 2)) is sample_mod._Gemv
+    assert type(sample_mod._product(small, None, torch.device("meta"), 2)) is sample_mod._Gemv
 
 
 def test_greedy_is_the_argmax_of_the_model_step_by_step():
@@ -416,14 +458,19 @@ def test_prepared_weights_are_kept_between_calls_and_follow_weight_changes(cell,
         return sampler(model, vocab).generate(prime, 3, 40, seed=9)
 
     a = s.generate("ab", 3, 40, seed=9)
-    assert s.generate("ab", 3, 40, seed=9) == a and s.generate("b", 1, 10, seed=1) and len(built) == 1
+    assert s.generate("ab", 3, 40, seed=9) == a and s.generate("b", 2, 10, seed=1) and len(built) == 1
+    # batch 1 takes other kinds of products (rnnlm.sample._product): prepared once for it, and
+    # again when a larger batch comes back
+    assert s.generate("b", 1, 10, seed=1) and s.generate("a", 1, 10, seed=1) and len(built) == 2
+    assert s.generate("ab", 3, 40, seed=9) == a and len(built) == 3
+    built.clear()
     opt = torch.optim.SGD(model.parameters(), lr=5.0)             # an optimizer step
     model.train()
     model.nll(model(torch.tensor([[2], [3]]), None, 0)[0], torch.tensor([[3], [4]])).backward()
     opt.step()
     model.eval()
     b = s.generate("ab", 3, 40, seed=9)
-    assert len(built) == 2 and b != a
+    assert len(built) == 1 and b != a
     built.clear()
     assert b == fresh() and len(built) == 1
     other = random_model(len(vocab), cell=cell, seed=5)             # load_state_dict copies in place
