@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
+from .ops import float64_device, to_float64
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def cache_nll(features: torch.Tensor, targets: torch.Tensor, model_nll: torch.Te
     n = int(targets.shape[0])
     if features.shape[0] != n or model_nll.shape[0] != n:
         raise ValueError("features, targets and model_nll must have the same length")
-    device = torch.device(device)
+    device = float64_device(device)              # computed in float64: on the CPU for MPS
     lams = np.asarray(spec.lambdas, dtype=np.float64)
     with np.errstate(divide="ignore"):
         log_keep = torch.tensor(np.log1p(-lams), device=device)   # log(1 - λ); -inf at λ = 1
@@ -161,11 +162,11 @@ def cache_distribution(features: torch.Tensor, targets: Sequence[int], model_pro
                        size: int, theta: float, lam: float) -> torch.Tensor:
     """The whole mixture distribution at position t, (V,) float64: the definition written out,
     for tests and for readers (`cache_nll` scores only the target)."""
-    p = model_probs[t].double().clone()
+    p = to_float64(model_probs[t]).clone()
     lo = max(0, t - size)
     if t == lo:
         return p
-    sim = features[lo:t].double() @ features[t].double() * theta
+    sim = to_float64(features[lo:t]) @ to_float64(features[t]) * theta
     weights = torch.softmax(sim, 0)
     p_cache = torch.zeros_like(p)
     p_cache.index_add_(0, torch.as_tensor(list(targets[lo:t]), dtype=torch.long), weights)

@@ -40,6 +40,7 @@ import torch
 from .cache import feature_store
 from .errors import UsageError
 from .models import detach_state
+from .ops import to_float64
 from .text import EOS_ID
 
 
@@ -219,7 +220,7 @@ def dynamic_nll(model, ids: np.ndarray, lr: float, decay: float = 0.0, segment: 
             if len(rms) != len(params) or any(r is not None and r.shape != p.shape for r, p in zip(rms, params)):
                 raise UsageError("the RMS statistics do not match the model's parameters")
             used = [r for r in rms if r is not None]
-            mean = sum(float(r.double().sum()) for r in used) / max(1, sum(r.numel() for r in used))
+            mean = sum(float(to_float64(r).sum()) for r in used) / max(1, sum(r.numel() for r in used))
             if not mean > 0 or not math.isfinite(mean):
                 raise UsageError("the statistics text for the RMS rule gave no gradient (mean RMS gradient "
                                  f"{mean:g}); give a longer text, the training text")
@@ -241,12 +242,12 @@ def dynamic_nll(model, ids: np.ndarray, lr: float, decay: float = 0.0, segment: 
                 h2 = h.reshape(-1, h.size(-1)).float()
                 per_token = model.nll(h2, y, reduction="none")
                 nll = per_token.sum()
-                total += float(per_token.detach().double().sum())   # summed in float64, as stream_nll does
+                total += float(to_float64(per_token.detach()).sum())   # summed in float64, as stream_nll does
                 if collect is not None:
                     if collect.get("features") is None:
                         collect["nll"] = torch.zeros(n, dtype=torch.float64)
                         collect["features"] = feature_store(n, h2.size(-1), collect)
-                    collect["nll"][s0:s1] = per_token.detach().double().cpu()
+                    collect["nll"][s0:s1] = per_token.detach().cpu().double()
                     collect["features"][s0:s1] = h2.detach().cpu().numpy()
                 if lr > 0 and s1 < n:          # (no step after the last segment: nothing left to score)
                     grads = torch.autograd.grad(nll / (s1 - s0), params, allow_unused=True)

@@ -37,6 +37,7 @@ from .cache import CacheSpec, cache_nll, feature_store
 from .data import TextSource, check_readable, encode_source, encode_text
 from .dynamic import DynamicSpec, dynamic_nll, gradient_rms, stats_layout
 from .errors import UsageError
+from .ops import to_float64
 from .text import EOS_ID, UNK, UNK_ID, Tokenizer, Vocab
 
 # eval-perplexity shows a progress bar (on a terminal) for files with at least this many tokens.
@@ -176,7 +177,7 @@ def _stream_nll(model, ids, batch_size, window, direction, burn_in, device, prog
         h = h.float()
         nll = model.nll(h, torch.from_numpy(y).to(device), reduction="none").view(x.shape)
         mask = torch.from_numpy(scored).to(device)
-        per_token = torch.where(mask, nll.double(), 0.0)
+        per_token = to_float64(torch.where(mask, nll, 0.0))  # (on the CPU for MPS, which has no float64)
         if collect is not None:
             rows_nll, rows_h = per_token.cpu(), h.cpu()
             if collect["features"] is None:
@@ -560,7 +561,7 @@ def score_sentences(model, vocab: Vocab, tokenizer: Tokenizer, sentences: Iterab
                     t1 = min(T, t0 + chunk)
                     h, state = model(x[t0:t1].to(device), state, 0)
                     part = model.nll(h.float(), y[t0:t1].to(device), reduction="none").view(t1 - t0, len(idx))
-                    nll += torch.where(m[t0:t1], part.double().cpu(), 0.0).sum(0)
+                    nll += torch.where(m[t0:t1], part.cpu().double(), 0.0).sum(0)
                 for j, i in enumerate(idx):
                     lp = -float(nll[j])
                     k = len(encoded[i])

@@ -59,6 +59,23 @@ def softmax_(x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(x, dim=1)
 
 
+def float64_device(device: torch.device | str) -> torch.device:
+    """Where float64 arithmetic on `device`'s tensors is done: on `device` itself, or on the CPU
+    where the device has no float64. That is MPS: Metal has no double type, and PyTorch raises
+    ("Cannot convert a MPS Tensor to float64 dtype") on any float64 tensor there. rnnlm sums
+    NLLs and draws samples in float64, so on a Mac those steps run on the CPU."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def to_float64(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float64, on its own device, or copied to the CPU first where that device has no
+    float64 (:func:`float64_device`)."""
+    if float64_device(t.device) != t.device:
+        t = t.cpu()
+    return t.double()
+
+
 def linear_onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w.T (+ b)`` in fp32 on CPU by oneDNN: ``torch.ops.mkldnn._linear_pointwise``, the op
     PyTorch's inductor compiles CPU linears to. Strided (transposed) operands are fine."""

@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UsageError
-from .ops import _packed_weights_ok, linear_onednn
+from .ops import _packed_weights_ok, float64_device, linear_onednn, to_float64
 from .text import EOS, EOS_ID, UNK, UNK_ID, Tokenizer, Vocab
 
 NEG_INF = float("-inf")
@@ -89,9 +89,9 @@ def _truncate(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch
         scores = scores.masked_fill(~keep, NEG_INF)
     if top_p < 1.0:
         sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        probs = torch.softmax(sorted_scores.double(), dim=-1)
+        probs = torch.softmax(to_float64(sorted_scores), dim=-1)   # (on the CPU for MPS)
         mass_before = probs.cumsum(-1) - probs          # mass of the strictly better tokens
-        drop_sorted = mass_before >= top_p
+        drop_sorted = (mass_before >= top_p).to(scores.device)
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, NEG_INF)
     return scores
@@ -514,7 +514,7 @@ def _candidates(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> tup
         vals, ids = torch.topk(scores, top_k, dim=-1)                    # sorted, most probable first
     else:
         vals, ids = torch.sort(scores, dim=-1, descending=True)
-    probs = torch.softmax(vals.double(), dim=-1)
+    probs = torch.softmax(to_float64(vals), dim=-1)
     if top_p < 1.0:
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)   # mass of the better tokens
     return probs, ids
@@ -683,7 +683,7 @@ class Sampler:
         context, unknown = self.encode_prime(prime)
         if unknown:
             warnings.warn(f"{unknown} prime token(s) are not in the vocabulary and are fed as <unk>", stacklevel=2)
-        gen = torch.Generator(device=self.device)
+        gen = torch.Generator(device=float64_device(self.device))  # draws are float64: the CPU's for MPS
         gen.manual_seed(seed if seed is not None else secrets.randbits(63))
         with torch.inference_mode():
             ids, stops = self._run(context, num_samples, max_length, greedy, temperature, top_k, top_p,
@@ -714,12 +714,14 @@ class Sampler:
                 if greedy:
                     nxt = scores.argmax(-1)
                 else:
+                    scores = scores.to(gen.device)          # a no-op but on MPS (no float64 there)
                     if temperature != 1.0:
                         scores.div_(temperature)
                     if truncate:  # sample among the sorted candidates: no scatter back to V
                         nxt = _draw_candidates(*_candidates(scores, top_k, top_p), gen)
                     else:
                         nxt = _draw(scores, gen)
+                    nxt = nxt.to(self.device)
                 if B == 1:  # the common interactive case: plain Python bookkeeping, one sync
                     i = int(nxt)
                     if i == EOS_ID:

@@ -5,6 +5,7 @@ draws the right distribution; torch.compile and DDP over NCCL run.
 Skipped without a CUDA device. On a machine with one: ``python -m pytest tests/test_cuda.py``.
 ``RNNLM_TEST_DEVICE=cpu`` runs the same checks with the CPU in the GPU's place (a check of the
 tests themselves: the device-vs-CPU comparisons are then met trivially; fp16 and NCCL skip).
+``RNNLM_TEST_DEVICE=mps`` runs them on Apple silicon (the CUDA-only ones skip; never run so far).
 """
 
 from __future__ import annotations

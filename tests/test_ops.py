@@ -293,3 +293,38 @@ def test_loss_is_exact_where_the_target_probability_underflows_fp32(dtype, bias)
     assert torch.allclose(ours.double(), ref, rtol=tol, atol=2e-2)
     ours.mean().backward()
     assert all(torch.isfinite(a.grad).all() for a in args if a is not None)
+
+
+# -- float64 where the device has none (MPS) -----------------------------------------------------
+
+def test_float64_work_goes_to_the_cpu_for_mps_only():
+    from rnnlm.ops import float64_device, to_float64
+    assert float64_device("mps") == torch.device("cpu")
+    assert float64_device(torch.device("mps:0")) == torch.device("cpu")
+    for name in ("cpu", "cuda", "cuda:1", "meta"):
+        assert float64_device(name) == torch.device(name)
+    x = torch.randn(3, 4)
+    y = to_float64(x)
+    assert y.dtype == torch.float64 and y.device == x.device and torch.equal(y, x.double())
+    m = torch.empty(2, device="meta")                    # another device keeps its own float64
+    assert to_float64(m).device.type == "meta"
+
+
+def test_no_float64_conversion_on_a_device_outside_the_helpers():
+    """MPS has no float64: PyTorch raises on any float64 tensor there. Every ``.double()`` in the
+    package therefore either follows ``.cpu()`` or is :func:`rnnlm.ops.to_float64` itself, which
+    moves the tensor to the CPU first on such devices. (A source check: this machine has no MPS.)"""
+    import re
+    from pathlib import Path
+
+    import rnnlm
+    bad = []
+    for path in sorted(Path(rnnlm.__file__).parent.glob("*.py")):
+        for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            code = line.split("#", 1)[0]
+            for m in re.finditer(r"\.double\(\)", code):
+                before = code[:m.start()]
+                if before.endswith(".cpu()") or (path.name == "ops.py" and code.strip() == "return t.double()"):
+                    continue
+                bad.append(f"{path.name}:{no}: {line.strip()}")
+    assert not bad, "float64 conversions that would fail on MPS:\n" + "\n".join(bad)
