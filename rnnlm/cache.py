@@ -169,5 +169,5 @@ def cache_distribution(features: torch.Tensor, targets: Sequence[int], model_pro
     sim = to_float64(features[lo:t]) @ to_float64(features[t]) * theta
     weights = torch.softmax(sim, 0)
     p_cache = torch.zeros_like(p)
-    p_cache.index_add_(0, torch.as_tensor(list(targets[lo:t]), dtype=torch.long), weights)
+    p_cache.index_add_(0, torch.as_tensor(list(targets[lo:t]), dtype=torch.long, device=p.device), weights)
     return (1 - lam) * p + lam * p_cache

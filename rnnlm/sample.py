@@ -22,13 +22,13 @@ times the step's arithmetic), so the forward stack is stepped by hand on the mod
 
 * ``nn.LSTM`` (float32): each layer is ONE matrix-vector product ``[x; h] @ [W_ih W_hh]^T`` and
   a few pointwise ops. At batch 1 a step is a handful of matrix-vector products, which plain
-  ``torch.addmm`` runs on one core at the speed of the memory. On CPU each large matrix is
-  instead packed once for oneDNN (:class:`_Packed`), whose inner product uses every thread and
-  stays fast at small batches (a 2048x1024 product on a 2-core Zen 4: 2x ``addmm`` at batch 1,
-  2.8x the row blocks below at batch 4);
-  small matrices keep one core's ``addmm`` (:class:`_Addmm`). Where oneDNN is off, and on
-  accelerators, :class:`_Gemv` splits each matrix into row blocks computed by one ``baddbmm``,
-  which PyTorch parallelises over the blocks. The output layer is chosen the same way.
+  ``torch.addmm`` runs on one core at the speed of the memory. Which product computes each
+  matrix (the output layer's too) is :func:`_product`'s rule: on CPU, small matrices by one
+  core's ``addmm`` (:class:`_Addmm`); large ones at batch 1 by :class:`_Gemv`, row blocks of the
+  matrix computed by one ``baddbmm`` that PyTorch parallelises over the blocks; large ones at
+  larger batches by oneDNN's inner product on a weight packed once (:class:`_Packed`; a 2048x1024
+  product at batch 4 on a 2-core Zen 4 EPYC: 101 µs against 282 for the row blocks); on other
+  devices one ``baddbmm``.
 * ``nn.GRU``: two products per layer (input and hidden kept apart for the candidate
   gate); ``nn.RNN``: one, like the LSTM. Stacks in another dtype use the fused cell functions
   (``torch.gru_cell`` & co.).
@@ -132,8 +132,9 @@ class _Gemv:
     PyTorch computes a (1, K) x (K, N) product on one core, at the speed of the memory; a
     batched product over P blocks of N/P rows each runs the blocks on P threads. W is copied
     once, as (P, K, n) blocks (N padded with zero rows up to P·n, the padding sliced off the
-    result). The bias may be given per call, as (P, B or 1, n) from :meth:`split`. Used on
-    accelerators (one block) and on CPUs where oneDNN is off (see :func:`_product`).
+    result). The bias may be given per call, as (P, B or 1, n) from :meth:`split`. Used for
+    large matrices at batch 1 on CPU, at every batch where oneDNN is off, and on other devices
+    (one block): see :func:`_product`.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, parts: int):
@@ -168,17 +169,18 @@ class _Gemv:
 
 class _Addmm:
     """``x @ W^T + b`` by one ``torch.addmm`` (one core): for small matrices, where a threaded
-    call's fixed cost is more than the whole product. W is the caller's tensor, not a copy.
+    call's fixed cost is more than the whole product. W and b are copied (never views of the
+    model's parameters, so a prepared stepper is stale as a whole, never half-updated).
     A bias given per call is (N,), or (B, N) per row."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.N = weight.size(0)
-        self.wt = weight.detach().float().t()
+        self.wt = weight.detach().float().t().clone()
         self.b = self.split(bias if bias is not None else weight.new_zeros(self.N))
 
     @staticmethod
     def split(bias: torch.Tensor) -> torch.Tensor:
-        return bias.detach().float().contiguous()
+        return bias.detach().float().clone(memory_format=torch.contiguous_format)
 
     @staticmethod
     def rows(split: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -195,9 +197,17 @@ class _Packed(_Addmm):
     row blocks and 151 for ``addmm``, and a 10,000x512 one 253 µs against 1,694 for ``addmm``."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.N = weight.size(0)
-        self.w = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), None)
+        self.N, K = weight.shape
+        w = weight.detach().float().contiguous()
+        self.w = torch.ops.mkldnn._reorder_linear_weight(w, None)
         self.b = self.split(bias if bias is not None else weight.new_zeros(self.N))
+        # checked once on this very matrix, with its bias and a per-row bias (2 rows): a oneDNN that
+        # refuses or miscomputes it is an error here, where _product falls back to the row blocks
+        g = torch.Generator().manual_seed(0)
+        x, rows = torch.randn(2, K, generator=g), torch.randn(2, self.N, generator=g)
+        if not (torch.allclose(self(x), torch.addmm(self.b, x, w.t()), rtol=1e-4, atol=1e-4)
+                and torch.allclose(self(x, rows), torch.addmm(rows, x, w.t()), rtol=1e-4, atol=1e-4)):
+            raise RuntimeError("oneDNN's packed product does not match addmm for this matrix")
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         b = self.b if bias is None else bias
@@ -215,12 +225,17 @@ class _Packed(_Addmm):
 _PACK_MIN_ENTRIES = 1 << 18
 
 
+def _packs(device: torch.device, batch: int) -> bool:
+    """Whether :func:`_product` gives large matrices to oneDNN (:class:`_Packed`) here."""
+    return device.type == "cpu" and batch > 1 and _packed_weights_ok()
+
+
 def _product(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device, batch: int = 1):
-    """The fastest kind of product for `weight` (N, K) at `batch` rows on `device`: on CPU an
-    :class:`_Addmm` for small matrices; for the rest :class:`_Gemv`'s row blocks at batch 1 and a
-    :class:`_Packed` one at larger batches where oneDNN passes its start-up check
-    (:func:`rnnlm.ops._packed_weights_ok`; ``RNNLM_ONEDNN_MATMUL=0`` turns it off); on
-    accelerators one block.
+    """The fastest kind of product for `weight` (N, K) at `batch` rows on `device`. On CPU:
+    under ``_PACK_MIN_ENTRIES`` weights an :class:`_Addmm`; larger ones at batch 1 :class:`_Gemv`'s
+    row blocks, at larger batches a :class:`_Packed` one where oneDNN passes its start-up check
+    (:func:`rnnlm.ops._packed_weights_ok`; ``RNNLM_ONEDNN_MATMUL=0`` turns it off) and its check
+    on the matrix itself, else row blocks. On other devices a :class:`_Gemv` of one block.
 
     Why row blocks at batch 1: alone, oneDNN's product is faster (a 2048x1024 one in 75 µs against
     106), but in the generation loop, between the single-threaded steps of the sampler, the row
@@ -231,7 +246,7 @@ def _product(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.devi
     if device.type == "cpu":
         if weight.numel() < _PACK_MIN_ENTRIES:
             return _Addmm(weight, bias)
-        if batch > 1 and _packed_weights_ok():
+        if _packs(device, batch):
             try:
                 return _Packed(weight, bias)
             except RuntimeError:
@@ -302,7 +317,7 @@ class _LSTMStack:
 
 class _GRUStack:
     """One step of a unidirectional float32 ``nn.GRU``: per layer, W_ih·x + b_ih and W_hh·h + b_hh as
-    two :class:`_Gemv` products (kept apart: the candidate gate needs r ⊙ (W_hn·h + b_hn)), then
+    two :func:`_product` products (kept apart: the candidate gate needs r ⊙ (W_hn·h + b_hn)), then
     r, z = σ(·), n = tanh(i_n + r ⊙ h_n), h' = n + z ⊙ (h − n). Layer 0 looks its input product up
     in the token `table` when there is one."""
 
@@ -325,7 +340,7 @@ class _GRUStack:
 
 
 class _RNNStack:
-    """One step of a unidirectional float32 ``nn.RNN`` (tanh or relu): per layer one :class:`_Gemv`
+    """One step of a unidirectional float32 ``nn.RNN`` (tanh or relu): per layer one :func:`_product`
     over ``[x; h]`` with ``[W_ih W_hh]`` (over h alone, with the token's table row as the bias, for
     layer 0 when there is a table)."""
 
@@ -612,8 +627,8 @@ class Sampler:
         """The per-model preparation (weight blocks, the token table) for `batch` samples, kept
         between calls.
 
-        It is rebuilt between batch 1 and larger batches (they use other kinds of products), and
-        when any parameter changed: another tensor, dtype or device, or an in-place
+        It is rebuilt between batch 1 and larger batches where they use other kinds of products
+        (on CPU with oneDNN, :func:`_packs`), and when any parameter changed: another tensor, dtype or device, or an in-place
         update through PyTorch (an optimizer step, ``load_state_dict``), which bumps the tensor's
         version counter. Writes through ``.data`` bump nothing: call :meth:`refresh` after those.
         Inference tensors (a model built under ``torch.inference_mode``) have no version counter:
@@ -623,7 +638,7 @@ class Sampler:
         if any(p.is_inference() for p in params):  # no version counter to watch: prepare every time
             self._prepared = None
             return _Stepper(self.model, self.device, batch)
-        key = (self.device, torch.get_num_threads(), batch == 1,
+        key = (self.device, torch.get_num_threads(), _packs(self.device, batch),
                tuple((p.data_ptr(), p._version, p.dtype, p.device, p.shape) for p in params))
         if self._prepared is not None:
             old_key, old_params, step = self._prepared

@@ -313,12 +313,17 @@ def test_float64_work_goes_to_the_cpu_for_mps_only():
 def test_no_float64_conversion_on_a_device_outside_the_helpers():
     """MPS has no float64: PyTorch raises on any float64 tensor there. Every ``.double()`` in the
     package therefore either follows ``.cpu()`` or is :func:`rnnlm.ops.to_float64` itself, which
-    moves the tensor to the CPU first on such devices. (A source check: this machine has no MPS.)"""
+    moves the tensor to the CPU first on such devices; and a float64 tensor made on a named device
+    is made on one of the devices listed below, each reached only through ``float64_device``.
+    (A source check: this machine has no MPS.)"""
     import re
     from pathlib import Path
 
     import rnnlm
-    bad = []
+    # float64 tensors made with device=...: where that device comes from
+    allowed = {("cache.py", "device=device"),   # cache_nll: device = float64_device(device)
+               ("sample.py", "device=cdf.device")}  # _draw*: the scores were moved to gen.device,
+    bad = []                                         # float64_device(sampler's device), in Sampler._run
     for path in sorted(Path(rnnlm.__file__).parent.glob("*.py")):
         for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             code = line.split("#", 1)[0]
@@ -327,4 +332,19 @@ def test_no_float64_conversion_on_a_device_outside_the_helpers():
                 if before.endswith(".cpu()") or (path.name == "ops.py" and code.strip() == "return t.double()"):
                     continue
                 bad.append(f"{path.name}:{no}: {line.strip()}")
+            if re.search(r"torch\.(float64|double)\b", code) and "device=" in code:
+                named = re.findall(r"device=[\w.]+", code)
+                if not all((path.name, d) in allowed for d in named):
+                    bad.append(f"{path.name}:{no}: {line.strip()}")
     assert not bad, "float64 conversions that would fail on MPS:\n" + "\n".join(bad)
+
+
+def test_the_cache_computes_on_the_cpu_when_asked_for_mps():
+    """cache_nll(device="mps") never makes an MPS tensor (its float64 work is on the CPU), so it
+    runs on a machine without one and gives the CPU's numbers."""
+    from rnnlm.cache import CacheSpec, cache_nll
+    g = torch.Generator().manual_seed(0)
+    features, targets = torch.randn(300, 8, generator=g), torch.randint(0, 5, (300,), generator=g)
+    nll = torch.rand(300, generator=g, dtype=torch.float64) * 3
+    spec = CacheSpec(40, (0.5, 1.0), (0.1, 0.3))
+    assert torch.equal(cache_nll(features, targets, nll, spec, device="mps"), cache_nll(features, targets, nll, spec))
