@@ -48,6 +48,20 @@ RMS_EPS = 0.1       # the RMS rule's default ε, as a share of the mean RMS grad
 STATS_BATCH = 64    # parallel pieces of the statistics text in gradient_rms
 
 
+@dataclass(frozen=True, eq=False)   # compared by identity: it holds tensors
+class RMSStatistics:
+    """The RMS rule's statistics, measured once (:func:`rnnlm.evaluate.rms_statistics`) and given
+    to any number of evaluations of the same, unchanged model as ``DynamicSpec.rms_data``.
+
+    per_direction: for each reading direction of the model, :func:`gradient_rms`'s list (one
+    tensor, or None, per parameter); segment: the segment length they were measured with (a
+    DynamicSpec must use the same); tokens: the length of the statistics text."""
+
+    per_direction: tuple
+    segment: int
+    tokens: int
+
+
 @dataclass(frozen=True, eq=False)   # compared by identity: rms_data may be an array
 class DynamicSpec:
     """The learning rates to try, the decay (or several: every pair is one pass over the text), the
@@ -57,8 +71,9 @@ class DynamicSpec:
     decay: float | tuple[float, ...] = 0.0
     segment: int = 20
     # The RMS rule's statistics text: a path (rnnlm.evaluate.perplexity encodes it with the
-    # model's vocabulary) or its token ids (rnnlm.evaluate.evaluate_ids). None: the SGD rule.
-    rms_data: str | Path | np.ndarray | None = field(default=None, repr=False)
+    # model's vocabulary) or its token ids (rnnlm.evaluate.evaluate_ids); or the statistics
+    # themselves, measured before (RMSStatistics). None: the SGD rule.
+    rms_data: str | Path | np.ndarray | RMSStatistics | None = field(default=None, repr=False)
     rms_eps: float | tuple[float, ...] = RMS_EPS    # the RMS rule's ε as a share of s̄ (or several to try)
 
     @property
@@ -78,8 +93,10 @@ class DynamicSpec:
 
     @property
     def measures_rms(self) -> bool:
-        """Does evaluating this spec measure the RMS rule's statistics (the rule, and an lr > 0)?"""
-        return self.rms_data is not None and any(lr > 0 for lr in self.lrs)
+        """Does evaluating this spec measure the RMS rule's statistics (the rule from a text, not
+        from statistics given, and an lr > 0)?"""
+        return (self.rms_data is not None and not isinstance(self.rms_data, RMSStatistics)
+                and any(lr > 0 for lr in self.lrs))
 
     def settings(self) -> list[tuple[float, float, float | None]]:
         """Every (lr, decay, eps) to evaluate, one pass each, in this order."""

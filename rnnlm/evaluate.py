@@ -35,7 +35,7 @@ import torch
 
 from .cache import CacheSpec, cache_nll, feature_store
 from .data import TextSource, check_readable, encode_source, encode_text
-from .dynamic import DynamicSpec, dynamic_nll, gradient_rms, stats_layout
+from .dynamic import DynamicSpec, RMSStatistics, dynamic_nll, gradient_rms, stats_layout
 from .errors import UsageError
 from .ops import to_float64
 from .text import EOS_ID, UNK, UNK_ID, Tokenizer, Vocab
@@ -318,11 +318,12 @@ def evaluate_ids(model, ids: np.ndarray, batch_size: int = 1, device="cpu", wind
         out["cache"] = cache_entries(cached)
     if dynamic is not None:
         rms = [None] * len(streams)
-        if dynamic.rms_data is not None:   # the RMS rule: statistics per direction, once for all settings
+        if isinstance(dynamic.rms_data, RMSStatistics):                          # measured before
+            rms = _given_statistics(dynamic.rms_data, dynamic.segment, len(streams))
+        elif dynamic.rms_data is not None:  # the RMS rule: statistics per direction, once for all settings
             stats = _stats_ids(dynamic.rms_data, model)
-        if dynamic.measures_rms:                                                 # (lr 0 needs none)
-            rms = [gradient_rms(model, stats if d == 0 else np.ascontiguousarray(stats[::-1]), dynamic.segment, d,
-                                device, progress=progress) for d in range(len(streams))]
+            if dynamic.measures_rms:                                             # (lr 0 needs none)
+                rms = list(rms_statistics(model, stats, dynamic.segment, device, progress).per_direction)
         out["dynamic"] = []
         for lr, decay, eps in dynamic.settings():
             d_nlls, d_cached = passes(lambda d, stream, collect: dynamic_nll(
@@ -335,6 +336,43 @@ def evaluate_ids(model, ids: np.ndarray, batch_size: int = 1, device="cpu", wind
                 entry["cache"] = cache_entries(d_cached)
             out["dynamic"].append(entry)
     return out
+
+
+def rms_statistics(model, ids, segment: int = 20, device="cpu",
+                   progress: Callable[[int], None] | None = None) -> RMSStatistics:
+    """The RMS rule's statistics of `model` on the token ids of a text (the training text), one
+    :func:`~rnnlm.dynamic.gradient_rms` per reading direction (the backward stack reads the text
+    reversed), measured with `segment`-token steps: give the result to any number of evaluations
+    of the unchanged model as ``DynamicSpec(..., segment=segment, rms_data=stats)``."""
+    ids = _stats_ids(ids, model)
+    directions = getattr(model, "num_directions", 1)
+    per = tuple(gradient_rms(model, ids if d == 0 else np.ascontiguousarray(ids[::-1]), segment, d, device,
+                             progress=progress) for d in range(directions))
+    return RMSStatistics(per, segment, len(ids))
+
+
+def _given_statistics(stats: RMSStatistics, segment: int, directions: int) -> list:
+    if stats.segment != segment:
+        raise UsageError(f"the RMS statistics were measured with {stats.segment}-token segments; evaluate with "
+                         f"the same segment length (DynamicSpec.segment is {segment})")
+    if len(stats.per_direction) != directions:
+        raise UsageError(f"the RMS statistics are for {len(stats.per_direction)} reading direction(s); "
+                         f"this model has {directions}")
+    return list(stats.per_direction)
+
+
+def encode_rms_text(path: str | Path, vocab: Vocab, tokenizer: Tokenizer, encoding: str = "utf-8",
+                    errors: str = "strict") -> np.ndarray:
+    """The RMS rule's statistics text at `path` as token ids, encoded like an evaluated file."""
+    rp = Path(path)
+    if not rp.is_file():
+        raise UsageError(f"statistics text for the RMS rule not found: {rp}" if not rp.exists()
+                         else f"statistics text for the RMS rule is not a regular file: {rp}")
+    check_readable(rp, "statistics text for the RMS rule")
+    ids = np.asarray(encode_source(TextSource(rp), tokenizer, vocab, encoding, errors), dtype=np.int64)
+    if len(ids) == 0:
+        raise UsageError(f"statistics text for the RMS rule {rp} has no tokens")
+    return ids
 
 
 def _stats_ids(data, model) -> np.ndarray:
@@ -466,15 +504,8 @@ def perplexity(model, vocab: Vocab, tokenizer: Tokenizer, path: str | Path, batc
     passes = 1 + (len(dynamic.settings()) if dynamic is not None else 0)
     stats_tokens = 0
     if dynamic is not None and isinstance(dynamic.rms_data, (str, Path)):   # the RMS rule's statistics text
-        rp = Path(dynamic.rms_data)
-        if not rp.is_file():
-            raise UsageError(f"statistics text for the RMS rule not found: {rp}" if not rp.exists()
-                             else f"statistics text for the RMS rule is not a regular file: {rp}")
-        check_readable(rp, "statistics text for the RMS rule")
-        rms_ids = np.asarray(encode_source(TextSource(rp), tokenizer, vocab, encoding, errors), dtype=np.int64)
-        if len(rms_ids) == 0:
-            raise UsageError(f"statistics text for the RMS rule {rp} has no tokens")
-        dynamic = dataclasses.replace(dynamic, rms_data=rms_ids)
+        dynamic = dataclasses.replace(dynamic, rms_data=encode_rms_text(dynamic.rms_data, vocab, tokenizer,
+                                                                        encoding, errors))
     if dynamic is not None and dynamic.measures_rms:
         pieces, per_piece = stats_layout(len(dynamic.rms_data), dynamic.segment)
         stats_tokens = pieces * per_piece

@@ -7,7 +7,8 @@ plain number. The model runs over the validation text once and every cache size 
 grid is scored from the stored features (`rnnlm eval-perplexity --cache-size N,...
 --cache-theta ... --cache-lambda ...` does the same); each dynamic-evaluation learning rate is
 one sequential pass (`--dynamic-lr`), for each decay given; with `--dynamic-rms-data` (the RMS rule),
-its statistics are measured on that text (the training text) once per evaluation.
+its statistics are measured on that text (the training text) once, and serve the validation grid
+and the test pass.
 
 usage: python scripts/tune_eval.py --checkpoint RUN_DIR --valid VALID.txt --test TEST.txt
                                    [--sizes 100,500,2000] [--thetas 0.1,...] [--lambdas 0.05,...]
@@ -21,6 +22,7 @@ prints: the best setting per cache size and per learning rate on validation, the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -33,7 +35,7 @@ from rnnlm.cache import CacheSpec, parse_sizes, parse_values
 from rnnlm.checkpoint import load_model
 from rnnlm.dynamic import RMS_EPS, DynamicSpec
 from rnnlm.errors import UsageError
-from rnnlm.evaluate import perplexity
+from rnnlm.evaluate import encode_rms_text, perplexity, rms_statistics
 from rnnlm.train import select_device
 
 
@@ -77,10 +79,17 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--dynamic-rms-data: no such file: {args.dynamic_rms_data}")
         if args.dynamic_lrs:
             dynamic = DynamicSpec(parse_values(args.dynamic_lrs, "--dynamic-lrs"),
-                                  parse_values(args.dynamic_decay, "--dynamic-decay"), args.dynamic_segment,
-                                  args.dynamic_rms_data,
+                                  parse_values(args.dynamic_decay, "--dynamic-decay"), args.dynamic_segment, None,
                                   RMS_EPS if args.dynamic_rms_eps is None else parse_values(args.dynamic_rms_eps,
                                                                                              "--dynamic-rms-eps"))
+            if args.dynamic_rms_data is not None:      # the RMS rule: statistics measured once, for valid and test
+                t1 = time.perf_counter()
+                rms = rms_statistics(lm.model, encode_rms_text(args.dynamic_rms_data, lm.vocab, lm.tokenizer,
+                                                               lm.config.data.encoding, lm.config.data.errors),
+                                     args.dynamic_segment, device)
+                print(f"RMS statistics: {rms.tokens:,} tokens of {args.dynamic_rms_data} in "
+                      f"{time.perf_counter() - t1:.1f} s", flush=True)
+                dynamic = dataclasses.replace(dynamic, rms_data=rms)
         if specs is None and dynamic is None:
             raise UsageError("nothing to tune: --no-cache without --dynamic-lrs")
         chosen: dict = {}

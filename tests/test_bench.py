@@ -188,10 +188,16 @@ def test_tune_eval_chooses_on_validation_and_tests_once(tiny_corpus, tmp_path, c
     assert res["test_plain_ppl"] == want["ppl"] and res["test_cache_ppl"] == want["cache"][0]["ppl"]
     assert "test_dynamic_ppl" in res and "test_dynamic_cache_ppl" in res
     assert "chosen on validation" in capsys.readouterr().out
-    # the RMS rule, with a list of decays: every (lr, decay) pair on validation, the best one on test
+    # the RMS rule, with a list of decays: every (lr, decay) pair on validation, the best one on test;
+    # its statistics measured once (one direction), for validation and test alike
+    import rnnlm.evaluate as ev
+    measured: list[int] = []
+    real_rms = ev.gradient_rms
+    monkeypatch.setattr(ev, "gradient_rms", lambda *a, **kw: measured.append(1) or real_rms(*a, **kw))
     assert tune.main(["-m", str(tmp_path / "run"), "--valid", str(valid), "--test", str(test), "--no-cache",
                       "--dynamic-lrs", "1e-4,1e-3", "--dynamic-decay", "0,0.1", "--dynamic-rms-eps", "0.5", "--dynamic-rms-data",
                       str(tiny_corpus / "train.txt"), "--json", str(out)]) == 0
+    assert len(measured) == 1
     res = json.loads(out.read_text())
     assert [(e["lr"], e["decay"], e["rule"], e["eps"]) for e in res["dynamic_grid"]] == [
         (1e-4, 0.0, "rms", 0.5), (1e-4, 0.1, "rms", 0.5), (1e-3, 0.0, "rms", 0.5), (1e-3, 0.1, "rms", 0.5)]

@@ -400,3 +400,27 @@ def test_perplexity_reads_the_rms_statistics_text(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(UsageError, match="no tokens"):
         perplexity(model, vocab, tok, path, dynamic=DynamicSpec((1e-4,), rms_data=tmp_path / "empty.txt"))
+
+
+def test_statistics_measured_once_serve_later_evaluations(monkeypatch):
+    """rms_statistics measures per direction; the RMSStatistics given as rms_data give the numbers
+    of measuring them inside the evaluation, and nothing is measured again."""
+    import rnnlm.evaluate as ev
+    from rnnlm.dynamic import RMSStatistics
+    model = _model(seed=21, bidirectional=True, num_layers=1)
+    ids, train = np.random.default_rng(21).integers(0, 12, 50), np.random.default_rng(22).integers(0, 12, 400)
+    stats = ev.rms_statistics(model, train, 10)
+    assert isinstance(stats, RMSStatistics) and stats.segment == 10 and stats.tokens == 400
+    assert len(stats.per_direction) == 2
+    want = ev.evaluate_ids(model, ids, dynamic=DynamicSpec((3e-4, 1e-3), 0.1, 10, train, (0.1, 0.5)))
+    calls: list[int] = []
+    monkeypatch.setattr(ev, "gradient_rms", lambda *a, **kw: calls.append(1))
+    spec = DynamicSpec((3e-4, 1e-3), 0.1, 10, stats, (0.1, 0.5))
+    assert spec.rule == "rms" and not spec.measures_rms
+    got = ev.evaluate_ids(model, ids, dynamic=spec)
+    assert calls == [] and got["dynamic"] == want["dynamic"]
+    with pytest.raises(UsageError, match="10-token segments"):
+        ev.evaluate_ids(model, ids, dynamic=DynamicSpec((3e-4,), segment=20, rms_data=stats))
+    uni = _model(seed=21, num_layers=1)
+    with pytest.raises(UsageError, match="2 reading direction"):
+        ev.evaluate_ids(uni, ids, dynamic=DynamicSpec((3e-4,), segment=10, rms_data=stats))
