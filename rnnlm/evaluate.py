@@ -37,7 +37,7 @@ from .cache import CacheSpec, cache_nll, feature_store
 from .data import TextSource, check_readable, encode_source, encode_text
 from .dynamic import DynamicSpec, RMSStatistics, dynamic_nll, gradient_rms, stats_layout
 from .errors import UsageError
-from .ops import to_float64
+from .ops import no_autocast, to_float64
 from .text import EOS_ID, UNK, UNK_ID, Tokenizer, Vocab
 
 # eval-perplexity shows a progress bar (on a terminal) for files with at least this many tokens.
@@ -172,7 +172,8 @@ def _stream_nll(model, ids, batch_size, window, direction, burn_in, device, prog
         With `collect`, also record each scored token's NLL and features at its index in the
         text: `starts[j]` is the index column j's first row predicts."""
         xt = torch.from_numpy(x).to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+              else no_autocast(device.type)):
             h, state = model(xt, state, direction)
         h = h.float()
         nll = model.nll(h, torch.from_numpy(y).to(device), reduction="none").view(x.shape)

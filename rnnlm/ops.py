@@ -23,6 +23,7 @@ its true, finite loss instead of an infinite one that would read as divergence.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 
@@ -74,6 +75,25 @@ def to_float64(t: torch.Tensor) -> torch.Tensor:
     if float64_device(t.device) != t.device:
         t = t.cpu()
     return t.double()
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``; False where PyTorch has no autocast for that
+    device type (MPS before PyTorch 2.5, where the question raises)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
+def no_autocast(device_type: str):
+    """``torch.autocast(device_type, enabled=False)``: autocast off inside. Where PyTorch has no
+    autocast for the device type (MPS before PyTorch 2.5, where making one raises even to turn it
+    off) nothing can be autocast anyway: an empty context."""
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:
+        return nullcontext()
 
 
 def linear_onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -303,11 +323,11 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     under CPU/CUDA autocast the matmuls run in the autocast dtype, the softmax in fp32.
     """
     dt = h.dtype
-    if torch.is_autocast_enabled(h.device.type):
+    if autocast_enabled(h.device.type):
         dt = torch.get_autocast_dtype(h.device.type)
     elif weight.dtype != h.dtype:
         dt = torch.promote_types(h.dtype, weight.dtype)
-    with torch.autocast(h.device.type, enabled=False):
+    with no_autocast(h.device.type):
         return _LinearCrossEntropy.apply(h, weight, bias, target, dt, reduction)
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import step_matmul
+from .ops import no_autocast, step_matmul
 
 __all__ = ["PeepholeLSTM"]
 
@@ -60,7 +60,7 @@ class _PeepholeLayer(torch.autograd.Function):
         H = H4 // 4
         # Autocast is off in here: the caller has already cast everything to one dtype,
         # so the math is the same with and without autocast (see PeepholeLSTM.forward).
-        with torch.autocast(xp.device.type, enabled=False):
+        with no_autocast(xp.device.type):
             gates = torch.empty_like(xp)                 # activated Γi, Γf, c̃, Γo
             cs = xp.new_empty(T + 1, B, H)               # c⟨0..T⟩
             tcs = xp.new_empty(T, B, H)                  # tanh(c⟨1..T⟩)
@@ -101,7 +101,7 @@ class _PeepholeLayer(torch.autograd.Function):
         gates, cs, tcs, out, h0, w_hh, p_i, p_f, p_o = ctx.saved_tensors
         T, B, H4 = gates.shape
         H = H4 // 4
-        with torch.autocast(gates.device.type, enabled=False):
+        with no_autocast(gates.device.type):
             gi, gf, gg, go = gates.view(T, B, 4, H).unbind(2)
             c_prev = cs[:-1]
             # Local derivatives for all steps at once:

@@ -348,3 +348,18 @@ def test_the_cache_computes_on_the_cpu_when_asked_for_mps():
     nll = torch.rand(300, generator=g, dtype=torch.float64) * 3
     spec = CacheSpec(40, (0.5, 1.0), (0.1, 0.3))
     assert torch.equal(cache_nll(features, targets, nll, spec, device="mps"), cache_nll(features, targets, nll, spec))
+
+
+def test_autocast_helpers_where_pytorch_has_no_autocast_for_the_device():
+    """MPS before PyTorch 2.5 has no autocast: making torch.autocast for it raises, even to turn it
+    off, and so does asking whether it is on. The meta device behaves the same here, so it stands in."""
+    from rnnlm.ops import autocast_enabled, no_autocast
+    with pytest.raises(RuntimeError):
+        torch.autocast("meta", enabled=False)
+    with no_autocast("meta"):                         # nothing to turn off: an empty context
+        assert not autocast_enabled("meta")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # where autocast exists, it is turned off inside
+        assert autocast_enabled("cpu")
+        with no_autocast("cpu"):
+            assert not autocast_enabled("cpu") and not torch.is_autocast_enabled("cpu")
+        assert autocast_enabled("cpu")
