@@ -392,9 +392,9 @@ def test_products_are_chosen_by_size(monkeypatch):
     assert type(sample_mod._product(small, None, torch.device("meta"), 2)) is sample_mod._Gemv
 
 
-def test_batch_sizes_share_the_prepared_weights_where_they_take_the_same_products(monkeypatch):
-    """Without oneDNN, batch 1 and larger batches take the same kinds of products: one preparation."""
-    built = []
+def _count_preparations(monkeypatch) -> list:
+    """A list that gets an item each time the sampler prepares a model (builds a _Stepper)."""
+    built: list = []
 
     class Counting(sample_mod._Stepper):
         def __init__(self, *a, **kw):
@@ -402,6 +402,12 @@ def test_batch_sizes_share_the_prepared_weights_where_they_take_the_same_product
             super().__init__(*a, **kw)
 
     monkeypatch.setattr(sample_mod, "_Stepper", Counting)
+    return built
+
+
+def test_batch_sizes_share_the_prepared_weights_where_they_take_the_same_products(monkeypatch):
+    """Without oneDNN, batch 1 and larger batches take the same kinds of products: one preparation."""
+    built = _count_preparations(monkeypatch)
     monkeypatch.setattr(sample_mod, "_packed_weights_ok", lambda: False)
     vocab = char_vocab()
     s = sampler(random_model(len(vocab), seed=4), vocab)
@@ -464,15 +470,7 @@ def test_prepared_weights_are_kept_between_calls_and_follow_weight_changes(cell,
     """generate() prepares the weights once and reuses them while the model is unchanged; an
     optimizer step, load_state_dict or a no_grad in-place update makes it prepare again, and the
     samples are then those of a sampler built afresh on the changed model."""
-    import rnnlm.sample as S
-    built = []
-
-    class Counting(S._Stepper):
-        def __init__(self, *a, **kw):
-            built.append(1)
-            super().__init__(*a, **kw)
-
-    monkeypatch.setattr(S, "_Stepper", Counting)
+    built = _count_preparations(monkeypatch)
     vocab = char_vocab()
     model = random_model(len(vocab), cell=cell, seed=4)
     s = sampler(model, vocab)
