@@ -77,6 +77,18 @@ def to_float64(t: torch.Tensor) -> torch.Tensor:
     return t.double()
 
 
+def autocast_available(device_type: str) -> bool:
+    """Whether this PyTorch has autocast for `device_type` (MPS has it from PyTorch 2.5 on)."""
+    check = getattr(torch.amp, "is_autocast_available", None)
+    if check is not None:
+        return bool(check(device_type))
+    try:
+        torch.autocast(device_type, enabled=False)
+        return True
+    except RuntimeError:
+        return False
+
+
 def autocast_enabled(device_type: str) -> bool:
     """``torch.is_autocast_enabled(device_type)``; False where PyTorch has no autocast for that
     device type (MPS before PyTorch 2.5, where the question raises)."""

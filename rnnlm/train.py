@@ -43,6 +43,7 @@ from .data import Corpus, batchify, get_window, load_corpus, window, window_boun
 from .errors import RunError, UsageError
 from .evaluate import _exp, evaluate_ids
 from .models import RNNLM, _plain_loss, detach_state, reset_column, state_from_list, state_to_list
+from .ops import autocast_available
 from .text import Tokenizer, Vocab
 
 
@@ -436,6 +437,9 @@ class Trainer:
         self.precision = resolve_precision(tc.precision, self.device)
         if self.precision == "fp16" and self.device.type != "cuda":
             raise UsageError("train.precision=fp16 needs CUDA; on this device use bf16 or fp32")
+        if self.precision == "bf16" and not autocast_available(self.device.type):
+            raise UsageError(f"train.precision=bf16 needs autocast on {self.device.type}, which PyTorch "
+                             f"{torch.__version__} does not have; use train.precision=fp32 (or a newer PyTorch)")
         seed_everything(tc.seed)
 
         # Data: the vocabulary comes from the checkpoint on resume (or from the model a run starts

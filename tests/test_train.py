@@ -859,3 +859,15 @@ def test_torchrun_reads_a_folder_once_and_the_ranks_check_they_agree(tmp_path):
     assert none.returncode != 0
     said = " ".join((none.stdout + none.stderr).split())
     assert said.count("error: no files under") == 2 and "rnnlm/" not in none.stdout + none.stderr
+
+
+def test_bf16_on_a_device_without_autocast_is_a_usage_error(corpus, tmp_path, monkeypatch):
+    """MPS before PyTorch 2.5 has no autocast: train.precision=bf16 there is one clear message
+    (exit 2 from the CLI), not PyTorch's error at the first step. The check is stood in for here."""
+    import rnnlm.ops as ops
+    import rnnlm.train as tr
+    assert ops.autocast_available("cpu") and not ops.autocast_available("meta")
+    monkeypatch.setattr(tr, "autocast_available", lambda device_type: device_type != "cpu")
+    with pytest.raises(UsageError, match="train.precision=fp32"):
+        Trainer(_cfg(corpus, "train.precision=bf16", "train.max_steps=1"), tmp_path / "r", progress=False)
+    Trainer(_cfg(corpus, "train.precision=fp32", "train.max_steps=1"), tmp_path / "r2", progress=False)
