@@ -34,7 +34,9 @@ times the step's arithmetic), so the forward stack is stepped by hand on the mod
   (``torch.gru_cell`` & co.).
 * Either way, for small vocabularies the first layer's input projection of every token is
   precomputed (a (V, G·H) table), which removes one matrix-vector product per step.
-* Other recurrent modules (the peephole LSTM) go through ``model(...)`` one step at a time.
+* The peephole LSTM (float32) is stepped like the LSTM, its gates in their own order with the
+  peephole terms added (:class:`_PeepholeStack`). Other recurrent modules go through
+  ``model(...)`` one step at a time.
 
 See docs/SAMPLING.md for the measured figures.
 """
@@ -52,6 +54,7 @@ import torch.nn as nn
 
 from .errors import UsageError
 from .ops import _packed_weights_ok, float64_device, linear_onednn, to_float64
+from .peephole import PeepholeLSTM
 from .text import EOS, EOS_ID, UNK, UNK_ID, Tokenizer, Vocab
 
 NEG_INF = float("-inf")
@@ -354,6 +357,34 @@ class _RNNStack:
             state[k] = x = self.act(_joint_product(g, k, self.table, x, state[k], ids))
 
 
+class _PeepholeStack:
+    """One step of a float32 :class:`~rnnlm.peephole.PeepholeLSTM`: per layer one :func:`_product`
+    over ``[x; h]`` with ``[W_ih W_hh]`` and bias b_ih + b_hh (over h alone, with the token's table
+    row as the bias, for layer 0 when there is a table), gate blocks i, f, g, o, then
+    Γi, Γf = σ(z + p ⊙ c), c' = Γf ⊙ c + Γi ⊙ tanh(z_g), Γo = σ(z_o + p_o ⊙ c'), h' = Γo ⊙ tanh(c')
+    -- the recurrence of :class:`~rnnlm.peephole._PeepholeLayer`."""
+
+    def __init__(self, layers: list[tuple[torch.Tensor, ...]], peepholes: list[tuple[torch.Tensor, ...]],
+                 table: torch.Tensor | None, make: Callable):
+        self.H = layers[0][1].size(1)
+        self.gemvs, self.table = _joint_gemvs(layers, table, make)
+        self.p_if = [torch.stack((p_i, p_f)).detach().float().clone() for p_i, p_f, _ in peepholes]   # (2, H)
+        self.p_o = [p_o.detach().float().clone() for _, _, p_o in peepholes]
+
+    def step(self, x: torch.Tensor, ids: torch.Tensor, state: list) -> None:
+        H = self.H
+        for k, g in enumerate(self.gemvs):
+            h, c = state[k]
+            z = _joint_product(g, k, self.table, x, h, ids)                      # (B, 4H)
+            B = z.size(0)
+            z[:, :2 * H].view(B, 2, H).addcmul_(self.p_if[k], c.unsqueeze(1)).sigmoid_()   # Γi, Γf see c
+            gg = z[:, 2 * H:3 * H].tanh_()
+            c = torch.addcmul(z[:, H:2 * H] * c, z[:, :H], gg)
+            o = z[:, 3 * H:].addcmul_(self.p_o[k], c).sigmoid_()              # Γo sees the new c
+            state[k] = (torch.tanh(c).mul_(o), c)
+            x = state[k][0]
+
+
 _CELLS = {"LSTM": torch.lstm_cell, "GRU": torch.gru_cell, "RNN_TANH": torch.rnn_tanh_cell,
           "RNN_RELU": torch.rnn_relu_cell}
 
@@ -377,14 +408,18 @@ class _Stepper:
             return _product(weight, bias, device, batch)
 
         rnn = model.rnns[0]
-        self.fused = (type(rnn) in (nn.LSTM, nn.GRU, nn.RNN) and rnn.bias and not rnn.bidirectional
-                      and not rnn.batch_first and getattr(rnn, "proj_size", 0) == 0 and rnn.mode in _CELLS)
+        # the peephole LSTM only as a float32 stack: the fused cells below have no peepholes
+        peephole = (type(rnn) is PeepholeLSTM and rnn.bias
+                    and all(p.dtype == torch.float32 for p in rnn.parameters()))
+        self.fused = peephole or (type(rnn) in (nn.LSTM, nn.GRU, nn.RNN) and rnn.bias and not rnn.bidirectional
+                                  and not rnn.batch_first and getattr(rnn, "proj_size", 0) == 0
+                                  and rnn.mode in _CELLS)
         self.h: torch.Tensor | None = None  # (B, D) features of the last step
         self.state = None
         self.mask_unk = False
         if self.fused:
-            self.cell = _CELLS[rnn.mode]
-            self.lstm = rnn.mode == "LSTM"
+            self.cell = _CELLS["LSTM" if peephole else rnn.mode]   # (for the token table's check)
+            self.lstm = peephole or rnn.mode == "LSTM"
             L = rnn.num_layers
             self.weights = [(getattr(rnn, f"weight_ih_l{k}"), getattr(rnn, f"weight_hh_l{k}"),
                              getattr(rnn, f"bias_ih_l{k}"), getattr(rnn, f"bias_hh_l{k}")) for k in range(L)]
@@ -392,7 +427,10 @@ class _Stepper:
             w_ih = self.weights[0][0]
             self._no_input = [w_ih.new_empty(1, 0), w_ih.new_empty(w_ih.size(0), 0)]  # (B, 0), (G·H, 0)
         self.stack = None
-        if self.fused and all(w.dtype == torch.float32 for layer in self.weights for w in layer):
+        if peephole:
+            peepholes = [tuple(getattr(rnn, f"weight_c{gate}_l{k}") for gate in "ifo") for k in range(L)]
+            self.stack = _PeepholeStack(self.weights, peepholes, self.table, make)
+        elif self.fused and all(w.dtype == torch.float32 for layer in self.weights for w in layer):
             if rnn.mode == "LSTM":
                 self.stack = _LSTMStack(self.weights, self.table, make)
             elif rnn.mode == "GRU":

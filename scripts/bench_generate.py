@@ -1,13 +1,14 @@
 """Generation speed: tokens/s of `Sampler.generate` at batch 1 (and optionally larger batches).
 
-Builds randomly initialised 2-layer LSTMs (weights do not matter for speed; the <eos> logit
+Builds randomly initialised 2-layer LSTMs (or another --cell; weights do not matter for speed; the <eos> logit
 is pushed down so every sample runs to --length tokens) for a character-sized and a
 word-sized vocabulary, and times greedy and sampled generation. With --baseline it also
 times the plain loop a user would write (`model(x, state)` + `log_probs` + multinomial per
 token, i.e. `nn.LSTM` called one step at a time), in the same process.
 
-usage: python scripts/bench_generate.py [--hidden 512] [--layers 2] [--vocab 100 10000]
-                                         [--length 2000] [--repeats 5] [--threads N] [--baseline]
+usage: python scripts/bench_generate.py [--cell lstm] [--hidden 512] [--layers 2] [--vocab 100 10000]
+                                         [--batch 1 [16 ...]] [--length 2000] [--repeats 5] [--threads N]
+                                         [--baseline]
 prints: one line per configuration (median and best of the repeats, and tokens per CPU-second of
         the process: with --threads 1, what an otherwise idle core gives) and a JSON summary
 """
@@ -28,9 +29,9 @@ from rnnlm.sample import Sampler
 from rnnlm.text import EOS_ID, Tokenizer, Vocab
 
 
-def build(vocab_size: int, hidden: int, layers: int, embedding: int, seed: int = 0):
+def build(vocab_size: int, hidden: int, layers: int, embedding: int, seed: int = 0, cell: str = "lstm"):
     torch.manual_seed(seed)
-    model = RNNLM(vocab_size, ModelConfig(cell="lstm", hidden_size=hidden, embedding_size=embedding,
+    model = RNNLM(vocab_size, ModelConfig(cell=cell, hidden_size=hidden, embedding_size=embedding,
                                           num_layers=layers)).eval()
     with torch.no_grad():
         model.decoder.bias[EOS_ID] = -1e4  # never end early: every sample is --length tokens
@@ -77,6 +78,7 @@ def time_baseline(model, length: int, repeats: int) -> list[float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cell", default="lstm", choices=["lstm", "lstm_peephole", "gru", "rnn_tanh", "rnn_relu"])
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--embedding", type=int, default=512)
@@ -93,9 +95,9 @@ def main() -> None:
              "top-k 40 + top-p 0.9": dict(temperature=0.8, top_k=40, top_p=0.9)}
     results = []
     print(f"torch {torch.__version__} · {platform.processor() or platform.machine()} · "
-          f"threads {torch.get_num_threads()} · {a.layers}x{a.hidden} LSTM, embedding {a.embedding}")
+          f"threads {torch.get_num_threads()} · {a.layers}x{a.hidden} {a.cell}, embedding {a.embedding}")
     for V in a.vocab:
-        model, vocab, tok = build(V, a.hidden, a.layers, a.embedding)
+        model, vocab, tok = build(V, a.hidden, a.layers, a.embedding, cell=a.cell)
         sampler = Sampler(model, vocab, tok)
         for batch in a.batch:
             for name, kw in modes.items():
@@ -115,7 +117,7 @@ def main() -> None:
             results.append(row)
             print(f"vocab {V:>6}  batch   1  {'baseline model() loop':<22} median {row['median_tok_s']:>9,.0f} "
                   f"tok/s   best {row['best_tok_s']:>9,.0f} tok/s", flush=True)
-    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "hidden": a.hidden,
+    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "cell": a.cell, "hidden": a.hidden,
                       "layers": a.layers, "embedding": a.embedding, "length": a.length, "results": results}))
 
 

@@ -320,7 +320,7 @@ def _force_product(monkeypatch, kind: str, parts: int = 1):
 PRODUCTS = [("blocks", 1), ("blocks", 2), ("blocks", 3), ("blocks", 5), ("packed", 1), ("addmm", 1)]
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_peephole"])
 @pytest.mark.parametrize("kind,parts", PRODUCTS)
 @pytest.mark.parametrize("table", [True, False])
 @pytest.mark.parametrize("layers", [1, 3])
