@@ -51,7 +51,7 @@ def _remove_stale_temps(path: Path) -> None:
             pid = int(tmp.name[len(_temp_prefix(path)):].split(".", 1)[0])
         except ValueError:
             continue
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             continue
         try:
             tmp.unlink()
@@ -59,9 +59,17 @@ def _remove_stale_temps(path: Path) -> None:
             pass
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (the holder of a lock or a temp file).
+
+    POSIX: signal 0, which checks without sending anything. Not on Windows: there ``os.kill(pid, 0)``
+    sends CTRL_C_EVENT (0) to a console process group, or kills the process outright; the process
+    is asked for its exit code instead (:func:`_pid_alive_windows`)."""
     if pid <= 0:
         return False
+    if os.name == "nt":
+        import ctypes
+        return _pid_alive_windows(pid, ctypes.WinDLL("kernel32", use_last_error=True), ctypes)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -69,6 +77,25 @@ def _pid_alive(pid: int) -> bool:
     except (PermissionError, OverflowError):
         return True
     return True
+
+
+_STILL_ACTIVE = 259            # GetExitCodeProcess's code for a process that has not exited
+_ERROR_ACCESS_DENIED = 5
+
+
+def _pid_alive_windows(pid: int, kernel32, ctypes) -> bool:
+    """`pid_alive` through the Win32 API: OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION), then
+    GetExitCodeProcess. A process that exists but may not be opened counts as alive."""
+    handle = kernel32.OpenProcess(0x1000, False, pid)
+    if not handle:
+        return ctypes.get_last_error() == _ERROR_ACCESS_DENIED
+    try:
+        code = ctypes.c_ulong()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True                         # cannot tell: do not take its lock or files away
+        return code.value == _STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def _default_mode() -> int:

@@ -34,8 +34,8 @@ from rich.markup import escape
 from . import __version__
 from . import distributed as D
 from .allocator import tune_allocator
-from .checkpoint import (BEST, LAST, atomic_write_text, load_checkpoint, resolve_checkpoint, save_checkpoint,
-                         stored_config)
+from .checkpoint import (BEST, LAST, atomic_write_text, load_checkpoint, pid_alive, resolve_checkpoint,
+                         save_checkpoint, stored_config)
 from .config import (MODEL_TRAINING_KEYS, STATE_RESETS_MIN_BATCH, VOCAB_KEYS, Config, ModelConfig, checked,
                      config_from_dict, dump_yaml, load_yaml, model_architecture, resolve_eos, stated_keys)
 from .cudagraph import GraphedStep, graph_blocker
@@ -275,7 +275,7 @@ class RunLock:
             pid = int(self.path.read_text().strip() or "0")
         except (OSError, ValueError):
             return None
-        return pid if pid and pid != os.getpid() and _pid_alive(pid) else None
+        return pid if pid and pid != os.getpid() and pid_alive(pid) else None
 
     def check(self) -> None:
         pid = self.holder()
@@ -292,7 +292,7 @@ class RunLock:
                     pid = int(self.path.read_text().strip() or "0")
                 except (OSError, ValueError):
                     pid = 0
-                if pid and pid != os.getpid() and _pid_alive(pid):
+                if pid and pid != os.getpid() and pid_alive(pid):
                     raise UsageError(f"run directory {self.path.parent} is in use by another rnnlm process "
                                      f"(pid {pid}); wait for it or choose another --out") from None
                 try:
@@ -318,16 +318,6 @@ class RunLock:
             except FileNotFoundError:
                 pass
             self.held = False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class MetricsLog:

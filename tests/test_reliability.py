@@ -413,3 +413,50 @@ def test_resume_from_another_folder_with_a_relative_data_path(tmp_path, monkeypa
     assert saved["train"]["max_steps"] == 6 and saved["data"]["path"] == str(tmp_path / "a" / "c.txt")
     r = invoke(["train", "--resume", "--out", tmp_path / "r", "model.hidden_size=64", "train.max_steps=7"])
     assert r.exit_code == 2 and "cannot change model" in " ".join(r.stderr.split())
+
+
+# -- is the holder of a lock or a temp file alive? ----------------------------------------------
+
+def test_pid_alive_tells_live_from_dead_processes():
+    assert ck.pid_alive(os.getpid())
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()                                    # exited and reaped: its pid names no process now
+    assert not ck.pid_alive(proc.pid)
+    assert not ck.pid_alive(0) and not ck.pid_alive(-5)
+
+
+@pytest.mark.parametrize("opened,error,got_code,code,alive", [
+    (True, 0, True, 259, True),                    # STILL_ACTIVE
+    (True, 0, True, 0, False),                     # exited with code 0
+    (True, 0, False, 0, True),                     # exit code unreadable: keep its lock
+    (False, 5, None, None, True),                  # exists, but may not be opened (access denied)
+    (False, 87, None, None, False),                # no such process (invalid parameter)
+])
+def test_pid_alive_on_windows_asks_for_the_exit_code(opened, error, got_code, code, alive):
+    """On Windows os.kill(pid, 0) would send CTRL_C_EVENT or kill the process: the check goes through
+    OpenProcess / GetExitCodeProcess instead (a stand-in for kernel32 here), and closes its handle."""
+    import ctypes
+    closed = []
+
+    class Kernel32:
+        def OpenProcess(self, access, inherit, pid):
+            assert access == 0x1000 and pid == 4321
+            return 77 if opened else 0
+
+        def GetExitCodeProcess(self, handle, ref):
+            assert handle == 77
+            ref._obj.value = code or 0
+            return got_code
+
+        def CloseHandle(self, handle):
+            closed.append(handle)
+
+    class Ctypes:
+        c_ulong, byref = ctypes.c_ulong, staticmethod(ctypes.byref)
+
+        @staticmethod
+        def get_last_error():
+            return error
+
+    assert ck._pid_alive_windows(4321, Kernel32(), Ctypes) is alive
+    assert closed == ([77] if opened else [])
