@@ -170,8 +170,13 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory means its best checkpoint (or last, if there is no best yet)."""
+    """A run directory means its best checkpoint (or last, if there is no best yet). ``runs/latest``
+    is a link the trainer keeps to its newest default run directory; where no link could be made
+    (Windows without the right to make symbolic links) it means the run directory beside it whose
+    checkpoint was written last."""
     p = Path(path).expanduser()
+    if p.name == "latest" and not p.exists() and not p.is_symlink() and p.parent.is_dir():
+        p = _newest_run(p.parent) or p
     if p.is_dir():
         for name in (BEST, LAST):
             if (p / name).is_file():
@@ -180,6 +185,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not p.exists():
         raise UsageError(f"checkpoint not found: {p}")
     return p
+
+
+def _newest_run(runs: Path) -> Path | None:
+    """The directory in `runs` whose best.pt or last.pt was written last, if any."""
+    newest, when = None, -1.0
+    try:
+        for d in runs.iterdir():
+            for name in (BEST, LAST):
+                try:
+                    t = (d / name).stat().st_mtime if (d / name).is_file() else -1.0
+                except OSError:
+                    continue
+                if t > when:
+                    newest, when = d, t
+    except OSError:
+        return None
+    return newest
 
 
 _ZIP_MAGIC = b"PK\x03\x04"

@@ -399,3 +399,25 @@ def test_load_model_checks_the_device_name_first(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="no CUDA device"):
             load_model(tmp_path / "nowhere.pt", device="cuda")
+
+
+def test_runs_latest_means_the_newest_run_where_no_link_could_be_made(tmp_path):
+    """runs/latest is a symbolic link the trainer keeps; where none could be made (Windows without
+    the right to), resolving it picks the run directory whose checkpoint was written last."""
+    import os
+    from rnnlm.checkpoint import resolve_checkpoint
+    runs = tmp_path / "runs"
+    older, newer, empty = runs / "default-20260101-000000", runs / "mine-20260102-000000", runs / "nothing"
+    for d in (older, newer, empty):
+        d.mkdir(parents=True)
+    (older / "last.pt").write_bytes(b"x")
+    (newer / "best.pt").write_bytes(b"x")
+    os.utime(older / "last.pt", (1_000_000, 1_000_000))
+    os.utime(newer / "best.pt", (2_000_000, 2_000_000))
+    assert resolve_checkpoint(runs / "latest") == newer / "best.pt"
+    os.utime(older / "last.pt", (3_000_000, 3_000_000))
+    assert resolve_checkpoint(runs / "latest") == older / "last.pt"
+    (runs / "latest").symlink_to(newer.name)                     # the link, where there is one, wins
+    assert resolve_checkpoint(runs / "latest").resolve() == (newer / "best.pt").resolve()
+    with pytest.raises(UsageError, match="not found"):
+        resolve_checkpoint(tmp_path / "elsewhere" / "latest")
