@@ -221,9 +221,9 @@ class _Packed(_Addmm):
         return linear_onednn(x, self.w, b)
 
 
-# float32 CPU matrices with at least this many weights go through oneDNN (:class:`_Packed`),
-# smaller ones through one core's addmm. Measured at batch 1 on a Zen 4 EPYC, 2 threads
-# (µs, oneDNN / row blocks / addmm): 512x256 23 / 14 / 12; 512x512 26 / 19 / 24;
+# float32 CPU matrices with at least this many weights get a threaded product (row blocks at
+# batch 1, oneDNN at larger batches: :func:`_product`), smaller ones one core's addmm. Measured
+# at batch 1 on a Zen 4 EPYC, 2 threads (µs, oneDNN / row blocks / addmm): 512x256 23 / 14 / 12; 512x512 26 / 19 / 24;
 # 1024x512 36 / 39 / 47; 2048x512 50 / 68 / 95.
 _PACK_MIN_ENTRIES = 1 << 18
 
