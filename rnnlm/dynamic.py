@@ -226,6 +226,11 @@ def dynamic_nll(model, ids: np.ndarray, lr: float, decay: float = 0.0, segment: 
     `rms` (from :func:`gradient_rms`, one tensor per parameter, None for those the direction does
     not use) selects the RMS rule, with ε = `eps` · s̄ (default RMS_EPS) and s̄ the mean over the
     used ones; without it, the SGD rule (see the module's docstring).
+
+    A pass whose adaptation diverges (the total stops being finite: NaN or infinite weights) stops
+    there and returns that total: the rest of the text cannot bring it back, and a learning rate
+    too large for the model then costs a few segments instead of a whole pass. `collect`'s NLLs are
+    NaN from there on.
     """
     device = torch.device(device)
     eps = RMS_EPS if eps is None else eps
@@ -288,4 +293,10 @@ def dynamic_nll(model, ids: np.ndarray, lr: float, decay: float = 0.0, segment: 
                 state = detach_state(new_state)
                 if progress is not None:
                     progress(s1 - s0)
+                if not math.isfinite(total):           # diverged: nothing after this can undo it
+                    if collect is not None:
+                        collect["nll"][s1:] = float("nan")
+                    if progress is not None and s1 < n:
+                        progress(n - s1)
+                    break
     return total

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import platform
 import sys
 import time
@@ -37,6 +38,14 @@ from rnnlm.dynamic import RMS_EPS, DynamicSpec
 from rnnlm.errors import UsageError
 from rnnlm.evaluate import encode_rms_text, perplexity, rms_statistics
 from rnnlm.train import select_device
+
+
+def _best(entries: list[dict]) -> dict:
+    """The entry of lowest validation loss; a diverged setting (NaN or infinite loss) is never chosen."""
+    finite = [e for e in entries if math.isfinite(e["loss"])]
+    if not finite:
+        raise UsageError("every setting diverged on the validation text (non-finite loss); try smaller values")
+    return min(finite, key=lambda e: e["loss"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
             out["cache_per_size"] = []
             for spec in specs:
                 grid = [e for e in res["cache"] if e["size"] == spec.size]
-                best = min(grid, key=lambda e: e["loss"])
+                best = _best(grid)
                 out["cache_per_size"].append({"size": spec.size, "best": best, "grid": grid})
                 print(f"valid, cache {spec.size:>5}: best θ={best['theta']:g} λ={best['lambda']:g} "
                       f"ppl {best['ppl']:.2f} (plain {res['ppl']:.2f})", flush=True)
-            chosen["cache"] = min(res["cache"], key=lambda e: e["loss"])
+            chosen["cache"] = _best(res["cache"])
         if dynamic:
             res = evaluate(args.valid, dynamic=dynamic)          # (a cache on top would be wasted here)
             out["valid_ppl"], out["dynamic_grid"] = res["ppl"], res["dynamic"]
@@ -111,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 eps = f" ε {e['eps']:g}" if "eps" in e else ""
                 print(f"valid, dynamic ({e['rule']}) lr {e['lr']:g} decay {e['decay']:g}{eps}: ppl {e['ppl']:.2f} "
                       f"(plain {res['ppl']:.2f})", flush=True)
-            chosen["dynamic"] = min(out["dynamic_grid"], key=lambda e: e["loss"])
+            chosen["dynamic"] = _best(out["dynamic_grid"])
         c, d = chosen.get("cache"), chosen.get("dynamic")
         test = evaluate(args.test,
                         cache=CacheSpec(c["size"], (c["theta"],), (c["lambda"],)) if c else None,

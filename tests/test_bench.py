@@ -212,3 +212,13 @@ def test_tune_eval_chooses_on_validation_and_tests_once(tiny_corpus, tmp_path, c
                 ["--dynamic-lrs", "1e-4", "--dynamic-rms-data", str(tmp_path / "nope.txt")]):
         assert tune.main(["-m", str(tmp_path / "run"), "--valid", str(valid), "--test", str(test), *bad]) == 2
     assert tune.main(["-m", str(tmp_path / "run"), "--valid", str(valid), "--test", str(test), "--sizes", "1.5"]) == 2
+
+
+def test_tune_eval_never_chooses_a_diverged_setting():
+    from rnnlm.errors import UsageError
+    tune = load_script("tune_eval")
+    nan, inf = math.nan, math.inf
+    for grid in ([{"loss": nan}, {"loss": 2.0}, {"loss": 1.5}], [{"loss": 1.5}, {"loss": inf}, {"loss": nan}]):
+        assert tune._best(grid) == {"loss": 1.5}
+    with pytest.raises(UsageError, match="diverged"):
+        tune._best([{"loss": nan}, {"loss": inf}])

@@ -424,3 +424,24 @@ def test_statistics_measured_once_serve_later_evaluations(monkeypatch):
     uni = _model(seed=21, num_layers=1)
     with pytest.raises(UsageError, match="2 reading direction"):
         ev.evaluate_ids(uni, ids, dynamic=DynamicSpec((3e-4,), segment=10, rms_data=stats))
+
+
+def test_a_diverging_pass_stops_early_and_says_so():
+    """A learning rate far too large makes the weights blow up: the pass stops at the first
+    non-finite total instead of running to the end, the progress still reaches the text's length,
+    the cache's NLLs are NaN from there, and the model is left as it was."""
+    import math
+    model = _model(seed=23)
+    before = [p.detach().clone() for p in model.parameters()]
+    ids = np.random.default_rng(23).integers(0, 12, 400)
+    calls, ticks = [], []
+    model.rnns[0].register_forward_hook(lambda *a: calls.append(1))
+    collect: dict = {}
+    got = dynamic_nll(model, ids, 1e38, segment=10, progress=ticks.append, collect=collect)  # weights overflow
+    assert not math.isfinite(got)
+    assert len(calls) < 40 and sum(ticks) == 400
+    seen = len(calls) * 10
+    assert torch.isnan(collect["nll"][seen:]).all() and torch.isfinite(collect["nll"][:10]).all()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    calls.clear()
+    assert math.isfinite(dynamic_nll(model, ids, 1e-2, segment=10)) and len(calls) == 40   # a sane one runs through
