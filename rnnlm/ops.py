@@ -78,7 +78,7 @@ def to_float64(t: torch.Tensor) -> torch.Tensor:
 
 
 def autocast_available(device_type: str) -> bool:
-    """Whether this PyTorch has autocast for `device_type` (MPS has it from PyTorch 2.5 on)."""
+    """Whether this PyTorch has autocast for `device_type` (older versions have none for MPS)."""
     check = getattr(torch.amp, "is_autocast_available", None)
     if check is not None:
         return bool(check(device_type))
@@ -91,7 +91,7 @@ def autocast_available(device_type: str) -> bool:
 
 def autocast_enabled(device_type: str) -> bool:
     """``torch.is_autocast_enabled(device_type)``; False where PyTorch has no autocast for that
-    device type (MPS before PyTorch 2.5, where the question raises)."""
+    device type (MPS in older versions, where the question raises)."""
     try:
         return torch.is_autocast_enabled(device_type)
     except RuntimeError:
@@ -100,7 +100,7 @@ def autocast_enabled(device_type: str) -> bool:
 
 def no_autocast(device_type: str):
     """``torch.autocast(device_type, enabled=False)``: autocast off inside. Where PyTorch has no
-    autocast for the device type (MPS before PyTorch 2.5, where making one raises even to turn it
+    autocast for the device type (MPS in older versions, where making one raises even to turn it
     off) nothing can be autocast anyway: an empty context."""
     try:
         return torch.autocast(device_type, enabled=False)

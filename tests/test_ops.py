@@ -351,7 +351,7 @@ def test_the_cache_computes_on_the_cpu_when_asked_for_mps():
 
 
 def test_autocast_helpers_where_pytorch_has_no_autocast_for_the_device():
-    """MPS before PyTorch 2.5 has no autocast: making torch.autocast for it raises, even to turn it
+    """Older PyTorch versions have no autocast for MPS: making torch.autocast for it raises, even to turn it
     off, and so does asking whether it is on. The meta device behaves the same here, so it stands in."""
     from rnnlm.ops import autocast_enabled, no_autocast
     with pytest.raises(RuntimeError):

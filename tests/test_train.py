@@ -862,7 +862,7 @@ def test_torchrun_reads_a_folder_once_and_the_ranks_check_they_agree(tmp_path):
 
 
 def test_bf16_on_a_device_without_autocast_is_a_usage_error(corpus, tmp_path, monkeypatch):
-    """MPS before PyTorch 2.5 has no autocast: train.precision=bf16 there is one clear message
+    """Older PyTorch versions have no autocast for MPS: train.precision=bf16 there is one clear message
     (exit 2 from the CLI), not PyTorch's error at the first step. The check is stood in for here."""
     import rnnlm.ops as ops
     import rnnlm.train as tr
