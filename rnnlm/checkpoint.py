@@ -69,7 +69,12 @@ def pid_alive(pid: int) -> bool:
         return False
     if os.name == "nt":
         import ctypes
-        return _pid_alive_windows(pid, ctypes.WinDLL("kernel32", use_last_error=True), ctypes)
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        kernel32.OpenProcess.restype = ctypes.c_void_p          # a HANDLE is pointer-sized, not an int
+        kernel32.OpenProcess.argtypes = (ctypes.c_ulong, ctypes.c_int, ctypes.c_ulong)
+        kernel32.GetExitCodeProcess.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_ulong))
+        kernel32.CloseHandle.argtypes = (ctypes.c_void_p,)
+        return _pid_alive_windows(pid, kernel32, ctypes)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
