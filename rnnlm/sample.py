@@ -755,6 +755,7 @@ class Sampler:
             step = self._stepper(B)
             step.start(context, B, mask_unk=not allow_unk)
             truncate = top_k > 0 or top_p < 1
+            elsewhere = gen.device.type != self.device.type   # MPS: the draws run on the CPU (float64)
             stream = on_text if B == 1 else None
             # the batch's tokens, (T, B): grown by doubling, so a large --max-length costs nothing
             # until samples actually run that long
@@ -767,14 +768,16 @@ class Sampler:
                 if greedy:
                     nxt = scores.argmax(-1)
                 else:
-                    scores = scores.to(gen.device)          # a no-op but on MPS (no float64 there)
+                    if elsewhere:
+                        scores = scores.to(gen.device)
                     if temperature != 1.0:
                         scores.div_(temperature)
                     if truncate:  # sample among the sorted candidates: no scatter back to V
                         nxt = _draw_candidates(*_candidates(scores, top_k, top_p), gen)
                     else:
                         nxt = _draw(scores, gen)
-                    nxt = nxt.to(self.device)
+                    if elsewhere:
+                        nxt = nxt.to(self.device)
                 if B == 1:  # the common interactive case: plain Python bookkeeping, one sync
                     i = int(nxt)
                     if i == EOS_ID:
