@@ -213,10 +213,17 @@ def sample(
     seed: Optional[int] = typer.Option(None, "--seed", "-s", help="Random seed for reproducible output."),
     as_json: bool = typer.Option(False, "--json", help='One JSON object per sample: {"text", "tokens", "stop", "generated"}.', metavar=""),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    precision: Optional[str] = typer.Option(None, "--precision", metavar="fp32|bf16",
+                                            help="bf16: large matrices read in bfloat16 (faster where memory is "
+                                                 "the limit; scores within bfloat16's rounding). Default: the "
+                                                 "checkpoint's sample.precision (fp32)."),
 ) -> None:
     def body() -> None:
         from .checkpoint import load_model
-        from .sample import Sampler
+        from .sample import PRECISIONS, Sampler
+
+        if precision is not None and precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
 
         _check_sample_options(temperature, top_k, top_p, max_length, num_samples, seed)
         dev = _device(device)
@@ -229,7 +236,8 @@ def sample(
         k = top_k if top_k is not None else sc.top_k
         tp = top_p if top_p is not None else sc.top_p
         _check_sample_options(t, k, tp, L, n)
-        sampler = Sampler(lm.model, lm.vocab, lm.tokenizer, dev)
+        prec = precision if precision is not None else getattr(sc, "precision", "fp32")
+        sampler = Sampler(lm.model, lm.vocab, lm.tokenizer, dev, prec)
         stream = n == 1 and not as_json
         shown = []  # the prime is printed with the first generated piece, after any warning about it
 

@@ -191,6 +191,10 @@ class SampleConfig:
     top_p: float = _f(1.0, "nucleus sampling: keep the smallest set whose mass reaches p", prob=True, gt=0)
     num_samples: int = _f(1, "samples to draw", min=0, max=COUNT_MAX)
     prime: str = _f("", "text the samples continue")
+    precision: str = _f("fp32", "fp32; bf16 = matrices of 2^20+ weights and 256+ columns (recurrent layers, output layer, "
+                                "adaptive softmax) read in bfloat16, products accumulated in float32, states and draws in "
+                                "float32: faster where memory is the limit (batch 1, big matrices); scores within bfloat16's "
+                                "rounding of fp32's", choices=("fp32", "bf16"))
 
 
 @dataclass

@@ -37,6 +37,11 @@ times the step's arithmetic), so the forward stack is stepped by hand on the mod
 * The peephole LSTM (float32) is stepped like the LSTM, its gates in their own order with the
   peephole terms added (:class:`_PeepholeStack`). Other recurrent modules go through
   ``model(...)`` one step at a time.
+* An adaptive softmax's head and tails are products of the same kinds (:class:`_AdaptiveScores`).
+* ``precision="bf16"`` (``rnnlm sample --precision bf16``): matrices of 2^20 weights or more (and
+  256 columns or more) are read in bfloat16, half the bytes (:class:`_BF16`), products accumulated
+  in float32, their outputs rounded to bfloat16 as under autocast; biases, states, the cells'
+  arithmetic and the draws stay float32.
 
 See docs/SAMPLING.md for the measured figures.
 """
@@ -46,6 +51,7 @@ from __future__ import annotations
 import math
 import secrets
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,11 +59,13 @@ import torch
 import torch.nn as nn
 
 from .errors import UsageError
-from .ops import _packed_weights_ok, float64_device, linear_onednn, to_float64
+from .ops import _packed_weights_ok, autocast_available, float64_device, linear_onednn, to_float64
 from .peephole import PeepholeLSTM
 from .text import EOS, EOS_ID, UNK, UNK_ID, Tokenizer, Vocab
 
 NEG_INF = float("-inf")
+# The sampler's precisions: float32 throughout, or the large products in bfloat16 (class _BF16).
+PRECISIONS = ("fp32", "bf16")
 # Precompute the first layer's input projection when the (V, G·H) table has at most this
 # many entries (8 MB of float32): every character vocabulary, not a 10k-word one.
 _TABLE_MAX_ENTRIES = 1 << 21
@@ -221,6 +229,41 @@ class _Packed(_Addmm):
         return linear_onednn(x, self.w, b)
 
 
+class _BF16(_Addmm):
+    """``x @ W^T + b`` with W stored in bfloat16 (half the bytes of float32): x is rounded to
+    bfloat16, the product accumulates in float32 and comes out rounded to bfloat16 -- the
+    numerics of a linear layer under bf16 autocast -- and the bias, kept in float32, is added in
+    float32, so the result is float32. On CPU the weight is packed once for oneDNN's inner
+    product (:func:`_packed_weights_ok` must hold); elsewhere it is a plain bfloat16 tensor for
+    the device's matmul. A matrix-vector product reads every weight once per token, so at batch 1
+    this is the speed of the memory halved: a 2048x1024 product on a Zen 4 EPYC (2 threads) takes
+    ~52 µs against ~82 for the float32 packed one. Checked once on its own matrix against float32
+    arithmetic on the rounded operands (within bfloat16's rounding of the output)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.N, K = weight.shape
+        w = weight.detach().to(torch.bfloat16).contiguous()
+        self.packed = w.device.type == "cpu"
+        self.w = torch.ops.mkldnn._reorder_linear_weight(w, None) if self.packed else w
+        self.b = self.split(bias if bias is not None else weight.new_zeros(self.N))
+        g = torch.Generator(device=w.device).manual_seed(0)
+        x = torch.randn(2, K, generator=g, device=w.device)
+        rows = torch.randn(2, self.N, generator=g, device=w.device)
+        exact = x.to(torch.bfloat16).float() @ w.float().t()
+        scale = float(exact.abs().max()) + 1e-30
+        for extra in (None, rows):
+            got = self(x, extra)
+            want = exact + (self.b if extra is None else extra)
+            # the product is rounded to bfloat16 once: a relative error of at most 2^-8 per entry
+            if got.dtype != torch.float32 or not torch.allclose(got, want, rtol=2 ** -7, atol=2 ** -7 * scale):
+                raise RuntimeError("the bfloat16 product does not match float32 arithmetic for this matrix")
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = x.bfloat16()
+        y = linear_onednn(x, self.w) if self.packed else torch.nn.functional.linear(x, self.w)
+        return torch.add(y, self.b if bias is None else bias)     # bf16 + fp32 -> fp32
+
+
 # float32 CPU matrices with at least this many weights get a threaded product (row blocks at
 # batch 1, oneDNN at larger batches: :func:`_product`), smaller ones one core's addmm. Measured
 # at batch 1 on a Zen 4 EPYC, 2 threads (µs, oneDNN / row blocks / addmm): 512x256 23 / 14 / 12; 512x512 26 / 19 / 24;
@@ -228,13 +271,29 @@ class _Packed(_Addmm):
 _PACK_MIN_ENTRIES = 1 << 18
 
 
+# With precision="bf16", matrices of at least this many weights are read in bfloat16 (_BF16). Below
+# it (4 MB of float32) the matrix stays in the caches between steps and the float32 products are as
+# fast or faster. Measured at batch 1 on a Zen 4 EPYC, 2 threads (µs, float32 / bfloat16):
+# 800x400 20 / 30; 10000x200 85 / 75; 2048x512 57 / 34; 2048x1024 117 / 66; 10000x512 237 / 115.
+_BF16_MIN_ENTRIES = 1 << 20
+# ... and at least this many columns: oneDNN's bfloat16 product of a narrow matrix (10000x200) gave
+# fewer tokens a second in the generation loop than float32 (PTB 2x200 LSTM: 3,127 against 3,365).
+_BF16_MIN_COLUMNS = 256
+
+
 def _packs(device: torch.device, batch: int) -> bool:
     """Whether :func:`_product` gives large matrices to oneDNN (:class:`_Packed`) here."""
     return device.type == "cpu" and batch > 1 and _packed_weights_ok()
 
 
-def _product(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device, batch: int = 1):
-    """The fastest kind of product for `weight` (N, K) at `batch` rows on `device`. On CPU:
+def _product(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device, batch: int = 1,
+             precision: str = "fp32"):
+    """The fastest kind of product for `weight` (N, K) at `batch` rows on `device`.
+
+    With ``precision="bf16"`` a matrix of at least ``_PACK_MIN_ENTRIES`` weights is a
+    :class:`_BF16` product (on CPU only where oneDNN's packed product passes its start-up check:
+    PyTorch's plain bfloat16 matmul is slower there than float32 at batch 1); smaller matrices,
+    which are not limited by the memory, and a matrix failing its check stay float32. In float32, on CPU:
     under ``_PACK_MIN_ENTRIES`` weights an :class:`_Addmm`; larger ones at batch 1 :class:`_Gemv`'s
     row blocks, at larger batches a :class:`_Packed` one where oneDNN passes its start-up check
     (:func:`rnnlm.ops._packed_weights_ok`; ``RNNLM_ONEDNN_MATMUL=0`` turns it off) and its check
@@ -246,6 +305,12 @@ def _product(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.devi
     3,697 at a 100-token vocabulary). From batch 2 on oneDNN wins by far (6,645 against 5,355 at
     batch 2, 11,638 against 6,516 at batch 4).
     """
+    if precision == "bf16" and weight.numel() >= _BF16_MIN_ENTRIES and weight.size(1) >= _BF16_MIN_COLUMNS and (
+            device.type != "cpu" or _packed_weights_ok()):
+        try:
+            return _BF16(weight, bias)
+        except RuntimeError:
+            pass
     if device.type == "cpu":
         if weight.numel() < _PACK_MIN_ENTRIES:
             return _Addmm(weight, bias)
@@ -385,6 +450,30 @@ class _PeepholeStack:
             x = state[k][0]
 
 
+class _AdaptiveScores:
+    """Full next-token log-probabilities (B, V) of an ``nn.AdaptiveLogSoftmaxWithLoss`` from
+    features (B, D), every matrix a :func:`_product`: the head's log-softmax gives the shortlist's
+    log-probabilities and each cluster's; a cluster's tokens get its log-probability plus their
+    log-softmax within the cluster (its two-matrix tail). The module's ``log_prob`` computes the
+    same through ``nn.Linear``, whose single-row products run on one core (WikiText-2's 2002x400
+    head: 75 µs against 45 for the row blocks, Zen 4, 2 threads)."""
+
+    def __init__(self, asm: nn.AdaptiveLogSoftmaxWithLoss, make: Callable):
+        self.V, self.shortlist = asm.n_classes, asm.shortlist_size
+        self.bounds = list(zip(asm.cutoffs[:-1], asm.cutoffs[1:]))
+        self.head = make(asm.head.weight, asm.head.bias)
+        self.tails = [(make(t[0].weight, t[0].bias), make(t[1].weight, t[1].bias)) for t in asm.tail]
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        head = torch.log_softmax(self.head(h), -1)                                  # (B, shortlist + clusters)
+        out = h.new_empty(h.size(0), self.V)
+        out[:, :self.shortlist] = head[:, :self.shortlist]
+        for i, ((a, b), (proj, cls)) in enumerate(zip(self.bounds, self.tails)):
+            c = self.shortlist + i
+            torch.add(torch.log_softmax(cls(proj(h)), -1), head[:, c:c + 1], out=out[:, a:b])
+        return out
+
+
 _CELLS = {"LSTM": torch.lstm_cell, "GRU": torch.gru_cell, "RNN_TANH": torch.rnn_tanh_cell,
           "RNN_RELU": torch.rnn_relu_cell}
 
@@ -399,13 +488,14 @@ class _Stepper:
     any batch works.
     """
 
-    def __init__(self, model, device: torch.device, batch: int = 1):
+    def __init__(self, model, device: torch.device, batch: int = 1, precision: str = "fp32"):
         self.model = model
         self.device = device
         self.batch = batch
+        self.precision = precision
 
         def make(weight: torch.Tensor, bias: torch.Tensor | None):
-            return _product(weight, bias, device, batch)
+            return _product(weight, bias, device, batch, precision)
 
         rnn = model.rnns[0]
         # the peephole LSTM only as a float32 stack: the fused cells below have no peepholes
@@ -439,6 +529,8 @@ class _Stepper:
                 self.stack = _RNNStack(self.weights, self.table, make, relu=rnn.mode == "RNN_RELU")
         dec = None if model.adaptive else model.decoder
         self.decoder = make(dec.weight, None) if dec is not None else None
+        # an adaptive softmax through the same kinds of products (float32 in, float32 out)
+        self.adaptive = _AdaptiveScores(model.softmax, make) if model.adaptive else None
         self.dec_bias: torch.Tensor | None = None
 
     def _input_table(self) -> torch.Tensor | None:
@@ -492,7 +584,9 @@ class _Stepper:
                               else s.expand(batch, -1).contiguous() for s in self.state]
         else:
             x = torch.tensor(context, dtype=torch.long, device=self.device).unsqueeze(1)  # (T, 1)
-            h, state = m(x, None, 0)
+            # (the fused stacks start from a float32 state in any precision)
+            with self._autocast() if not self.fused else nullcontext():
+                h, state = m(x, None, 0)
             self.h = h[-1].expand(batch, -1).contiguous()                  # (B, D)
             if not self.fused:
                 self.state = _expand_state(state, batch)
@@ -502,11 +596,18 @@ class _Stepper:
                              for k in range(len(self.weights))]
                 self.state = [tuple(s) if self.lstm else s[0] for s in per_layer]
 
+    def _autocast(self):
+        """Where the model runs its own recurrent module (one that is not stepped by hand): bf16
+        autocast under ``precision="bf16"`` (where PyTorch has it for the device; on CPU it leaves
+        ``nn.LSTM`` & co. in float32), else nothing."""
+        if self.precision == "bf16" and autocast_available(self.device.type):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
     def scores(self) -> torch.Tensor:
         """Unnormalised next-token log-scores (B, V) float32, a fresh tensor."""
-        m = self.model
-        if m.adaptive:
-            lp = m.log_probs(self.h)
+        if self.adaptive is not None:
+            lp = self.adaptive(self.h.float())
             if self.mask_unk:
                 lp[:, UNK_ID] = NEG_INF
             return lp
@@ -515,7 +616,8 @@ class _Stepper:
     def advance(self, ids: torch.Tensor) -> None:
         m = self.model
         if not self.fused:
-            h, self.state = m(ids.view(1, -1), self.state, 0)
+            with self._autocast():
+                h, self.state = m(ids.view(1, -1), self.state, 0)
             self.h = h[0]
             return
         st = self.state
@@ -637,8 +739,14 @@ class Sampler:
     >>> [s.text for s in sampler.generate("The ", num_samples=2, seed=1)]  # doctest: +SKIP
     """
 
-    def __init__(self, model, vocab: Vocab, tokenizer: Tokenizer, device: torch.device | str = "cpu"):
+    def __init__(self, model, vocab: Vocab, tokenizer: Tokenizer, device: torch.device | str = "cpu",
+                 precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.model = model  # its train/eval mode is left alone: generate() samples in eval mode and restores it
+        # "bf16": the large matrices of the hand-stepped stacks and the output layer are read in
+        # bfloat16 (:class:`_BF16`), the rest runs under bf16 autocast; states and draws stay float32
+        self.precision = precision
         self.vocab = vocab
         self.tok = tokenizer
         if isinstance(device, str):
@@ -675,15 +783,15 @@ class Sampler:
         params = list(self.model.parameters())
         if any(p.is_inference() for p in params):  # no version counter to watch: prepare every time
             self._prepared = None
-            return _Stepper(self.model, self.device, batch)
-        key = (self.device, torch.get_num_threads(), _packs(self.device, batch),
+            return _Stepper(self.model, self.device, batch, self.precision)
+        key = (self.device, torch.get_num_threads(), _packs(self.device, batch), self.precision,
                tuple((p.data_ptr(), p._version, p.dtype, p.device, p.shape) for p in params))
         if self._prepared is not None:
             old_key, old_params, step = self._prepared
             if old_key == key and len(old_params) == len(params) and all(
                     a is b for a, b in zip(old_params, params)):
                 return step
-        step = _Stepper(self.model, self.device, batch)
+        step = _Stepper(self.model, self.device, batch, self.precision)
         self._prepared = (key, params, step)
         return step
 

@@ -373,6 +373,27 @@ def test_products_equal_linear(N, K, B, parts, kind, monkeypatch):
     assert torch.allclose(prod(x, prod.rows(prod.split(table), ids)), x @ w.t() + table[ids], atol=1e-5)
 
 
+@pytest.mark.parametrize("kind,parts", [("blocks", 1), ("blocks", 3), ("packed", 1), ("addmm", 1)])
+@pytest.mark.parametrize("head_bias", [False, True])
+def test_adaptive_scores_equal_the_modules_log_prob(kind, parts, head_bias, monkeypatch):
+    """The sampler's adaptive softmax (head and tails through its own products) gives the module's
+    full log-distribution: shortlist, two clusters, with and without a head bias, batch 3 and 1."""
+    cls = _force_product(monkeypatch, kind, parts)
+    m = random_model(140, softmax="adaptive", adaptive_cutoffs=[20, 70], seed=parts)
+    if head_bias:
+        old = m.softmax.head
+        m.softmax.head = torch.nn.Linear(old.in_features, old.out_features)
+    g = torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        for batch in (3, 1):
+            step = _Stepper(m, torch.device("cpu"), batch)
+            want = sample_mod._Gemv if (kind == "packed" and batch == 1) else cls
+            products = [step.adaptive.head, *(p for pair in step.adaptive.tails for p in pair)]
+            assert len(products) == 5 and all(type(p) is want for p in products)
+            h = torch.randn(batch, m.out_dim, generator=g)
+            assert torch.allclose(step.adaptive(h), m.softmax.log_prob(h), atol=1e-5)
+
+
 def test_products_are_chosen_by_size(monkeypatch):
     """On CPU: small matrices by addmm; large ones by row blocks at batch 1, and by oneDNN at larger
     batches where it passed its check (else row blocks); on other devices always row blocks."""
