@@ -320,6 +320,35 @@ def test_greedy_samples_agree_between_cpu_and_device():
     assert all(x.tokens == 60 for x in got)
 
 
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+def test_bf16_sampling_on_device_follows_fp32(softmax, monkeypatch):
+    """`--precision bf16` on the device: every matrix (forced large enough) a bfloat16 product
+    (cuBLAS on CUDA, oneDNN on CPU), scores within bfloat16's rounding of the fp32 ones, not equal."""
+    import rnnlm.sample as sample_mod
+    from rnnlm.ops import _packed_weights_ok
+
+    if DEV == "cpu" and not _packed_weights_ok():
+        pytest.skip("no oneDNN packed product on this CPU: bf16 products are not used")
+    for name in ("_PACK_MIN_ENTRIES", "_BF16_MIN_ENTRIES", "_BF16_MIN_COLUMNS"):
+        monkeypatch.setattr(sample_mod, name, 0)
+    torch.manual_seed(6)
+    V = 140 if softmax == "adaptive" else 30
+    model = RNNLM(V, ModelConfig(hidden_size=48, embedding_size=16, num_layers=2, softmax=softmax,
+                                 adaptive_cutoffs=[40] if softmax == "adaptive" else None)).eval().to(DEV)
+    scores = {}
+    with torch.inference_mode():
+        for prec in ("fp32", "bf16"):
+            step = sample_mod._Stepper(model, torch.device(DEV), 2, prec)
+            kinds = {type(step.decoder or step.adaptive.head).__name__}
+            assert ("_BF16" in kinds) == (prec == "bf16"), kinds
+            step.start([1, 5, 7], 2)
+            for ids in ([3, 4], [9, 2], [6, 6]):
+                step.advance(torch.tensor(ids, device=DEV))
+            scores[prec] = torch.log_softmax(step.scores().float(), -1).cpu()
+    diff = float((scores["bf16"] - scores["fp32"]).abs().max())
+    assert 0 < diff < 0.1, diff
+
+
 # -- CUDA graphs (train.cuda_graphs) ---------------------------------------------------------------
 
 GRAPHED = {
