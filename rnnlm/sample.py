@@ -290,10 +290,11 @@ def _product(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.devi
              precision: str = "fp32"):
     """The fastest kind of product for `weight` (N, K) at `batch` rows on `device`.
 
-    With ``precision="bf16"`` a matrix of at least ``_PACK_MIN_ENTRIES`` weights is a
-    :class:`_BF16` product (on CPU only where oneDNN's packed product passes its start-up check:
-    PyTorch's plain bfloat16 matmul is slower there than float32 at batch 1); smaller matrices,
-    which are not limited by the memory, and a matrix failing its check stay float32. In float32, on CPU:
+    With ``precision="bf16"`` a matrix of at least ``_BF16_MIN_ENTRIES`` weights and
+    ``_BF16_MIN_COLUMNS`` columns is a :class:`_BF16` product (on CPU only where oneDNN's packed
+    product passes its start-up check: PyTorch's plain bfloat16 matmul is slower there than float32
+    at batch 1); smaller or narrower matrices, which gain nothing, and a matrix failing its own
+    check take the float32 rule. In float32, on CPU:
     under ``_PACK_MIN_ENTRIES`` weights an :class:`_Addmm`; larger ones at batch 1 :class:`_Gemv`'s
     row blocks, at larger batches a :class:`_Packed` one where oneDNN passes its start-up check
     (:func:`rnnlm.ops._packed_weights_ok`; ``RNNLM_ONEDNN_MATMUL=0`` turns it off) and its check
@@ -745,8 +746,9 @@ class Sampler:
         if precision not in PRECISIONS:
             raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.model = model  # its train/eval mode is left alone: generate() samples in eval mode and restores it
-        # "bf16": the large matrices of the hand-stepped stacks and the output layer are read in
-        # bfloat16 (:class:`_BF16`), the rest runs under bf16 autocast; states and draws stay float32
+        # "bf16": the large matrices (recurrent layers, output layer, adaptive softmax) are read in
+        # bfloat16 (:class:`_BF16`, :func:`_product`), a recurrent module that is not stepped by hand
+        # runs under bf16 autocast; states, cells and draws stay float32
         self.precision = precision
         self.vocab = vocab
         self.tok = tokenizer
