@@ -12,7 +12,7 @@ subprocess, one after another, never in parallel.
     python scripts/bench.py wikitext2          # target 3: adaptive softmax vs reference
     python scripts/bench.py shakespeare        # target 4: val loss <= 1.47 within 80 s
     python scripts/bench.py ptb-small          # target 5: Zaremba small, full 13 epochs (long)
-    python scripts/bench.py generation         # target 6: tokens/s at batch 1, 2x512 LSTM
+    python scripts/bench.py generation         # target 6: tokens/s at batch 1, 2x512 LSTM (fp32 and bf16)
 
 Options: --ref PATH (ref_loop.py), --data DIR (folder with ptb/, wikitext-2/, tinyshakespeare/),
 --out DIR (run directories and a results JSON).
@@ -320,9 +320,10 @@ def ptb_small(args, out: Path) -> dict:
 
 
 def generation(args, out: Path) -> dict:
-    """Target 6: scripts/bench_generate.py at batch 1, 2x512 LSTM, 100-token vocabulary."""
+    """Target 6: scripts/bench_generate.py at batch 1, 2x512 LSTM, 100-token vocabulary, the default
+    fp32 sampler and `--precision bf16` timed alternately."""
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_generate.py"), "--vocab", "100", "--length", "2000",
-           "--repeats", "3"]
+           "--repeats", "3", "--precision", "fp32", "bf16"]
     lines = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()
     res = json.loads(lines[-1])
     for line in lines[1:-1]:
