@@ -173,23 +173,28 @@ def test_sampler_prepares_each_precision_and_samples_valid_text(monkeypatch):
     assert type(fp32._stepper(3).decoder) is not sample_mod._BF16
 
 
+def _train_tiny(tmp_path, monkeypatch, text: str, hidden: int, steps: int) -> None:
+    """A one-layer char LSTM trained for a few steps on `text`: tmp_path/run (the text in t.txt)."""
+    from rnnlm.config import Config
+    from rnnlm.train import train
+
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    cfg = Config()
+    cfg.data.train = str(tmp_path / "t.txt")
+    cfg.model.hidden_size, cfg.model.embedding_size, cfg.model.num_layers = hidden, hidden // 2, 1
+    cfg.train.max_steps, cfg.train.batch_size, cfg.train.bptt, cfg.train.device = steps, 4, 16, "cpu"
+    cfg.train.out = str(tmp_path / "run")
+    monkeypatch.setenv("RNNLM_CACHE", str(tmp_path / "cache"))
+    train(cfg)
+
+
 @needs_onednn
 def test_cli_sample_precision(tmp_path, monkeypatch):
     """`rnnlm sample --precision bf16` samples through bf16 products; an unknown precision is one
     clear usage error (exit 2)."""
     from typer.testing import CliRunner
 
-    from rnnlm.config import Config
-    from rnnlm.train import train
-
-    (tmp_path / "t.txt").write_text("the cat sat on the mat. " * 200, encoding="utf-8")
-    cfg = Config()
-    cfg.data.train = str(tmp_path / "t.txt")
-    cfg.model.hidden_size, cfg.model.embedding_size, cfg.model.num_layers = 16, 8, 1
-    cfg.train.max_steps, cfg.train.batch_size, cfg.train.bptt, cfg.train.device = 2, 4, 16, "cpu"
-    cfg.train.out = str(tmp_path / "run")
-    monkeypatch.setenv("RNNLM_CACHE", str(tmp_path / "cache"))
-    train(cfg)
+    _train_tiny(tmp_path, monkeypatch, "the cat sat on the mat. " * 200, hidden=16, steps=2)
     _all_bf16(monkeypatch)
     made = []
     real = sample_mod._BF16.__init__
@@ -241,18 +246,9 @@ def test_check_bf16_sampling_reports_the_models_own_perplexity(tmp_path, monkeyp
     import sys
 
     from rnnlm.checkpoint import load_model
-    from rnnlm.config import Config
-    from rnnlm.train import train
 
     text = "the cat sat on the mat and the dog sat on the log. " * 100
-    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
-    cfg = Config()
-    cfg.data.train = str(tmp_path / "t.txt")
-    cfg.model.hidden_size, cfg.model.embedding_size, cfg.model.num_layers = 32, 16, 1
-    cfg.train.max_steps, cfg.train.batch_size, cfg.train.bptt, cfg.train.device = 5, 4, 16, "cpu"
-    cfg.train.out = str(tmp_path / "run")
-    monkeypatch.setenv("RNNLM_CACHE", str(tmp_path / "cache"))
-    train(cfg)
+    _train_tiny(tmp_path, monkeypatch, text, hidden=32, steps=5)
     _all_bf16(monkeypatch)
     spec = importlib.util.spec_from_file_location("check_bf16_sampling", ROOT / "scripts" / "check_bf16_sampling.py")
     mod = importlib.util.module_from_spec(spec)
