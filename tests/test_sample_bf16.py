@@ -173,8 +173,9 @@ def test_sampler_prepares_each_precision_and_samples_valid_text(monkeypatch):
     assert type(fp32._stepper(3).decoder) is not sample_mod._BF16
 
 
-def _train_tiny(tmp_path, monkeypatch, text: str, hidden: int, steps: int) -> None:
-    """A one-layer char LSTM trained for a few steps on `text`: tmp_path/run (the text in t.txt)."""
+def _train_tiny(tmp_path, monkeypatch, text: str, hidden: int, steps: int, run: str = "run", **sample) -> None:
+    """A one-layer char LSTM trained for a few steps on `text`: tmp_path/run (the text in t.txt),
+    with `sample` as its config's sample section."""
     from rnnlm.config import Config
     from rnnlm.train import train
 
@@ -183,18 +184,23 @@ def _train_tiny(tmp_path, monkeypatch, text: str, hidden: int, steps: int) -> No
     cfg.data.train = str(tmp_path / "t.txt")
     cfg.model.hidden_size, cfg.model.embedding_size, cfg.model.num_layers = hidden, hidden // 2, 1
     cfg.train.max_steps, cfg.train.batch_size, cfg.train.bptt, cfg.train.device = steps, 4, 16, "cpu"
-    cfg.train.out = str(tmp_path / "run")
+    cfg.train.out = str(tmp_path / run)
+    for key, value in sample.items():
+        setattr(cfg.sample, key, value)
     monkeypatch.setenv("RNNLM_CACHE", str(tmp_path / "cache"))
     train(cfg)
 
 
 @needs_onednn
 def test_cli_sample_precision(tmp_path, monkeypatch):
-    """`rnnlm sample --precision bf16` samples through bf16 products; an unknown precision is one
-    clear usage error (exit 2)."""
+    """`rnnlm sample --precision bf16` samples through bf16 products; without the option the
+    checkpoint's sample.precision decides (fp32 unless the config said bf16); an unknown precision
+    is one clear usage error (exit 2)."""
     from typer.testing import CliRunner
 
     _train_tiny(tmp_path, monkeypatch, "the cat sat on the mat. " * 200, hidden=16, steps=2)
+    _train_tiny(tmp_path, monkeypatch, "the cat sat on the mat. " * 200, hidden=16, steps=2, run="run16",
+                precision="bf16")
     _all_bf16(monkeypatch)
     made = []
     real = sample_mod._BF16.__init__
@@ -213,6 +219,11 @@ def test_cli_sample_precision(tmp_path, monkeypatch):
     made.clear()
     r = runner.invoke(app, ["sample", "-m", str(tmp_path / "run"), "-n", "1", "-l", "5", "--seed", "1"])
     assert r.exit_code == 0 and not made                       # the default is fp32
+    r = runner.invoke(app, ["sample", "-m", str(tmp_path / "run16"), "-n", "1", "-l", "5", "--seed", "1"])
+    assert r.exit_code == 0 and made                           # the config's sample.precision: bf16
+    made.clear()
+    r = runner.invoke(app, ["sample", "-m", str(tmp_path / "run16"), "-l", "5", "--precision", "fp32"])
+    assert r.exit_code == 0 and not made                       # the option overrides the config
     r = runner.invoke(app, ["sample", "-m", str(tmp_path / "run"), "--precision", "fp16"])
     assert r.exit_code == 2 and "--precision must be one of fp32, bf16" in r.stderr
     assert "Traceback" not in r.stderr + r.stdout
