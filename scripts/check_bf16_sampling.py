@@ -43,6 +43,8 @@ def main() -> None:
     with open(a.data, encoding="utf-8") as f:
         text = f.read(max(a.tokens * 40, 10_000))
     ids = lm.vocab.encode(lm.tokenizer.tokenize(text))[: a.tokens]
+    if not ids:
+        raise SystemExit(f"{a.data}: no tokens to feed")
     samplers = {prec: Sampler(lm.model, lm.vocab, lm.tokenizer, precision=prec) for prec in ("fp32", "bf16")}
 
     # 1. teacher-forced, in lockstep
