@@ -96,15 +96,16 @@ def _all_bf16(monkeypatch):
 
 @needs_onednn
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "lstm_peephole"])
-@pytest.mark.parametrize("table", [True, False])
-def test_bf16_stack_follows_the_fp32_model(cell, table, monkeypatch):
-    """Stepped in bf16 (every product, batch 3 then 1, with and without layer 0's token table) the
-    log-probabilities stay within bfloat16's rounding of model.forward in fp32 over many steps, and
-    are not identical to them."""
+@pytest.mark.parametrize("table,extra", [(True, {}), (False, {}),
+                                         (True, {"head_layers": 1, "tie_weights": True})])
+def test_bf16_stack_follows_the_fp32_model(cell, table, extra, monkeypatch):
+    """Stepped in bf16 (every product, batch 3 then 1, with and without layer 0's token table, and
+    with a head layer and tied weights) the log-probabilities stay within bfloat16's rounding of
+    model.forward in fp32 over many steps, and are not identical to them."""
     _all_bf16(monkeypatch)
     if not table:
         monkeypatch.setattr(sample_mod, "_TABLE_MAX_ENTRIES", 0)
-    m = random_model(31, cell, num_layers=2, seed=3)
+    m = random_model(31, cell, num_layers=2, seed=3, **extra)
     ctx = [EOS_ID, 5, 7, 3]
     steps = torch.randint(2, 31, (12, 3), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
