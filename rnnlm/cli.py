@@ -236,7 +236,7 @@ def sample(
         k = top_k if top_k is not None else sc.top_k
         tp = top_p if top_p is not None else sc.top_p
         _check_sample_options(t, k, tp, L, n)
-        prec = precision if precision is not None else getattr(sc, "precision", "fp32")
+        prec = precision if precision is not None else sc.precision
         sampler = Sampler(lm.model, lm.vocab, lm.tokenizer, dev, prec)
         stream = n == 1 and not as_json
         shown = []  # the prime is printed with the first generated piece, after any warning about it

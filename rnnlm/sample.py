@@ -495,6 +495,9 @@ class _Stepper:
         self.device = device
         self.batch = batch
         self.precision = precision
+        # decided once: the model's own recurrent module (where it is not stepped by hand) under bf16
+        # autocast, where PyTorch has autocast for the device
+        self._bf16_autocast = precision == "bf16" and autocast_available(device.type)
 
         def make(weight: torch.Tensor, bias: torch.Tensor | None):
             return _product(weight, bias, device, batch, precision)
@@ -602,7 +605,7 @@ class _Stepper:
         """Where the model runs its own recurrent module (one that is not stepped by hand): bf16
         autocast under ``precision="bf16"`` (where PyTorch has it for the device; on CPU it leaves
         ``nn.LSTM`` & co. in float32), else nothing."""
-        if self.precision == "bf16" and autocast_available(self.device.type):
+        if self._bf16_autocast:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
