@@ -352,6 +352,42 @@ def test_split_stack_equals_the_model_over_many_steps(cell, kind, parts, table, 
                 assert torch.allclose(torch.log_softmax(step.scores(), -1), m.log_probs(h[-1]), atol=1e-5)
 
 
+@pytest.mark.parametrize("kind,parts", [("blocks", 2), ("packed", 1), ("addmm", 1)])
+@pytest.mark.parametrize("table", [True, False])
+def test_lstm_stack_rebinds_its_buffers_to_each_new_state(kind, parts, table, monkeypatch):
+    """The LSTM stack computes in buffers of its own: one stepper started again and again, at batches
+    3, 1 and 2, follows the model each time; the state's tensors are updated in place (the same
+    objects after a step), and a state handed in from outside is copied, never written to."""
+    _force_product(monkeypatch, kind, parts)
+    if not table:
+        monkeypatch.setattr(sample_mod, "_TABLE_MAX_ENTRIES", 0)
+    m = random_model(31, "lstm", num_layers=3, seed=7)
+    steps = torch.tensor([[4, 9, 2], [30, 1, 6], [8, 8, 8]])
+    with torch.inference_mode():
+        step = _Stepper(m, torch.device("cpu"), 3)
+        assert type(step.stack) is sample_mod._LSTMStack and (step.table is not None) == table
+        for batch, ctx in ((3, [EOS_ID, 5, 7, 3]), (1, [EOS_ID, 2]), (2, [EOS_ID, 11, 12, 13, 14])):
+            step.start(ctx, batch)
+            x = torch.tensor(ctx).unsqueeze(1).expand(-1, batch)
+            for nxt in steps[:, :batch]:
+                before = [tuple(map(id, s)) for s in step.state]
+                step.advance(nxt)
+                if before[0][0] in {id(t) for t in step.stack._layers[0]}:   # already bound: in place
+                    assert [tuple(map(id, s)) for s in step.state] == before
+                x = torch.cat([x, nxt.unsqueeze(0)])
+                h, _ = m(x)
+                assert torch.allclose(torch.log_softmax(step.scores(), -1), m.log_probs(h[-1]), atol=1e-5)
+        # a state from outside: its tensors are read, not written
+        _, (h0, c0) = m(torch.tensor([[EOS_ID], [4]]))
+        mine = [(h0[k].clone(), c0[k].clone()) for k in range(3)]
+        kept = [(h.clone(), c.clone()) for h, c in mine]
+        step.state = list(mine)
+        step.advance(torch.tensor([9]))
+        assert all(torch.equal(a, b) for (h, c), (h2, c2) in zip(mine, kept) for a, b in ((h, h2), (c, c2)))
+        h, _ = m(torch.tensor([[EOS_ID], [4], [9]]))
+        assert torch.allclose(torch.log_softmax(step.scores(), -1), m.log_probs(h[-1]), atol=1e-5)
+
+
 @pytest.mark.parametrize("N,K,B,parts", [(12, 5, 1, 1), (12, 5, 1, 4), (13, 7, 3, 4), (7, 3, 2, 9), (1, 4, 1, 2)])
 @pytest.mark.parametrize("kind", ["blocks", "packed", "addmm"])
 def test_products_equal_linear(N, K, B, parts, kind, monkeypatch):
@@ -371,6 +407,12 @@ def test_products_equal_linear(N, K, B, parts, kind, monkeypatch):
     table = torch.randn(6, N, generator=g)                     # per-token biases, as the token table gives
     ids = torch.randint(0, 6, (B,), generator=g)
     assert torch.allclose(prod(x, prod.rows(prod.split(table), ids)), x @ w.t() + table[ids], atol=1e-5)
+    # written into a given tensor (as the LSTM stack's gate buffers take it): the same numbers, in place
+    for bias in (None, prod.split(other), prod.rows(prod.split(table), ids)):
+        out = torch.full((B, N), float("nan"))
+        ptr = out.data_ptr()
+        prod.into(out, x, bias)
+        assert torch.equal(out, prod(x, bias)) and out.data_ptr() == ptr
 
 
 @pytest.mark.parametrize("kind,parts", [("blocks", 1), ("blocks", 3), ("packed", 1), ("addmm", 1)])

@@ -66,6 +66,10 @@ def test_bf16_product_is_float32_arithmetic_on_rounded_operands(N, K, B):
     assert within(prod(x, prod.rows(prod.split(table), ids)), table[ids])
     if N * K >= 4096:  # enough entries that float32 and bfloat16 cannot agree by chance everywhere
         assert not torch.equal(prod(x), torch.nn.functional.linear(x, w, b))
+    for bias in (None, prod.split(other)):                         # written into a given tensor
+        out = torch.full((B, N), float("nan"))
+        prod.into(out, x, bias)
+        assert torch.equal(out, prod(x, bias))
 
 
 @needs_onednn
