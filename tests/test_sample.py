@@ -655,6 +655,49 @@ def test_unk_removal_is_the_rejection_distribution_chi_square(temperature):
     assert chi2_gof(got, near_miss[1:])[1] < 1e-9
 
 
+def test_a_single_sample_draws_from_the_distribution_chi_square():
+    """Batch 1 draws by :func:`_draw_one` from a block of uniforms: one 20,000-token sample of a
+    context-free model (<unk> most probable and removed, <eos> never) has the distribution
+    p_i / sum_{j != unk} p_j (Pearson, 3 d.o.f., p > 0.001; seeded, so deterministic); a near
+    miss (b's mass given to a) is rejected with p < 1e-9."""
+    probs = [0.4, 0.0, 0.3, 0.2, 0.1, 0.05]                 # <unk>, <eos>, a, b, c, d
+    s = sampler(fixed_model(probs), char_vocab("abcd"))
+    text = s.generate("", 1, 20_000, seed=5)[0].generated
+    got = np.array([text.count(ch) for ch in "abcd"])
+    assert got.sum() == 20_000
+    expected = np.array(probs[2:]) / sum(probs[2:])
+    stat, p = chi2_gof(got, expected)
+    assert p > 1e-3, (stat, got, expected * 20_000)
+    near_miss = expected.copy()
+    near_miss[0] += near_miss[1] / 2
+    near_miss[1] /= 2
+    assert chi2_gof(got, near_miss)[1] < 1e-9
+
+
+def test_draw_one_is_the_inverse_cdf_of_draw():
+    """_draw_one(u) is the token whose CDF interval holds u, a token of probability 0 never (also at
+    u = 1, past the float64 total: the last token of positive probability); _Uniforms gives the
+    numbers per-token float64 draws of the same generator give, across its blocks; so a seeded
+    single sample draws what _draw would."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(1, 40, generator=g) * 3
+    scores[0, [0, 7, 39]] = float("-inf")
+    cdf = torch.softmax(scores[0].double(), 0).cumsum(0)
+    for u in torch.linspace(0, 1, 2001)[:-1].tolist() + [float(c) for c in cdf if c < 1]:   # (boundaries too)
+        k = int(sample_mod._draw_one(scores, u))
+        lo = float(cdf[k - 1]) if k else 0.0
+        assert lo <= u < float(cdf[k]) and k not in (0, 7, 39), (u, k)
+    assert int(sample_mod._draw_one(scores, 1.0)) == 38
+    one = sample_mod._Uniforms(torch.Generator().manual_seed(3), block=7)
+    each = torch.Generator().manual_seed(3)
+    assert [one() for _ in range(30)] == [float(torch.rand(1, 1, generator=each, dtype=torch.float64))
+                                         for _ in range(30)]
+    one, each = sample_mod._Uniforms(torch.Generator().manual_seed(4), block=5), torch.Generator().manual_seed(4)
+    for _ in range(12):
+        row = torch.randn(1, 40, generator=g)
+        assert torch.equal(sample_mod._draw_one(row, one()), sample_mod._draw(row, each))
+
+
 def test_allow_unk_keeps_unk():
     N = 4000
     vocab = char_vocab("abcd")
