@@ -363,16 +363,59 @@ def _joint_gemvs(layers: list[tuple[torch.Tensor, ...]], table: torch.Tensor | N
     return gemvs, split_table
 
 
-def _joint_product(g, k: int, table: torch.Tensor | None, x: torch.Tensor, h: torch.Tensor,
-                   ids: torch.Tensor) -> torch.Tensor:
-    """Layer k's pre-activations from a :func:`_joint_gemvs` product: over h with the token's table
-    row as the bias (layer 0 with a table), else over ``[x; h]``."""
-    if k == 0 and table is not None:
-        return g(h, g.rows(table, ids))
-    return g(torch.cat([x, h], 1))
+def _side_by_side(hs: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Copies of every layer's h (each (B, H)) side by side in one float32 (B, L·H) tensor: that
+    tensor and its L views, in order. Layer k's input ``[h_{k-1}; h_k]`` is then a slice of it
+    (:func:`_stack_input`)."""
+    B, H = hs[0].shape
+    both = hs[0].new_empty(B, len(hs) * H, dtype=torch.float32)
+    views = [both[:, k * H:(k + 1) * H] for k in range(len(hs))]
+    for v, h in zip(views, hs):
+        v.copy_(h)
+    return both, views
 
 
-class _LSTMStack:
+def _stack_input(both: torch.Tensor, k: int, H: int, table: torch.Tensor | None) -> torch.Tensor | None:
+    """What layer k's :func:`_joint_gemvs` product multiplies, as a view of :func:`_side_by_side`'s
+    tensor: h_0 for layer 0 with a token table, ``[h_{k-1}; h_k]`` from layer 1 on; None for layer 0
+    without a table (its input joins the embedded token and h_0 at each step)."""
+    if k == 0:
+        return both[:, :H] if table is not None else None
+    return both[:, (k - 1) * H:(k + 1) * H]
+
+
+def _own_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
+
+
+class _Buffered:
+    """A stack that steps in buffers of its own. Handed a state list it has not seen (a new sample,
+    another batch size, a state from outside), it copies the state into new buffers and replaces
+    the list's items by views of them (:meth:`_bind`); every step then updates those in place,
+    with the products writing into preallocated outputs (:meth:`_Gemv.into` & co.). At batch 1
+    each operation costs more than its arithmetic, so fewer of them a token is what counts
+    (docs/SAMPLING.md "Fewer operations a token")."""
+
+    _state: list | None = None
+
+    def _bind(self, state: list) -> None:
+        raise NotImplementedError
+
+    def _bound(self, state: list) -> None:
+        if state is not self._state:
+            self._bind(state)
+            self._state = state
+
+    def _first(self, g, x: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, inp, h: torch.Tensor) -> None:
+        """Layer 0's :func:`_joint_gemvs` product into `out`: over h with the token's table row as its
+        bias, or over ``[x; h]``."""
+        if inp is not None:
+            g.into(out, inp, g.rows(self.table, ids))
+        else:
+            g.into(out, torch.cat([x, h], 1))
+
+
+class _LSTMStack(_Buffered):
     """One step of a unidirectional float32 ``nn.LSTM``, one :func:`_product` per layer.
 
     Layer k computes the gates as ``[x; h] @ [W_ih W_hh]^T + (b_ih + b_hh)`` in one product, with
@@ -381,14 +424,11 @@ class _LSTMStack:
     alone and takes the token's row of the table as its bias. Equal to ``torch.lstm_cell`` up to
     float rounding (the products are summed in another order).
 
-    The stack computes in buffers of its own, allocated when it is handed a state it has not seen
-    (:meth:`_bind`): every layer's h side by side in one (B, L·H) tensor, so that layer k's input
-    ``[h_{k-1}; h_k]`` is a slice of it and needs no ``cat``; each layer's c; each layer's gates,
-    which the product writes into (:meth:`_Gemv.into` & co.) and whose gate views are made once.
-    The cell then works in place: at batch 1 with a 2x512 model this is a third fewer operations a
-    token than fresh tensors each step, and (Zen 4 EPYC, 2 threads) ~155 instead of ~190 µs a step
-    in bf16, ~210 instead of ~240 in float32. The state list's items become views of the buffers,
-    updated in place at every step.
+    Buffers (:class:`_Buffered`): every layer's h side by side (:func:`_side_by_side`, so layer k's
+    input needs no ``cat``), each layer's c, and each layer's gates, with their views made once;
+    the cell works in place. At batch 1 with a 2x512 model this is a third fewer operations a token
+    than fresh tensors each step: ~155 instead of ~190 µs a step in bf16, ~210 instead of ~240 in
+    float32 (Zen 4 EPYC, 2 threads).
     """
 
     def __init__(self, layers: list[tuple[torch.Tensor, ...]], table: torch.Tensor | None, make: Callable):
@@ -396,54 +436,42 @@ class _LSTMStack:
         self.H = H
         order = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
         self.gemvs, self.table = _joint_gemvs(layers, table, make, order)
-        self._state: list | None = None        # the state list the buffers hold
-        self._layers: list[tuple] = []
 
     def _bind(self, state: list) -> None:
-        """Copy `state` (per layer (h, c), each (B, H)) into new buffers and make its items views of them."""
-        H, L = self.H, len(self.gemvs)
-        h0 = state[0][0]
-        B = h0.size(0)
-        hs = h0.new_empty(B, L * H, dtype=torch.float32)          # [h_0 h_1 ... h_{L-1}]
+        H = self.H
+        both, views = _side_by_side([h for h, _ in state])
         self._layers = []
-        for k, (h, c) in enumerate(state):
-            hk = hs[:, k * H:(k + 1) * H]
-            hk.copy_(h)
-            ck = c.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
-            gates = h0.new_empty(B, 4 * H, dtype=torch.float32)
-            i, f, o, g = gates.view(B, 4, H).unbind(1)
-            inp = hk if (k == 0 and self.table is not None) else hs[:, (k - 1) * H:(k + 1) * H] if k else None
-            self._layers.append((gates, gates[:, :3 * H], i, f, o, g, hk, ck, inp))
-            state[k] = (hk, ck)
-        self._state = state
+        for k, (h, (_, c)) in enumerate(zip(views, state)):
+            c = _own_copy(c)
+            gates = h.new_empty(h.size(0), 4 * H)
+            i, f, o, g = gates.view(-1, 4, H).unbind(1)
+            self._layers.append((gates, gates[:, :3 * H], i, f, o, g, h, c, _stack_input(both, k, H, self.table)))
+            state[k] = (h, c)
 
     def step(self, x: torch.Tensor, ids: torch.Tensor, state: list) -> None:
         """Advance `state` (a list of (h, c) per layer, each (B, H)) in place by one token.
 
         `x` is the embedded token (B, E), unused when layer 0 has a table; `ids` are the tokens.
         """
-        if state is not self._state:
-            self._bind(state)
-        table = self.table
+        self._bound(state)
         for k, g in enumerate(self.gemvs):
             gates, ifo, i, f, o, gg, h, c, inp = self._layers[k]
             if k:
                 g.into(gates, inp)
-            elif table is not None:
-                g.into(gates, inp, g.rows(table, ids))
             else:
-                g.into(gates, torch.cat([x, h], 1))
+                self._first(g, x, ids, gates, inp, h)
             ifo.sigmoid_()
             gg.tanh_()
             c.mul_(f).addcmul_(i, gg)
             torch.tanh(c, out=h).mul_(o)
 
 
-class _GRUStack:
+class _GRUStack(_Buffered):
     """One step of a unidirectional float32 ``nn.GRU``: per layer, W_ih·x + b_ih and W_hh·h + b_hh as
     two :func:`_product` products (kept apart: the candidate gate needs r ⊙ (W_hn·h + b_hn)), then
     r, z = σ(·), n = tanh(i_n + r ⊙ h_n), h' = n + z ⊙ (h − n). Layer 0 looks its input product up
-    in the token `table` when there is one."""
+    in the token `table` when there is one. Buffers (:class:`_Buffered`): each layer's h, both
+    products' outputs, r and z, n."""
 
     def __init__(self, layers: list[tuple[torch.Tensor, ...]], table: torch.Tensor | None, make: Callable):
         self.H = layers[0][1].size(1)
@@ -452,21 +480,38 @@ class _GRUStack:
                    for k, (w_ih, _, b_ih, _) in enumerate(layers)]
         self.hh = [make(w_hh, b_hh) for (_, w_hh, _, b_hh) in layers]
 
-    def step(self, x: torch.Tensor, ids: torch.Tensor, state: list) -> None:
+    def _bind(self, state: list) -> None:
         H = self.H
+        self._layers = []
+        for k, h in enumerate(state):
+            h = _own_copy(h)
+            gi, gh, rz, n = (h.new_empty(h.size(0), w) for w in (3 * H, 3 * H, 2 * H, H))
+            self._layers.append((gi, gh, gi[:, :2 * H], gh[:, :2 * H], gi[:, 2 * H:], gh[:, 2 * H:],
+                                 rz, rz[:, :H], rz[:, H:], n, h))
+            state[k] = h
+
+    def step(self, x: torch.Tensor, ids: torch.Tensor, state: list) -> None:
+        self._bound(state)
         for k, (ih, hh) in enumerate(zip(self.ih, self.hh)):
-            h = state[k]
-            gi = self.table.index_select(0, ids) if ih is None else ih(x)
-            gh = hh(h)
-            rz = torch.sigmoid(gi[:, :2 * H] + gh[:, :2 * H])
-            n = torch.tanh(torch.addcmul(gi[:, 2 * H:], rz[:, :H], gh[:, 2 * H:]))
-            state[k] = x = torch.addcmul(n, rz[:, H:], h - n)
+            gi, gh, gi_rz, gh_rz, gi_n, gh_n, rz, r, z, n, h = self._layers[k]
+            if ih is None:
+                torch.index_select(self.table, 0, ids, out=gi)
+            else:
+                ih.into(gi, x)
+            hh.into(gh, h)
+            torch.add(gi_rz, gh_rz, out=rz).sigmoid_()
+            torch.addcmul(gi_n, r, gh_n, out=n).tanh_()
+            torch.addcmul(n, z, h.sub_(n), out=h)
+            x = h
 
 
 class _RNNStack:
     """One step of a unidirectional float32 ``nn.RNN`` (tanh or relu): per layer one :func:`_product`
     over ``[x; h]`` with ``[W_ih W_hh]`` (over h alone, with the token's table row as the bias, for
-    layer 0 when there is a table)."""
+    layer 0 when there is a table). Fresh tensors at each step: buffers as for the other cells
+    (:class:`_Buffered`) measured no faster at batch 1 and slower at batch 4 (2x512, Zen 4 EPYC:
+    ~19,500 against ~21,400 tokens/s greedy at a 100-token vocabulary), where a layer is only a
+    product and its activation."""
 
     def __init__(self, layers: list[tuple[torch.Tensor, ...]], table: torch.Tensor | None, make: Callable,
                  relu: bool):
@@ -475,15 +520,21 @@ class _RNNStack:
 
     def step(self, x: torch.Tensor, ids: torch.Tensor, state: list) -> None:
         for k, g in enumerate(self.gemvs):
-            state[k] = x = self.act(_joint_product(g, k, self.table, x, state[k], ids))
+            h = state[k]
+            if k == 0 and self.table is not None:
+                pre = g(h, g.rows(self.table, ids))
+            else:
+                pre = g(torch.cat([x, h], 1))
+            state[k] = x = self.act(pre)
 
 
-class _PeepholeStack:
+class _PeepholeStack(_Buffered):
     """One step of a float32 :class:`~rnnlm.peephole.PeepholeLSTM`: per layer one :func:`_product`
     over ``[x; h]`` with ``[W_ih W_hh]`` and bias b_ih + b_hh (over h alone, with the token's table
     row as the bias, for layer 0 when there is a table), gate blocks i, f, g, o, then
     Γi, Γf = σ(z + p ⊙ c), c' = Γf ⊙ c + Γi ⊙ tanh(z_g), Γo = σ(z_o + p_o ⊙ c'), h' = Γo ⊙ tanh(c')
-    -- the recurrence of :class:`~rnnlm.peephole._PeepholeLayer`."""
+    -- the recurrence of :class:`~rnnlm.peephole._PeepholeLayer`. Buffers (:class:`_Buffered`) as
+    for the LSTM."""
 
     def __init__(self, layers: list[tuple[torch.Tensor, ...]], peepholes: list[tuple[torch.Tensor, ...]],
                  table: torch.Tensor | None, make: Callable):
@@ -492,18 +543,31 @@ class _PeepholeStack:
         self.p_if = [torch.stack((p_i, p_f)).detach().float().clone() for p_i, p_f, _ in peepholes]   # (2, H)
         self.p_o = [p_o.detach().float().clone() for _, _, p_o in peepholes]
 
-    def step(self, x: torch.Tensor, ids: torch.Tensor, state: list) -> None:
+    def _bind(self, state: list) -> None:
         H = self.H
+        both, views = _side_by_side([h for h, _ in state])
+        self._layers = []
+        for k, (h, (_, c)) in enumerate(zip(views, state)):
+            c = _own_copy(c)
+            z = h.new_empty(h.size(0), 4 * H)
+            i, f, g, o = z.view(-1, 4, H).unbind(1)
+            self._layers.append((z, z[:, :2 * H].view(-1, 2, H), c.unsqueeze(1), i, f, g, o, h, c,
+                                 _stack_input(both, k, H, self.table)))
+            state[k] = (h, c)
+
+    def step(self, x: torch.Tensor, ids: torch.Tensor, state: list) -> None:
+        self._bound(state)
         for k, g in enumerate(self.gemvs):
-            h, c = state[k]
-            z = _joint_product(g, k, self.table, x, h, ids)                      # (B, 4H)
-            B = z.size(0)
-            z[:, :2 * H].view(B, 2, H).addcmul_(self.p_if[k], c.unsqueeze(1)).sigmoid_()   # Γi, Γf see c
-            gg = z[:, 2 * H:3 * H].tanh_()
-            c = torch.addcmul(z[:, H:2 * H] * c, z[:, :H], gg)
-            o = z[:, 3 * H:].addcmul_(self.p_o[k], c).sigmoid_()              # Γo sees the new c
-            state[k] = (torch.tanh(c).mul_(o), c)
-            x = state[k][0]
+            z, z_if, c_1, i, f, gg, o, h, c, inp = self._layers[k]
+            if k:
+                g.into(z, inp)
+            else:
+                self._first(g, x, ids, z, inp, h)
+            z_if.addcmul_(self.p_if[k], c_1).sigmoid_()                  # Γi, Γf see the old c
+            gg.tanh_()
+            c.mul_(f).addcmul_(i, gg)
+            o.addcmul_(self.p_o[k], c).sigmoid_()                       # Γo sees the new c
+            torch.tanh(c, out=h).mul_(o)
 
 
 class _AdaptiveScores:

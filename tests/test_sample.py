@@ -352,38 +352,51 @@ def test_split_stack_equals_the_model_over_many_steps(cell, kind, parts, table, 
                 assert torch.allclose(torch.log_softmax(step.scores(), -1), m.log_probs(h[-1]), atol=1e-5)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "lstm_peephole"])
 @pytest.mark.parametrize("kind,parts", [("blocks", 2), ("packed", 1), ("addmm", 1)])
 @pytest.mark.parametrize("table", [True, False])
-def test_lstm_stack_rebinds_its_buffers_to_each_new_state(kind, parts, table, monkeypatch):
-    """The LSTM stack computes in buffers of its own: one stepper started again and again, at batches
-    3, 1 and 2, follows the model each time; the state's tensors are updated in place (the same
-    objects after a step), and a state handed in from outside is copied, never written to."""
+def test_stacks_rebind_their_buffers_to_each_new_state(cell, kind, parts, table, monkeypatch):
+    """The LSTM, GRU and peephole stacks compute in buffers of their own: one stepper started again
+    and again, at batches 3, 1 and 2, follows the model each time; the state's tensors are updated
+    in place (the same objects after a step), and a state handed in from outside is copied, never
+    written to."""
     _force_product(monkeypatch, kind, parts)
     if not table:
         monkeypatch.setattr(sample_mod, "_TABLE_MAX_ENTRIES", 0)
-    m = random_model(31, "lstm", num_layers=3, seed=7)
+    m = random_model(31, cell, num_layers=3, seed=7)
     steps = torch.tensor([[4, 9, 2], [30, 1, 6], [8, 8, 8]])
+
+    def ids_of(state):
+        return [tuple(map(id, s)) if isinstance(s, tuple) else id(s) for s in state]
+
     with torch.inference_mode():
         step = _Stepper(m, torch.device("cpu"), 3)
-        assert type(step.stack) is sample_mod._LSTMStack and (step.table is not None) == table
+        assert isinstance(step.stack, sample_mod._Buffered) and (step.table is not None) == table
+        in_place = 0
         for batch, ctx in ((3, [EOS_ID, 5, 7, 3]), (1, [EOS_ID, 2]), (2, [EOS_ID, 11, 12, 13, 14])):
             step.start(ctx, batch)
             x = torch.tensor(ctx).unsqueeze(1).expand(-1, batch)
             for nxt in steps[:, :batch]:
-                before = [tuple(map(id, s)) for s in step.state]
+                bound, before = step.stack._state is step.state, ids_of(step.state)
                 step.advance(nxt)
-                if before[0][0] in {id(t) for t in step.stack._layers[0]}:   # already bound: in place
-                    assert [tuple(map(id, s)) for s in step.state] == before
+                if bound:
+                    assert ids_of(step.state) == before
+                    in_place += 1
                 x = torch.cat([x, nxt.unsqueeze(0)])
                 h, _ = m(x)
                 assert torch.allclose(torch.log_softmax(step.scores(), -1), m.log_probs(h[-1]), atol=1e-5)
+        assert in_place >= 4
         # a state from outside: its tensors are read, not written
-        _, (h0, c0) = m(torch.tensor([[EOS_ID], [4]]))
-        mine = [(h0[k].clone(), c0[k].clone()) for k in range(3)]
-        kept = [(h.clone(), c.clone()) for h, c in mine]
+        _, st = m(torch.tensor([[EOS_ID], [4]]))
+        parts_ = st if isinstance(st, tuple) else (st,)
+        mine = [tuple(p[k].clone() for p in parts_) for k in range(3)]
+        mine = [t if len(t) == 2 else t[0] for t in mine]
+        kept = [tuple(t.clone() for t in s) if isinstance(s, tuple) else s.clone() for s in mine]
         step.state = list(mine)
         step.advance(torch.tensor([9]))
-        assert all(torch.equal(a, b) for (h, c), (h2, c2) in zip(mine, kept) for a, b in ((h, h2), (c, c2)))
+        flat = [t for s in mine for t in (s if isinstance(s, tuple) else (s,))]
+        flat_kept = [t for s in kept for t in (s if isinstance(s, tuple) else (s,))]
+        assert all(torch.equal(a, b) for a, b in zip(flat, flat_kept))
         h, _ = m(torch.tensor([[EOS_ID], [4], [9]]))
         assert torch.allclose(torch.log_softmax(step.scores(), -1), m.log_probs(h[-1]), atol=1e-5)
 
