@@ -48,6 +48,9 @@ See docs/SAMPLING.md for the measured figures.
 
 from __future__ import annotations
 
+import bisect
+import itertools
+
 import math
 import secrets
 import warnings
@@ -837,6 +840,41 @@ def _draw_candidates(probs: torch.Tensor, ids: torch.Tensor, gen: torch.Generato
     return ids.gather(1, j).view(-1)
 
 
+# a single sample's top-k / top-p draw runs over Python floats when there are at most this many candidates
+_FEW_CANDIDATES = 256
+
+
+def _draw_few(scores: torch.Tensor, top_k: int, top_p: float, u: float) -> torch.Tensor:
+    """:func:`_candidates` then :func:`_draw_candidates` for a single row of `scores` (1, V) with at
+    most ``_FEW_CANDIDATES`` candidates, and a uniform number `u` in [0, 1): the token (1,).
+
+    The candidates (``topk`` or ``sort``) and their float64 softmax are computed by PyTorch as in
+    :func:`_candidates`; the nucleus mask, the cumulative sums and the search run over the few
+    candidates as Python floats, the same float64 operations in the same order (PyTorch's CPU
+    ``cumsum`` adds left to right), so the token is the one the tensor path draws from the same `u`
+    -- in three calls instead of about fifteen (the interactive case, batch 1).
+    """
+    row = scores.view(-1)
+    V = row.numel()
+    if 0 < top_k < V:
+        vals, ids = torch.topk(row, top_k)
+    else:
+        vals, ids = torch.sort(row, descending=True)
+    probs = torch.softmax(vals, 0, dtype=torch.float64).tolist()
+    cdf, total = [], 0.0
+    if top_p < 1.0:
+        mass = 0.0
+        for p in probs:
+            mass += p
+            total += p if mass - p < top_p else 0.0          # top-p drops a token once the better ones reach p
+            cdf.append(total)
+    else:
+        cdf = list(itertools.accumulate(probs))
+        total = cdf[-1]
+    j = min(bisect.bisect_right(cdf, u * total), len(cdf) - 1)
+    return ids[j:j + 1]
+
+
 def _expand_state(state, batch: int):
     if state is None:
         return None
@@ -1026,8 +1064,12 @@ class Sampler:
             length = torch.full((B,), max_length, dtype=torch.long, device=self.device)
             done = torch.zeros(B, dtype=torch.bool, device=self.device)
             single: list[int] = []
-            # batch 1, plain sampling on the device of the draws: one float per token from a block
-            uniform = _Uniforms(gen) if B == 1 and not (greedy or truncate or elsewhere) else None
+            # batch 1, sampling on the device of the draws: one float per token from a block; with
+            # top-k / top-p only where the candidates are few enough to draw among as Python floats
+            V = len(self.vocab)
+            few = truncate and (top_k if 0 < top_k < V else V) <= _FEW_CANDIDATES
+            uniform = _Uniforms(gen) if B == 1 and not (greedy or elsewhere) and (few or not truncate) else None
+            few = few and uniform is not None
             for t in range(max_length):
                 scores = step.scores()                      # (B, V), a fresh tensor, UNK at -inf unless allowed
                 if greedy:
@@ -1037,7 +1079,9 @@ class Sampler:
                         scores = scores.to(gen.device)
                     if temperature != 1.0:
                         scores.div_(temperature)
-                    if truncate:  # sample among the sorted candidates: no scatter back to V
+                    if truncate and few:
+                        nxt = _draw_few(scores, top_k, top_p, uniform())
+                    elif truncate:  # sample among the sorted candidates: no scatter back to V
                         nxt = _draw_candidates(*_candidates(scores, top_k, top_p), gen)
                     elif uniform is not None:
                         nxt = _draw_one(scores, uniform())

@@ -287,6 +287,48 @@ def test_top_k_top_p_sampling_chi_square():
     assert p > 1e-3, (stat, counts, expected * 20_000)
 
 
+def test_a_single_sample_with_top_k_top_p_draws_from_the_filtered_distribution():
+    """The same filter for one 20,000-token sample (batch 1: :func:`_draw_few` over Python floats),
+    <eos> never: top-k 4 keeps a, b, c, d; top-p 0.8 then a, b, c (.375 + .3125 < .8 before c)."""
+    probs = [0.05, 0.0, 0.3, 0.25, 0.15, 0.1, 0.05]                       # <unk>, <eos>, a..e
+    s = sampler(fixed_model(probs), char_vocab("abcde"))
+    text = s.generate("", 1, 20_000, top_k=4, top_p=0.8, seed=7)[0].generated
+    counts = np.array([text.count(ch) for ch in "abc"])
+    assert counts.sum() == len(text) == 20_000
+    expected = np.array([0.3, 0.25, 0.15]) / 0.7
+    stat, p = chi2_gof(counts, expected)
+    assert p > 1e-3, (stat, counts, expected * 20_000)
+    assert chi2_gof(counts, np.array([0.3, 0.25, 0.15 + 0.1]) / 0.8)[1] < 1e-9   # d kept: rejected
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (1, 1.0), (5, 1.0), (40, 0.9), (40, 0.3), (0, 1e-4),
+                                         (60, 0.999), (64, 0.5)])
+def test_draw_few_is_the_tensor_draw(top_k, top_p):
+    """_draw_few (Python floats) gives the very token _candidates + _draw_candidates give for the same
+    uniform number, with -inf scores among the candidates, and never one of them; a seeded single
+    sample is the same text whether its draws take the Python path or the tensor path."""
+    g = torch.Generator().manual_seed(top_k + int(top_p * 1000))
+    for trial in range(300):
+        scores = torch.randn(1, 64, generator=g) * (0.3 + trial % 5)
+        scores[0, :3] = float("-inf")
+        seed = 1000 + trial
+        u = sample_mod._Uniforms(torch.Generator().manual_seed(seed))()
+        want = sample_mod._draw_candidates(*sample_mod._candidates(scores, top_k, top_p),
+                                           torch.Generator().manual_seed(seed))
+        got = sample_mod._draw_few(scores, top_k, top_p, u)
+        assert torch.equal(got, want) and int(got) >= 3, (trial, got, want)
+
+
+def test_single_sample_texts_do_not_depend_on_the_draw_path(monkeypatch):
+    """The same seed gives the same single-sample text through Python floats and through tensors."""
+    s = sampler(random_model(len(char_vocab()), seed=4))
+    kw = [dict(top_k=5, top_p=0.9, temperature=1.3), dict(top_p=0.8), dict(top_k=3)]
+    fast = [s.generate("ab", 1, 300, seed=9, **k)[0].text for k in kw]
+    monkeypatch.setattr(sample_mod, "_FEW_CANDIDATES", 0)
+    assert [s.generate("ab", 1, 300, seed=9, **k)[0].text for k in kw] == fast
+    assert len(set(fast)) == 3
+
+
 # -- the fast path is the model ------------------------------------------------------------------
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_peephole"])
