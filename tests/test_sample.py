@@ -443,6 +443,24 @@ def test_stacks_rebind_their_buffers_to_each_new_state(cell, kind, parts, table,
         assert torch.allclose(torch.log_softmax(step.scores(), -1), m.log_probs(h[-1]), atol=1e-5)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "lstm_peephole"])
+def test_a_long_context_is_run_by_the_model_and_then_stepped(cell):
+    """A context longer than _STEP_PRIME_MAX goes through the model in one call; its state is then
+    broadcast to the batch and taken over by the stack: the steps after it still follow the model."""
+    m = random_model(31, cell, seed=11)
+    g = torch.Generator().manual_seed(3)
+    ctx = [EOS_ID] + torch.randint(2, 31, (sample_mod._STEP_PRIME_MAX + 15,), generator=g).tolist()
+    with torch.inference_mode():
+        step = _Stepper(m, torch.device("cpu"), 2)
+        step.start(ctx, 2)
+        x = torch.tensor(ctx).unsqueeze(1).expand(-1, 2)
+        for nxt in torch.tensor([[4, 9], [30, 1], [8, 8]]):
+            step.advance(nxt)
+            x = torch.cat([x, nxt.unsqueeze(0)])
+            h, _ = m(x)
+            assert torch.allclose(torch.log_softmax(step.scores(), -1), m.log_probs(h[-1]), atol=1e-5)
+
+
 @pytest.mark.parametrize("N,K,B,parts", [(12, 5, 1, 1), (12, 5, 1, 4), (13, 7, 3, 4), (7, 3, 2, 9), (1, 4, 1, 2)])
 @pytest.mark.parametrize("kind", ["blocks", "packed", "addmm"])
 def test_products_equal_linear(N, K, B, parts, kind, monkeypatch):
