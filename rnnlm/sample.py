@@ -409,6 +409,20 @@ class _Buffered:
             self._bind(state)
             self._state = state
 
+    def _cells(self, state: list) -> list[tuple]:
+        """For a state of (h, c) per layer (the LSTMs): per layer h (a view of :func:`_side_by_side`'s
+        tensor), its own copy of c, a (B, 4H) gate buffer, that buffer's four (B, H) blocks in row
+        order, and the layer's input (:func:`_stack_input`); the state's items become (h, c)."""
+        H = self.H
+        both, views = _side_by_side([h for h, _ in state])
+        out = []
+        for k, (h, (_, c)) in enumerate(zip(views, state)):
+            c = _own_copy(c)
+            gates = h.new_empty(h.size(0), 4 * H)
+            out.append((h, c, gates, gates.view(-1, 4, H).unbind(1), _stack_input(both, k, H, self.table)))
+            state[k] = (h, c)
+        return out
+
     def _first(self, g, x: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, inp, h: torch.Tensor) -> None:
         """Layer 0's :func:`_joint_gemvs` product into `out`: over h with the token's table row as its
         bias, or over ``[x; h]``."""
@@ -441,15 +455,9 @@ class _LSTMStack(_Buffered):
         self.gemvs, self.table = _joint_gemvs(layers, table, make, order)
 
     def _bind(self, state: list) -> None:
-        H = self.H
-        both, views = _side_by_side([h for h, _ in state])
-        self._layers = []
-        for k, (h, (_, c)) in enumerate(zip(views, state)):
-            c = _own_copy(c)
-            gates = h.new_empty(h.size(0), 4 * H)
-            i, f, o, g = gates.view(-1, 4, H).unbind(1)
-            self._layers.append((gates, gates[:, :3 * H], i, f, o, g, h, c, _stack_input(both, k, H, self.table)))
-            state[k] = (h, c)
+        # gate blocks in row order: i, f, o, g
+        self._layers = [(gates, gates[:, :3 * self.H], *ifog, h, c, inp)
+                        for h, c, gates, ifog, inp in self._cells(state)]
 
     def step(self, x: torch.Tensor, ids: torch.Tensor, state: list) -> None:
         """Advance `state` (a list of (h, c) per layer, each (B, H)) in place by one token.
@@ -547,16 +555,9 @@ class _PeepholeStack(_Buffered):
         self.p_o = [p_o.detach().float().clone() for _, _, p_o in peepholes]
 
     def _bind(self, state: list) -> None:
-        H = self.H
-        both, views = _side_by_side([h for h, _ in state])
-        self._layers = []
-        for k, (h, (_, c)) in enumerate(zip(views, state)):
-            c = _own_copy(c)
-            z = h.new_empty(h.size(0), 4 * H)
-            i, f, g, o = z.view(-1, 4, H).unbind(1)
-            self._layers.append((z, z[:, :2 * H].view(-1, 2, H), c.unsqueeze(1), i, f, g, o, h, c,
-                                 _stack_input(both, k, H, self.table)))
-            state[k] = (h, c)
+        # gate blocks in row order: i, f, g, o; Γi and Γf as one (B, 2, H) view, c as (B, 1, H)
+        self._layers = [(z, z[:, :2 * self.H].view(-1, 2, self.H), c.unsqueeze(1), *ifgo, h, c, inp)
+                        for h, c, z, ifgo, inp in self._cells(state)]
 
     def step(self, x: torch.Tensor, ids: torch.Tensor, state: list) -> None:
         self._bound(state)
