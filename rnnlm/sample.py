@@ -189,6 +189,26 @@ class _Gemv:
         else:
             out.copy_(self(x, bias))
 
+    def bound(self, x: torch.Tensor, out: torch.Tensor) -> Callable:
+        """``into(out, x, bias)`` as a callable of the bias alone, for an `x` and `out` that stay the same
+        tensors (buffers read and written in place at each call): at batch 1 the views the batched
+        product takes are made here, once."""
+        if x.size(0) != 1 or self.P * self.n != self.N:
+            return lambda bias=None: self.into(out, x, bias)
+        xs, w, b, o = x.unsqueeze(0).expand(self.P, 1, x.size(1)), self.w, self.b, out.view(self.P, 1, self.n)
+        return lambda bias=None: torch.baddbmm(b if bias is None else bias, xs, w, out=o)
+
+    @staticmethod
+    def rows_into(split: torch.Tensor, batch: int) -> Callable:
+        """:meth:`rows` as a callable of the tokens (`batch` of them), into a buffer of its own."""
+        buf = split.new_empty(batch, *split.shape[1:])
+        t = buf.transpose(0, 1)
+
+        def rows(ids: torch.Tensor) -> torch.Tensor:
+            torch.index_select(split, 0, ids, out=buf)
+            return t
+        return rows
+
 
 class _Addmm:
     """``x @ W^T + b`` by one ``torch.addmm`` (one core): for small matrices, where a threaded
@@ -216,6 +236,16 @@ class _Addmm:
         """``out[:] = self(x, bias)`` for a contiguous float32 `out` (B, N), without a new tensor where
         the product can write into `out` itself (this class: ``addmm(out=)``)."""
         torch.addmm(self.b if bias is None else bias, x, self.wt, out=out)
+
+    def bound(self, x: torch.Tensor, out: torch.Tensor) -> Callable:
+        """``into(out, x, bias)`` as a callable of the bias alone (see :meth:`_Gemv.bound`)."""
+        return lambda bias=None: self.into(out, x, bias)
+
+    @staticmethod
+    def rows_into(split: torch.Tensor, batch: int) -> Callable:
+        """:meth:`rows` as a callable of the tokens (`batch` of them), into a buffer of its own."""
+        buf = split.new_empty(batch, split.size(1))
+        return lambda ids: torch.index_select(split, 0, ids, out=buf)
 
 
 class _Packed(_Addmm):
@@ -410,26 +440,33 @@ class _Buffered:
             self._state = state
 
     def _cells(self, state: list) -> list[tuple]:
-        """For a state of (h, c) per layer (the LSTMs): per layer h (a view of :func:`_side_by_side`'s
-        tensor), its own copy of c, a (B, 4H) gate buffer, that buffer's four (B, H) blocks in row
-        order, and the layer's input (:func:`_stack_input`); the state's items become (h, c)."""
+        """For a state of (h, c) per layer (the LSTMs, one :func:`_joint_gemvs` product per layer): per
+        layer its product as a callable of (embedded token, tokens) that fills a (B, 4H) gate buffer
+        (:meth:`_product_into`), h (a view of :func:`_side_by_side`'s tensor), its own copy of c, the
+        gate buffer and its four (B, H) blocks in row order; the state's items become (h, c)."""
         H = self.H
         both, views = _side_by_side([h for h, _ in state])
         out = []
-        for k, (h, (_, c)) in enumerate(zip(views, state)):
+        for k, (g, h, (_, c)) in enumerate(zip(self.gemvs, views, state)):
             c = _own_copy(c)
             gates = h.new_empty(h.size(0), 4 * H)
-            out.append((h, c, gates, gates.view(-1, 4, H).unbind(1), _stack_input(both, k, H, self.table)))
+            out.append((self._product_into(g, k, _stack_input(both, k, H, self.table), h, gates), h, c, gates,
+                        gates.view(-1, 4, H).unbind(1)))
             state[k] = (h, c)
         return out
 
-    def _first(self, g, x: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, inp, h: torch.Tensor) -> None:
-        """Layer 0's :func:`_joint_gemvs` product into `out`: over h with the token's table row as its
-        bias, or over ``[x; h]``."""
-        if inp is not None:
-            g.into(out, inp, g.rows(self.table, ids))
-        else:
-            g.into(out, torch.cat([x, h], 1))
+    def _product_into(self, g, k: int, inp: torch.Tensor | None, h: torch.Tensor, out: torch.Tensor) -> Callable:
+        """Layer k's :func:`_joint_gemvs` product into `out` as a callable of (embedded token, tokens):
+        over its input slice `inp` (:meth:`_Gemv.bound`, views made once), with the token's table row as
+        the bias for layer 0 with a table (looked up into a buffer), or over ``[x; h]`` for layer 0
+        without one."""
+        if inp is None:
+            return lambda x, ids: g.into(out, torch.cat([x, h], 1))
+        run = g.bound(inp, out)
+        if k:
+            return lambda x, ids: run()
+        rows = g.rows_into(self.table, h.size(0))
+        return lambda x, ids: run(rows(ids))
 
 
 class _LSTMStack(_Buffered):
@@ -456,8 +493,7 @@ class _LSTMStack(_Buffered):
 
     def _bind(self, state: list) -> None:
         # gate blocks in row order: i, f, o, g
-        self._layers = [(gates, gates[:, :3 * self.H], *ifog, h, c, inp)
-                        for h, c, gates, ifog, inp in self._cells(state)]
+        self._layers = [(run, gates[:, :3 * self.H], *ifog, h, c) for run, h, c, gates, ifog in self._cells(state)]
 
     def step(self, x: torch.Tensor, ids: torch.Tensor, state: list) -> None:
         """Advance `state` (a list of (h, c) per layer, each (B, H)) in place by one token.
@@ -465,12 +501,8 @@ class _LSTMStack(_Buffered):
         `x` is the embedded token (B, E), unused when layer 0 has a table; `ids` are the tokens.
         """
         self._bound(state)
-        for k, g in enumerate(self.gemvs):
-            gates, ifo, i, f, o, gg, h, c, inp = self._layers[k]
-            if k:
-                g.into(gates, inp)
-            else:
-                self._first(g, x, ids, gates, inp, h)
+        for run, ifo, i, f, o, gg, h, c in self._layers:
+            run(x, ids)
             ifo.sigmoid_()
             gg.tanh_()
             c.mul_(f).addcmul_(i, gg)
@@ -494,26 +526,34 @@ class _GRUStack(_Buffered):
     def _bind(self, state: list) -> None:
         H = self.H
         self._layers = []
-        for k, h in enumerate(state):
+        below = None                                                  # the h of the layer below
+        for k, (ih, hh, h) in enumerate(zip(self.ih, self.hh, state)):
             h = _own_copy(h)
             gi, gh, rz, n = (h.new_empty(h.size(0), w) for w in (3 * H, 3 * H, 2 * H, H))
-            self._layers.append((gi, gh, gi[:, :2 * H], gh[:, :2 * H], gi[:, 2 * H:], gh[:, 2 * H:],
-                                 rz, rz[:, :H], rz[:, H:], n, h))
-            state[k] = h
+            self._layers.append((self._input_into(ih, below, gi), hh.bound(h, gh), gi[:, :2 * H], gh[:, :2 * H],
+                                 gi[:, 2 * H:], gh[:, 2 * H:], rz, rz[:, :H], rz[:, H:], n, h))
+            state[k] = below = h
+
+    def _input_into(self, ih, below: torch.Tensor | None, gi: torch.Tensor) -> Callable:
+        """The layer's input product into `gi` as a callable of (embedded token, tokens): the token's
+        row of the table (layer 0 with a table), over the embedded token (layer 0 without one), or
+        over the layer below's h (:meth:`_Gemv.bound`)."""
+        if ih is None:
+            table = self.table
+            return lambda x, ids: torch.index_select(table, 0, ids, out=gi)
+        if below is None:
+            return lambda x, ids: ih.into(gi, x)
+        run = ih.bound(below, gi)
+        return lambda x, ids: run()
 
     def step(self, x: torch.Tensor, ids: torch.Tensor, state: list) -> None:
         self._bound(state)
-        for k, (ih, hh) in enumerate(zip(self.ih, self.hh)):
-            gi, gh, gi_rz, gh_rz, gi_n, gh_n, rz, r, z, n, h = self._layers[k]
-            if ih is None:
-                torch.index_select(self.table, 0, ids, out=gi)
-            else:
-                ih.into(gi, x)
-            hh.into(gh, h)
+        for ih, hh, gi_rz, gh_rz, gi_n, gh_n, rz, r, z, n, h in self._layers:
+            ih(x, ids)
+            hh()
             torch.add(gi_rz, gh_rz, out=rz).sigmoid_()
             torch.addcmul(gi_n, r, gh_n, out=n).tanh_()
             torch.addcmul(n, z, h.sub_(n), out=h)
-            x = h
 
 
 class _RNNStack:
@@ -556,21 +596,17 @@ class _PeepholeStack(_Buffered):
 
     def _bind(self, state: list) -> None:
         # gate blocks in row order: i, f, g, o; Γi and Γf as one (B, 2, H) view, c as (B, 1, H)
-        self._layers = [(z, z[:, :2 * self.H].view(-1, 2, self.H), c.unsqueeze(1), *ifgo, h, c, inp)
-                        for h, c, z, ifgo, inp in self._cells(state)]
+        self._layers = [(run, z[:, :2 * self.H].view(-1, 2, self.H), c.unsqueeze(1), *ifgo, h, c, p_if, p_o)
+                        for (run, h, c, z, ifgo), p_if, p_o in zip(self._cells(state), self.p_if, self.p_o)]
 
     def step(self, x: torch.Tensor, ids: torch.Tensor, state: list) -> None:
         self._bound(state)
-        for k, g in enumerate(self.gemvs):
-            z, z_if, c_1, i, f, gg, o, h, c, inp = self._layers[k]
-            if k:
-                g.into(z, inp)
-            else:
-                self._first(g, x, ids, z, inp, h)
-            z_if.addcmul_(self.p_if[k], c_1).sigmoid_()                  # Γi, Γf see the old c
+        for run, z_if, c_1, i, f, gg, o, h, c, p_if, p_o in self._layers:
+            run(x, ids)
+            z_if.addcmul_(p_if, c_1).sigmoid_()                          # Γi, Γf see the old c
             gg.tanh_()
             c.mul_(f).addcmul_(i, gg)
-            o.addcmul_(self.p_o[k], c).sigmoid_()                       # Γo sees the new c
+            o.addcmul_(p_o, c).sigmoid_()                               # Γo sees the new c
             torch.tanh(c, out=h).mul_(o)
 
 

@@ -486,6 +486,18 @@ def test_products_equal_linear(N, K, B, parts, kind, monkeypatch):
         ptr = out.data_ptr()
         prod.into(out, x, bias)
         assert torch.equal(out, prod(x, bias)) and out.data_ptr() == ptr
+    # bound to buffers that stay the same tensors: x changed in place between calls is read afresh
+    xb, out = x.clone(), torch.empty(B, N)
+    run = prod.bound(xb, out)
+    run()
+    assert torch.equal(out, prod(xb))
+    xb.mul_(-2)
+    run(prod.split(other))
+    assert torch.equal(out, prod(xb, prod.split(other)))
+    rows = prod.rows_into(prod.split(table), B)
+    for _ in range(2):
+        assert torch.equal(rows(ids), prod.rows(prod.split(table), ids))
+        ids = ids.flip(0)
 
 
 @pytest.mark.parametrize("kind,parts", [("blocks", 1), ("blocks", 3), ("packed", 1), ("addmm", 1)])
