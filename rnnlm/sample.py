@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-
 import math
 import secrets
 import warnings
@@ -851,6 +850,14 @@ def _draw_one(scores: torch.Tensor, u: float) -> torch.Tensor:
     return k.view(1)
 
 
+def _ranked(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k scores along the last dimension and their ids, most probable first (all of them,
+    sorted, without top-k)."""
+    if 0 < top_k < scores.size(-1):
+        return torch.topk(scores, top_k, dim=-1)
+    return torch.sort(scores, dim=-1, descending=True)
+
+
 def _candidates(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """What top-k then top-p leave of `scores` (B, V), in order of probability: (probs, ids), each (B, K).
 
@@ -858,11 +865,7 @@ def _candidates(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> tup
     in sorted order instead of being scattered back: probs are unnormalised float64 weights, 0 for
     the tokens top-p drops (and for tokens at -inf). K = top_k, or V without top-k.
     """
-    V = scores.size(-1)
-    if 0 < top_k < V:
-        vals, ids = torch.topk(scores, top_k, dim=-1)                    # sorted, most probable first
-    else:
-        vals, ids = torch.sort(scores, dim=-1, descending=True)
+    vals, ids = _ranked(scores, top_k)
     probs = torch.softmax(to_float64(vals), dim=-1)
     if top_p < 1.0:
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)   # mass of the better tokens
@@ -891,12 +894,7 @@ def _draw_few(scores: torch.Tensor, top_k: int, top_p: float, u: float) -> torch
     ``cumsum`` adds left to right), so the token is the one the tensor path draws from the same `u`
     -- in three calls instead of about fifteen (the interactive case, batch 1).
     """
-    row = scores.view(-1)
-    V = row.numel()
-    if 0 < top_k < V:
-        vals, ids = torch.topk(row, top_k)
-    else:
-        vals, ids = torch.sort(row, descending=True)
+    vals, ids = _ranked(scores.view(-1), top_k)
     probs = torch.softmax(vals, 0, dtype=torch.float64).tolist()
     cdf, total = [], 0.0
     if top_p < 1.0:
@@ -1103,10 +1101,10 @@ class Sampler:
             single: list[int] = []
             # batch 1, sampling on the device of the draws: one float per token from a block; with
             # top-k / top-p only where the candidates are few enough to draw among as Python floats
+            lone_sample = B == 1 and not (greedy or elsewhere)
             V = len(self.vocab)
-            few = truncate and (top_k if 0 < top_k < V else V) <= _FEW_CANDIDATES
-            uniform = _Uniforms(gen) if B == 1 and not (greedy or elsewhere) and (few or not truncate) else None
-            few = few and uniform is not None
+            few = lone_sample and truncate and (top_k if 0 < top_k < V else V) <= _FEW_CANDIDATES
+            uniform = _Uniforms(gen) if few or (lone_sample and not truncate) else None
             for t in range(max_length):
                 scores = step.scores()                      # (B, V), a fresh tensor, UNK at -inf unless allowed
                 if greedy:
@@ -1116,7 +1114,7 @@ class Sampler:
                         scores = scores.to(gen.device)
                     if temperature != 1.0:
                         scores.div_(temperature)
-                    if truncate and few:
+                    if few:
                         nxt = _draw_few(scores, top_k, top_p, uniform())
                     elif truncate:  # sample among the sorted candidates: no scatter back to V
                         nxt = _draw_candidates(*_candidates(scores, top_k, top_p), gen)
